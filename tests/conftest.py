@@ -1,0 +1,37 @@
+"""Test setup: CPU-friendly MindSpore settings and paths to the real fixtures."""
+import os
+import sys
+
+os.environ.setdefault("ONEDNN_MAX_CPU_ISA", "AVX2")  # before mindspore is imported anywhere
+
+import pytest  # noqa: E402
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if ROOT not in sys.path:
+    sys.path.insert(0, ROOT)
+
+VENDORED_PARITY = os.path.join(ROOT, "tests", "fixtures", "parity", "r18_fpn64")
+SHARED_PARITY = os.path.normpath(os.path.join(ROOT, "..", "shared", "parity", "r18_fpn64"))
+DEEPFOREST_VOC = os.path.join(ROOT, "data", "deepforest_voc")
+
+
+def parity_dir():
+    """FCOS_PARITY_DIR, else ../shared/parity/r18_fpn64, else the copy vendored in tests/fixtures."""
+    env = os.environ.get("FCOS_PARITY_DIR")
+    if env:
+        return env
+    return SHARED_PARITY if os.path.isdir(SHARED_PARITY) else VENDORED_PARITY
+
+
+@pytest.fixture(scope="session")
+def parity_path():
+    return parity_dir()
+
+
+@pytest.fixture(scope="session")
+def deepforest_voc():
+    return DEEPFOREST_VOC
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "slow: longer end-to-end checks (CI runs them too)")
