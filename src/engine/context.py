@@ -1,0 +1,61 @@
+"""MindSpore context and distributed setup shared by every entry point."""
+import logging
+import os
+import sys
+
+import mindspore as ms
+
+logger = logging.getLogger("fcos")
+
+_LAUNCHER_VARS = ("RANK_SIZE", "MS_WORKER_NUM", "OMPI_COMM_WORLD_SIZE")
+
+
+def launched_distributed():
+    """True when a launcher (rank table script, msrun, mpirun) started more than one process."""
+    for var in _LAUNCHER_VARS:
+        if int(os.environ.get(var, "1") or 1) > 1:
+            return True
+    return False
+
+
+def init_context(device_target, mode="GRAPH", device_id=0, distributed=None):
+    """Set device and execution mode; initialise collectives for multi-process runs.
+
+    Returns (rank, group_size). ``distributed=None`` detects a multi-process launch from the
+    launcher's environment (RANK_SIZE for the Ascend rank-table scripts, MS_WORKER_NUM for msrun).
+    """
+    ms_mode = ms.GRAPH_MODE if mode == "GRAPH" else ms.PYNATIVE_MODE
+    ms.set_context(mode=ms_mode)
+    if distributed is None:
+        distributed = launched_distributed()
+    if device_target != "CPU" and not distributed:
+        ms.set_device(device_target, int(os.environ.get("DEVICE_ID", device_id)))
+    else:
+        ms.set_device(device_target)
+    if not distributed:
+        return 0, 1
+    from mindspore.communication import get_group_size, get_rank, init
+
+    init()
+    rank, group_size = get_rank(), get_group_size()
+    ms.set_auto_parallel_context(parallel_mode=ms.ParallelMode.DATA_PARALLEL, gradients_mean=True,
+                                 device_num=group_size)
+    return rank, group_size
+
+
+def setup_logging(output_dir=None, rank=0, name="train"):
+    """Log to stdout and, when output_dir is given, to <output_dir>/<name>[_rank<r>].log."""
+    handlers = [logging.StreamHandler(sys.stdout)]
+    if output_dir:
+        os.makedirs(output_dir, exist_ok=True)
+        suffix = f"_rank{rank}" if rank else ""
+        handlers.append(logging.FileHandler(os.path.join(output_dir, f"{name}{suffix}.log")))
+    fmt = logging.Formatter("%(asctime)s %(levelname)s %(message)s", "%H:%M:%S")
+    log = logging.getLogger("fcos")
+    log.handlers.clear()
+    for handler in handlers:
+        handler.setFormatter(fmt)
+        log.addHandler(handler)
+    log.setLevel(logging.INFO)
+    log.propagate = False
+    return log

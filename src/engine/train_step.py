@@ -1,0 +1,80 @@
+"""The compiled training step: forward + loss, backward, gradient reduction, clipping, a guard
+against non-finite values, and the optimiser update - one graph per input shape."""
+import mindspore as ms
+from mindspore import nn, ops
+
+
+class FCOSWithLoss(nn.Cell):
+    """Network + FCOSLoss: (images, gt_boxes, gt_labels, gt_mask) -> (total, cls, reg, ctr)."""
+
+    def __init__(self, network, loss_fn):
+        # No prefix, so parameter names in training checkpoints equal the bare network's.
+        super().__init__(auto_prefix=False)
+        self.network = network
+        self.loss_fn = loss_fn
+
+    def construct(self, images, gt_boxes, gt_labels, gt_mask):
+        cls_logits, bbox_reg, centerness = self.network(images)
+        return self.loss_fn(images, cls_logits, bbox_reg, centerness, gt_boxes, gt_labels, gt_mask)
+
+
+class TrainStep(nn.Cell):
+    """One optimiser step that skips the update when the loss or any gradient is not finite.
+
+    construct(*inputs) -> (total, cls, reg, ctr, finite): the loss terms before the update and
+    whether the update was applied. With a loss scaler (mixed precision) the loss is scaled
+    for backward and the scale adapts to overflows. Gradients are averaged across devices
+    before the finiteness check, so every rank takes the same decision.
+    """
+
+    def __init__(self, net_with_loss, optimizer, grad_clip_norm=0.0, distributed=False, loss_scaler=None):
+        super().__init__(auto_prefix=False)
+        self.net_with_loss = net_with_loss
+        self.optimizer = optimizer
+        self.weights = optimizer.parameters
+        self.grad_clip_norm = float(grad_clip_norm)
+        self.loss_scaler = loss_scaler
+        self.grad_fn = ops.value_and_grad(self._scaled_forward, None, self.weights, has_aux=True)
+        self.grad_reducer = nn.DistributedGradReducer(self.weights) if distributed else ops.identity
+
+    def _scaled_forward(self, images, gt_boxes, gt_labels, gt_mask):
+        total, loss_cls, loss_reg, loss_ctr = self.net_with_loss(images, gt_boxes, gt_labels, gt_mask)
+        if self.loss_scaler is not None:
+            total = self.loss_scaler.scale(total)
+        return total, loss_cls, loss_reg, loss_ctr
+
+    def construct(self, images, gt_boxes, gt_labels, gt_mask):
+        (total, loss_cls, loss_reg, loss_ctr), grads = self.grad_fn(images, gt_boxes, gt_labels, gt_mask)
+        grads = self.grad_reducer(grads)
+        if self.loss_scaler is not None:
+            total = self.loss_scaler.unscale(total)
+            grads = self.loss_scaler.unscale(grads)
+        finite = ms.amp.all_finite(grads)
+        if self.loss_scaler is not None:
+            self.loss_scaler.adjust(finite)
+        if self.grad_clip_norm > 0:
+            grads = ops.clip_by_global_norm(grads, self.grad_clip_norm)
+        if finite:
+            total = ops.depend(total, self.optimizer(grads))
+        return total, loss_cls, loss_reg, loss_ctr, finite
+
+
+def split_decay_params(params, decay_norm_bias=False):
+    """Split trainable parameters into (with weight decay, without): biases, norm scales/shifts
+    and the head's per-level scales get no decay unless decay_norm_bias."""
+    decay, no_decay = [], []
+    for param in params:
+        if decay_norm_bias or param.ndim > 1:
+            decay.append(param)
+        else:
+            no_decay.append(param)
+    return decay, no_decay
+
+
+def build_optimizer(params, lr_schedule, momentum, weight_decay, decay_norm_bias=False):
+    """SGD with momentum; lr_schedule is a per-step float32 array indexed by the global step."""
+    decay, no_decay = split_decay_params(params, decay_norm_bias)
+    groups = [{"params": decay, "weight_decay": weight_decay}]
+    if no_decay:
+        groups.append({"params": no_decay, "weight_decay": 0.0})
+    return nn.Momentum(groups, learning_rate=ms.Tensor(lr_schedule), momentum=momentum)

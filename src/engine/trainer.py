@@ -1,0 +1,157 @@
+"""The training loop: schedule, logging with rates and ETA, checkpoints, resume, a guard against
+non-finite steps, evaluation during training, and a clean stop on SIGINT/SIGTERM."""
+import logging
+import math
+import os
+import signal
+import time
+
+import mindspore as ms
+
+from src.engine.checkpoint import CheckpointKeeper, load_checkpoint_file, save_checkpoint_atomic, split_meta
+from src.engine.progress import Progress
+
+logger = logging.getLogger("fcos")
+
+
+class TrainingStopped(RuntimeError):
+    """Raised when too many consecutive steps were not finite."""
+
+
+class Trainer:
+    """Runs ``train_step`` (a TrainStep cell) over epochs of batches from ``make_dataset``.
+
+    make_dataset(epoch, start_batch) -> an iterable of (images, gt_boxes, gt_labels, gt_mask)
+    batches for that epoch, starting at batch ``start_batch`` (used when resuming mid-epoch).
+    evaluate() -> {metric: value} or None; it is called every ``eval_interval`` epochs and the
+    best checkpoint by AP is kept as best.ckpt.
+    """
+
+    def __init__(self, train_step, make_dataset, *, steps_per_epoch, epochs, global_batch, lr_schedule,
+                 output_dir, rank=0, log_interval=20, save_ckpt_epochs=1, save_ckpt_steps=0,
+                 keep_ckpt_max=5, max_bad_steps=10, eval_interval=0, evaluate=None):
+        self.train_step = train_step
+        self.make_dataset = make_dataset
+        self.steps_per_epoch = steps_per_epoch
+        self.epochs = epochs
+        self.global_batch = global_batch
+        self.lr_schedule = lr_schedule
+        self.rank = rank
+        self.log_interval = max(int(log_interval), 1)
+        self.save_ckpt_epochs = save_ckpt_epochs
+        self.save_ckpt_steps = save_ckpt_steps
+        self.max_bad_steps = max_bad_steps
+        self.eval_interval = eval_interval
+        self.evaluate = evaluate
+        self.ckpt_dir = os.path.join(output_dir, "checkpoints")
+        self.keeper = CheckpointKeeper(self.ckpt_dir, keep_ckpt_max)
+        self.epoch, self.step_in_epoch, self.global_step = 0, 0, 0
+        self.best_ap = -1.0
+        self.bad_in_row = 0
+        self.bad_total = 0
+        self._stop_signal = None
+
+    # ---- state ----
+    def resume(self, path):
+        """Restore weights, optimiser state and the schedule position from a train.py checkpoint."""
+        params, meta = split_meta(load_checkpoint_file(path))
+        if "global_step" not in meta:
+            raise ValueError(f"{path} is not a train.py checkpoint (no schedule position); "
+                             "use --pretrained_backbone or --ckpt_file for weights only")
+        not_loaded, _ = ms.load_param_into_net(self.train_step, params)
+        if not_loaded:
+            raise ValueError(f"{path} lacks {len(not_loaded)} training parameters, e.g. {not_loaded[0]}")
+        self.epoch, self.step_in_epoch, self.global_step = meta["epoch"], meta["step_in_epoch"], meta["global_step"]
+        if self.step_in_epoch >= self.steps_per_epoch:
+            self.epoch, self.step_in_epoch = self.epoch + 1, 0
+        logger.info("resumed from %s at epoch %d, step %d of the epoch, global step %d",
+                    path, self.epoch + 1, self.step_in_epoch, self.global_step)
+
+    def save(self):
+        if self.rank != 0:
+            return None
+        path = self.keeper.save(self.train_step, self.epoch, self.step_in_epoch, self.global_step)
+        logger.info("saved %s", path)
+        return path
+
+    # ---- loop ----
+    def run(self):
+        total_steps = self.steps_per_epoch * self.epochs
+        progress = Progress(total_steps - self.global_step, self.global_batch, warmup=1)
+        previous = {sig: signal.signal(sig, self._on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
+        try:
+            while self.epoch < self.epochs:
+                if not self._run_epoch(progress):
+                    return False
+                self.epoch, self.step_in_epoch = self.epoch + 1, 0
+                self._end_of_epoch()
+        finally:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
+        logger.info("training finished: %d steps, %d skipped as non-finite", self.global_step, self.bad_total)
+        return True
+
+    def _run_epoch(self, progress):
+        """Train the rest of the current epoch; False when stopped by a signal."""
+        t_data = time.perf_counter()
+        data_seconds = 0.0
+        for batch in self.make_dataset(self.epoch, self.step_in_epoch):
+            data_seconds += time.perf_counter() - t_data
+            total, loss_cls, loss_reg, loss_ctr, finite = self.train_step(*batch)
+            losses = [float(x.asnumpy()) for x in (total, loss_cls, loss_reg, loss_ctr)]
+            self._check_finite(bool(finite.asnumpy()), losses)
+            self.step_in_epoch += 1
+            self.global_step += 1
+            progress.step()
+            progress.bar(f"epoch {self.epoch + 1}/{self.epochs}")
+            if self.global_step % self.log_interval == 0 or self.step_in_epoch == self.steps_per_epoch:
+                self._log(losses, progress, data_seconds)
+                data_seconds = 0.0
+            if self.save_ckpt_steps and self.global_step % self.save_ckpt_steps == 0:
+                self.save()
+            if self._stop_signal is not None:
+                logger.warning("received %s: saving a checkpoint and stopping",
+                               signal.Signals(self._stop_signal).name)
+                self.save()
+                return False
+            t_data = time.perf_counter()
+        return True
+
+    def _end_of_epoch(self):
+        if self.save_ckpt_epochs and self.epoch % self.save_ckpt_epochs == 0 or self.epoch == self.epochs:
+            self.save()
+        if self.evaluate and self.eval_interval and (self.epoch % self.eval_interval == 0 or self.epoch == self.epochs):
+            metrics = self.evaluate()
+            if metrics and self.rank == 0 and metrics["AP"] > self.best_ap:
+                self.best_ap = metrics["AP"]
+                path = save_checkpoint_atomic(self.train_step.net_with_loss.network,
+                                              os.path.join(self.ckpt_dir, "best.ckpt"),
+                                              {"epoch": self.epoch, "global_step": self.global_step})
+                logger.info("new best AP %.4f at epoch %d: %s", self.best_ap, self.epoch, path)
+
+    def _check_finite(self, finite, losses):
+        if finite and all(math.isfinite(x) for x in losses):
+            self.bad_in_row = 0
+            return
+        self.bad_in_row += 1
+        self.bad_total += 1
+        logger.warning("step %d: non-finite loss or gradient (loss %s), update skipped (%d in a row)",
+                       self.global_step + 1, losses[0], self.bad_in_row)
+        if self.bad_in_row >= self.max_bad_steps:
+            raise TrainingStopped(f"{self.bad_in_row} non-finite steps in a row at step {self.global_step + 1}; "
+                                  f"last good checkpoint: {self.keeper.latest()} (try a lower base_lr or "
+                                  "grad_clip_norm)")
+
+    def _log(self, losses, progress, data_seconds):
+        lr = float(self.lr_schedule[min(self.global_step - 1, len(self.lr_schedule) - 1)])
+        total, loss_cls, loss_reg, loss_ctr = losses
+        logger.info("epoch %d/%d step %d/%d loss %.4f (cls %.4f reg %.4f ctr %.4f) lr %.6f "
+                    "%.3f s/step %.2f img/s data %.3f s ETA %s",
+                    self.epoch + 1, self.epochs, self.step_in_epoch, self.steps_per_epoch, total, loss_cls,
+                    loss_reg, loss_ctr, lr, progress.seconds_per_step(), progress.items_per_second(),
+                    data_seconds, progress.eta())
+
+    def _on_signal(self, signum, _frame):
+        if self._stop_signal is not None:  # a second signal: stop now
+            raise KeyboardInterrupt
+        self._stop_signal = signum
