@@ -1,0 +1,136 @@
+"""ResNet / ResNeXt backbones in torchvision's layout, returning C3, C4, C5 (strides 8, 16, 32).
+
+Layout as torchvision.models.resnet: 7x7/2 stem conv (no bias) + BN + ReLU + 3x3/2 max-pool,
+four stages of residual blocks, the stride on the 3x3 conv of a bottleneck, downsample =
+1x1 conv with stride + BN. Parameter names follow torchvision's module paths (conv1, bn1,
+layer1.0.conv1, layer2.0.downsample.0, ...) with MindSpore's BatchNorm leaf names, so that
+src/convert.py maps torchvision checkpoints by renaming leaves only.
+"""
+from mindspore import nn
+from mindspore.common.initializer import HeNormal
+
+from .norm import batch_norm
+
+
+def _conv(in_channels, out_channels, kernel_size, stride=1, groups=1):
+    """Bias-free conv with torch's symmetric padding k//2 and torchvision's ResNet init."""
+    return nn.Conv2d(in_channels, out_channels, kernel_size, stride=stride, pad_mode="pad",
+                     padding=kernel_size // 2, group=groups, has_bias=False,
+                     weight_init=HeNormal(mode="fan_out", nonlinearity="relu"))
+
+
+class BasicBlock(nn.Cell):
+    """Two 3x3 convs (ResNet-18/34). (B, in, H, W) -> (B, planes, H/stride, W/stride)."""
+
+    expansion = 1
+
+    def __init__(self, in_channels, planes, stride, frozen_bn, groups=1, width_per_group=64):
+        super().__init__()
+        if groups != 1 or width_per_group != 64:
+            raise ValueError("BasicBlock supports only groups=1 and width_per_group=64")
+        self.conv1 = _conv(in_channels, planes, 3, stride)
+        self.bn1 = batch_norm(planes, frozen_bn)
+        self.conv2 = _conv(planes, planes, 3)
+        self.bn2 = batch_norm(planes, frozen_bn)
+        self.relu = nn.ReLU()
+        self.downsample = _downsample(in_channels, planes, stride, frozen_bn)
+
+    def construct(self, x):
+        identity = x if self.downsample is None else self.downsample(x)
+        out = self.relu(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out))
+        return self.relu(out + identity)
+
+
+class Bottleneck(nn.Cell):
+    """1x1 -> 3x3 (stride, groups) -> 1x1 expanding by 4 (ResNet-50+, ResNeXt).
+
+    (B, in, H, W) -> (B, 4 * planes, H/stride, W/stride).
+    """
+
+    expansion = 4
+
+    def __init__(self, in_channels, planes, stride, frozen_bn, groups=1, width_per_group=64):
+        super().__init__()
+        width = int(planes * (width_per_group / 64.0)) * groups
+        out_channels = planes * self.expansion
+        self.conv1 = _conv(in_channels, width, 1)
+        self.bn1 = batch_norm(width, frozen_bn)
+        self.conv2 = _conv(width, width, 3, stride, groups)
+        self.bn2 = batch_norm(width, frozen_bn)
+        self.conv3 = _conv(width, out_channels, 1)
+        self.bn3 = batch_norm(out_channels, frozen_bn)
+        self.relu = nn.ReLU()
+        self.downsample = _downsample(in_channels, out_channels, stride, frozen_bn)
+
+    def construct(self, x):
+        identity = x if self.downsample is None else self.downsample(x)
+        out = self.relu(self.bn1(self.conv1(x)))
+        out = self.relu(self.bn2(self.conv2(out)))
+        out = self.bn3(self.conv3(out))
+        return self.relu(out + identity)
+
+
+def _downsample(in_channels, out_channels, stride, frozen_bn):
+    """The projection shortcut (1x1 conv + BN) where the block changes shape, else None."""
+    if stride == 1 and in_channels == out_channels:
+        return None
+    return nn.SequentialCell([_conv(in_channels, out_channels, 1, stride),
+                              batch_norm(out_channels, frozen_bn)])
+
+
+# name -> (block, blocks per stage, groups, width_per_group), as torchvision.models.
+ARCHITECTURES = {
+    "resnet18": (BasicBlock, (2, 2, 2, 2), 1, 64),
+    "resnet34": (BasicBlock, (3, 4, 6, 3), 1, 64),
+    "resnet50": (Bottleneck, (3, 4, 6, 3), 1, 64),
+    "resnet101": (Bottleneck, (3, 4, 23, 3), 1, 64),
+    "resnet152": (Bottleneck, (3, 8, 36, 3), 1, 64),
+    "resnext101_64x4d": (Bottleneck, (3, 4, 23, 3), 64, 4),
+}
+
+
+class ResNet(nn.Cell):
+    """A torchvision ResNet without its classifier; construct(x) -> (C3, C4, C5).
+
+    x (B, 3, H, W) -> C3 (B, c3, H/8, W/8), C4 (B, c4, H/16, W/16), C5 (B, c5, H/32, W/32),
+    sizes rounded up; the channel counts are in ``out_channels``.
+
+    freeze_bn: FrozenBatchNorm2d instead of nn.BatchNorm2d everywhere.
+    freeze_stage_1: the stem and layer1 get requires_grad=False (no gradient, no update).
+    """
+
+    def __init__(self, name="resnet50", freeze_bn=True, freeze_stage_1=True):
+        super().__init__()
+        if name not in ARCHITECTURES:
+            raise ValueError(f"unknown backbone '{name}'; choose one of {sorted(ARCHITECTURES)}")
+        block, depths, groups, width_per_group = ARCHITECTURES[name]
+        self.conv1 = nn.Conv2d(3, 64, 7, stride=2, pad_mode="pad", padding=3, has_bias=False,
+                               weight_init=HeNormal(mode="fan_out", nonlinearity="relu"))
+        self.bn1 = batch_norm(64, freeze_bn)
+        self.relu = nn.ReLU()
+        self.maxpool = nn.MaxPool2d(kernel_size=3, stride=2, pad_mode="pad", padding=1)
+        in_channels = 64
+        stages = []
+        for index, (planes, depth) in enumerate(zip((64, 128, 256, 512), depths)):
+            stride = 1 if index == 0 else 2
+            blocks = []
+            for block_index in range(depth):
+                blocks.append(block(in_channels, planes, stride if block_index == 0 else 1, freeze_bn,
+                                    groups, width_per_group))
+                in_channels = planes * block.expansion
+            stages.append(nn.SequentialCell(blocks))
+        self.layer1, self.layer2, self.layer3, self.layer4 = stages
+        self.out_channels = tuple(planes * block.expansion for planes in (128, 256, 512))
+        if freeze_stage_1:
+            for cell in (self.conv1, self.bn1, self.layer1):
+                for param in cell.get_parameters():
+                    param.requires_grad = False
+
+    def construct(self, x):
+        x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
+        c2 = self.layer1(x)
+        c3 = self.layer2(c2)
+        c4 = self.layer3(c3)
+        c5 = self.layer4(c4)
+        return c3, c4, c5

@@ -1,0 +1,40 @@
+"""FCOS = ResNet backbone + FPN + shared head (Tian et al. 2019)."""
+from mindspore import nn
+
+from .backbone import ResNet
+from .fpn import FPN
+from .head import FCOSHead
+
+DEFAULT_STRIDES = (8, 16, 32, 64, 128)
+
+
+class FCOS(nn.Cell):
+    """construct(images (B, 3, H, W)) -> (cls_logits (B, P, C), bbox_reg (B, P, 4), centerness (B, P, 1)).
+
+    H and W should be multiples of 32 (the data pipeline pads to that); level l has
+    ceil(H / stride_l) x ceil(W / stride_l) locations, flattened row-major, levels concatenated.
+    Parameters are named backbone.*, fpn.* and head.* (see the modules); the arguments are the
+    configuration keys of the same names. strides must be the first 3 to 5 of 8, 16, 32, 64, 128
+    (P3-P5, P3-P6 or P3-P7).
+    """
+
+    def __init__(self, backbone="resnet50", class_num=80, fpn_out_channels=256, use_p5=True,
+                 use_GN_head=True, num_head_convs=4, prior=0.01, add_centerness=True, cnt_on_reg=True,
+                 norm_reg_targets=True, freeze_bn=True, freeze_stage_1=True, strides=DEFAULT_STRIDES):
+        super().__init__()
+        strides = tuple(strides)
+        if strides != DEFAULT_STRIDES[:len(strides)] or len(strides) < 3:
+            raise ValueError(f"strides must be the first 3 to 5 of {list(DEFAULT_STRIDES)}, got {list(strides)}")
+        self.strides = strides
+        self.backbone = ResNet(backbone, freeze_bn=freeze_bn, freeze_stage_1=freeze_stage_1)
+        self.fpn = FPN(self.backbone.out_channels, fpn_out_channels, use_p5=use_p5, num_levels=len(strides))
+        self.head = FCOSHead(fpn_out_channels, class_num, num_levels=len(strides), num_convs=num_head_convs,
+                             use_gn=use_GN_head, prior=prior, add_centerness=add_centerness,
+                             cnt_on_reg=cnt_on_reg, norm_reg_targets=norm_reg_targets)
+
+    def features(self, images):
+        """images (B, 3, H, W) -> FPN outputs (P3, ..., P7), each (B, fpn_out_channels, H_l, W_l)."""
+        return self.fpn(self.backbone(images))
+
+    def construct(self, images):
+        return self.head(self.features(images))
