@@ -1,0 +1,198 @@
+"""The FCOS network's modules: shapes, backbones, output modes, freezing and normalisation."""
+import math
+
+import numpy as np
+import pytest
+
+import mindspore as ms
+from mindspore import nn
+
+from src.model.backbone import ARCHITECTURES, ResNet
+from src.model.fcos import FCOS
+from src.model.fpn import _upsample_like
+from src.model.norm import FrozenBatchNorm2d, GroupNorm
+
+STRIDES = (8, 16, 32, 64, 128)
+# torchvision.models parameter counts, including the 1000-class fc layer.
+TORCHVISION_PARAMS = {"resnet18": 11689512, "resnet34": 21797672, "resnet50": 25557032,
+                      "resnet101": 44549160, "resnet152": 60192808, "resnext101_64x4d": 83455272}
+
+
+@pytest.fixture(autouse=True)
+def graph_mode():
+    ms.set_context(mode=ms.GRAPH_MODE)
+
+
+def small_fcos(**kwargs):
+    args = dict(backbone="resnet18", class_num=3, fpn_out_channels=32)
+    args.update(kwargs)
+    net = FCOS(**args)
+    net.set_train(False)
+    return net
+
+
+def images(height, width, batch=2, seed=0):
+    return ms.Tensor(np.random.RandomState(seed).randn(batch, 3, height, width).astype(np.float32))
+
+
+def param(net, name):
+    return next(p for p in net.get_parameters() if p.name == name)
+
+
+@pytest.mark.parametrize("height,width", [(96, 160), (100, 150)])
+def test_output_shapes(height, width):
+    cls_logits, bbox_reg, centerness = small_fcos()(images(height, width))
+    points = sum(math.ceil(height / s) * math.ceil(width / s) for s in STRIDES)
+    assert cls_logits.shape == (2, points, 3)
+    assert bbox_reg.shape == (2, points, 4)
+    assert centerness.shape == (2, points, 1)
+    assert (bbox_reg.asnumpy() >= 0).all()
+
+
+@pytest.mark.parametrize("name", sorted(ARCHITECTURES))
+def test_backbone_parameter_counts_match_torchvision(name):
+    net = ResNet(name, freeze_bn=False)
+    fc = 1000 * net.out_channels[-1] + 1000
+    # torchvision counts BN weight/bias as parameters, running statistics as buffers.
+    count = sum(p.size for p in net.get_parameters() if not p.name.endswith(("moving_mean", "moving_variance")))
+    assert count == TORCHVISION_PARAMS[name] - fc
+    assert net.out_channels == ((128, 256, 512) if name in ("resnet18", "resnet34") else (512, 1024, 2048))
+
+
+@pytest.mark.parametrize("name", ["resnet18", "resnet50"])
+def test_backbone_forward(name):
+    net = ResNet(name)
+    net.set_train(False)
+    outputs = net(images(64, 96, batch=1))
+    assert [o.shape for o in outputs] == [(1, c, 64 // s, 96 // s) for c, s in zip(net.out_channels, (8, 16, 32))]
+
+
+def test_fpn_upsampling_is_torch_nearest_for_odd_sizes():
+    x = np.random.RandomState(1).randn(1, 2, 7, 5).astype(np.float32)
+    out = _upsample_like(ms.Tensor(x), ms.Tensor(np.zeros((1, 1, 13, 9), np.float32))).asnumpy()
+    rows = np.floor(np.arange(13) * 7 / 13).astype(int)  # torch: src = floor(dst * in / out)
+    cols = np.floor(np.arange(9) * 5 / 9).astype(int)
+    np.testing.assert_array_equal(out, x[:, :, rows][:, :, :, cols])
+
+
+def test_initialisation():
+    net = small_fcos(prior=0.01)
+    np.testing.assert_allclose(param(net, "head.cls_logits.bias").asnumpy(), -math.log(99), rtol=1e-6)
+    assert all(float(param(net, f"head.scales.{i}.scale").asnumpy()) == 1.0 for i in range(5))
+    assert abs(float(param(net, "head.cls_tower.0.weight").asnumpy().std()) - 0.01) < 0.001
+    assert not param(net, "fpn.lateral.0.bias").asnumpy().any()
+    # kaiming_uniform(a=1): U(-b, b) with b = sqrt(3 / fan_in)
+    fpn_weight = param(net, "fpn.output.0.weight").asnumpy()
+    bound = math.sqrt(3 / (32 * 9))
+    assert np.abs(fpn_weight).max() <= bound and np.abs(fpn_weight).max() > 0.9 * bound
+
+
+def test_paper_mode_regression_is_exp_of_scaled_output():
+    net = small_fcos(norm_reg_targets=False, strides=(8, 16, 32))
+    param(net, "head.scales.1.scale").set_data(ms.Tensor(0.0, ms.float32))
+    bbox_reg = net(images(64, 96))[1].asnumpy()
+    level1 = slice(8 * 12, 8 * 12 + 4 * 6)
+    assert (bbox_reg > 0).all()
+    np.testing.assert_array_equal(bbox_reg[:, level1], 1.0)  # exp(0 * x)
+    assert not np.allclose(bbox_reg[:, :level1.start], 1.0)
+
+
+def test_without_centerness_the_output_is_zeros():
+    net = small_fcos(add_centerness=False)
+    assert not any("centerness" in p.name for p in net.get_parameters())
+    centerness = net(images(64, 64))[2].asnumpy()
+    assert centerness.shape == (2, 8 * 8 + 4 * 4 + 2 * 2 + 1 + 1, 1)
+    assert not centerness.any()
+
+
+@pytest.mark.parametrize("cnt_on_reg", [True, False])
+def test_centerness_branch_reads_the_chosen_tower(cnt_on_reg):
+    net = small_fcos(cnt_on_reg=cnt_on_reg, strides=(8, 16, 32))
+    x = images(64, 64)
+    before = net(x)[2].asnumpy()
+    read, unread = ((net.head.reg_tower, net.head.cls_tower) if cnt_on_reg
+                    else (net.head.cls_tower, net.head.reg_tower))
+    unread[0].weight.set_data(unread[0].weight * 3)
+    np.testing.assert_array_equal(net(x)[2].asnumpy(), before)
+    read[0].weight.set_data(read[0].weight * 3)
+    assert not np.allclose(net(x)[2].asnumpy(), before)
+
+
+class Loss(nn.Cell):
+    """Sum of all outputs: every parameter gets a gradient unless it is frozen."""
+
+    def __init__(self, net):
+        super().__init__(auto_prefix=False)  # keep the parameter names of net
+        self.net = net
+
+    def construct(self, x):
+        cls_logits, bbox_reg, centerness = self.net(x)
+        return cls_logits.sum() + bbox_reg.sum() + centerness.sum()
+
+
+@pytest.mark.parametrize("freeze_bn", [True, False])
+def test_frozen_parameters_get_no_gradient_and_no_update(freeze_bn):
+    net = small_fcos(freeze_bn=freeze_bn, freeze_stage_1=True, strides=(8, 16, 32))
+    net.set_train(True)
+    trainable = {p.name for p in net.trainable_params()}
+    stage_1 = [p.name for p in net.get_parameters() if p.name.startswith(("backbone.conv1", "backbone.bn1",
+                                                                          "backbone.layer1."))]
+    assert stage_1 and not trainable & set(stage_1)
+    norm_gammas = {p.name for p in net.get_parameters() if p.name.startswith("backbone.layer2.") and
+                   p.name.endswith("gamma")}
+    assert (norm_gammas & trainable == set()) if freeze_bn else (norm_gammas <= trainable)
+    assert "backbone.layer2.0.conv1.weight" in trainable
+
+    loss = Loss(net)
+    weights = net.trainable_params()
+    grad_fn = ms.value_and_grad(loss, None, weights)
+    before = {p.name: p.asnumpy().copy() for p in net.get_parameters()}
+    _, grads = grad_fn(images(64, 64))
+    assert len(grads) == len(weights)
+    nn.SGD(weights, learning_rate=0.1)(grads)
+    changed = {name for name, value in before.items() if not np.array_equal(param(net, name).asnumpy(), value)}
+    assert "backbone.layer2.0.conv1.weight" in changed and "head.cls_logits.weight" in changed
+    frozen_changed = changed & (set(stage_1) | (norm_gammas if freeze_bn else set()))
+    # nn.BatchNorm2d still updates its running statistics in training, as in torch.
+    assert {n for n in frozen_changed if not n.endswith(("moving_mean", "moving_variance"))} == set()
+
+
+def test_frozen_batch_norm_matches_numpy():
+    rng = np.random.RandomState(2)
+    norm = FrozenBatchNorm2d(6)
+    stats = {name: rng.uniform(0.5, 1.5, 6).astype(np.float32) for name in ("gamma", "beta", "moving_mean",
+                                                                            "moving_variance")}
+    for name, value in stats.items():
+        getattr(norm, name).set_data(ms.Tensor(value))
+    x = rng.randn(2, 6, 3, 5).astype(np.float32)
+    expected = ((x - stats["moving_mean"][:, None, None]) / np.sqrt(stats["moving_variance"][:, None, None] + 1e-5)
+                * stats["gamma"][:, None, None] + stats["beta"][:, None, None])
+    np.testing.assert_allclose(norm(ms.Tensor(x)).asnumpy(), expected, rtol=1e-5, atol=1e-5)
+    assert not any(p.requires_grad for p in norm.get_parameters())
+
+
+@pytest.mark.parametrize("mode", [ms.GRAPH_MODE, ms.PYNATIVE_MODE])
+def test_group_norm_matches_numpy(mode):
+    ms.set_context(mode=mode)
+    rng = np.random.RandomState(3)
+    groups, channels = 32, 64
+    norm = GroupNorm(groups, channels)
+    gamma, beta = rng.randn(channels).astype(np.float32), rng.randn(channels).astype(np.float32)
+    norm.gamma.set_data(ms.Tensor(gamma))
+    norm.beta.set_data(ms.Tensor(beta))
+    x = (rng.randn(2, channels, 5, 7) * 3 + 1).astype(np.float64)
+    grouped = x.reshape(2, groups, -1)
+    normed = ((grouped - grouped.mean(-1, keepdims=True)) / np.sqrt(grouped.var(-1, keepdims=True) + 1e-5))
+    expected = normed.reshape(x.shape) * gamma[:, None, None] + beta[:, None, None]
+    out = norm(ms.Tensor(x.astype(np.float32))).asnumpy()
+    np.testing.assert_allclose(out, expected, rtol=1e-4, atol=1e-5)
+    assert [p.name for p in norm.get_parameters()] == ["gamma", "beta"]
+
+
+def test_bad_arguments_are_refused():
+    with pytest.raises(ValueError, match="unknown backbone"):
+        ResNet("resnet19")
+    with pytest.raises(ValueError, match="strides"):
+        FCOS(backbone="resnet18", strides=(8, 16, 32, 48))
+    with pytest.raises(ValueError, match="groups"):
+        GroupNorm(32, 48)
