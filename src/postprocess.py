@@ -1,0 +1,178 @@
+"""The one FCOS decoding path, shared by evaluation, exported-model inference and prediction.
+
+Two stages:
+1. FCOSDecoder (a Cell, fixed shapes, exportable): per level, the top-k (point, class) pairs by
+   score, decoded to boxes in the padded-image frame. Only sigmoid/sqrt/topk/gather/concat/
+   reshape-type ops, so it can sit at the end of an exported MINDIR/ONNX graph.
+2. NumPy selection per image: score threshold, clip to the image, class-aware NMS, keep the
+   best detections_per_img; then boxes can be rescaled to the original image.
+torchvision keeps the scores above the threshold and then the top-k per level; taking the
+top-k first and thresholding afterwards keeps the same set.
+"""
+import mindspore as ms
+import numpy as np
+from mindspore import nn, ops
+
+from src.box_coder import decode, make_points
+
+
+class FCOSDecoder(nn.Cell):
+    """Top-k candidates per level from raw head outputs.
+
+    Args:
+        strides (tuple[int]): stride of every level.
+        point_offset (float): location of a cell, see src.box_coder.make_points.
+        norm_reg_targets (bool): bbox_reg is in stride units (True) or pixels (False).
+        add_centerness (bool): score = sqrt(sigmoid(cls) * sigmoid(ctr)) if True, else sigmoid(cls).
+        max_detection_boxes_num (int): candidates kept per level (fewer on levels with
+            fewer than that many (point, class) pairs).
+    Inputs:
+        images: (B, 3, H, W), only its static shape is used.
+        cls_logits: (B, P, C); bbox_reg: (B, P, 4); centerness: (B, P, 1).
+    Outputs:
+        boxes: (B, K, 4) float32 x1, y1, x2, y2 in the padded-image frame (not clipped).
+        scores: (B, K) float32, sorted descending within each level.
+        labels: (B, K) int32 0-based class indices.
+        K = sum over levels of min(max_detection_boxes_num, H_l * W_l * C).
+    """
+
+    def __init__(self, strides, point_offset=0.0, norm_reg_targets=True, add_centerness=True,
+                 max_detection_boxes_num=1000):
+        super().__init__()
+        self.strides = tuple(int(s) for s in strides)
+        self.point_offset = float(point_offset)
+        self.norm_reg_targets = norm_reg_targets
+        self.add_centerness = add_centerness
+        self.max_detection_boxes_num = int(max_detection_boxes_num)
+
+    def construct(self, images, cls_logits, bbox_reg, centerness):
+        points, point_strides, sizes = make_points(images.shape[2], images.shape[3],
+                                                   self.strides, self.point_offset)
+        scale = point_strides.reshape(-1, 1) if self.norm_reg_targets else 1.0
+        all_boxes = decode(points, bbox_reg, scale)
+        scores = ops.sigmoid(cls_logits)
+        if self.add_centerness:
+            scores = ops.sqrt(scores * ops.sigmoid(centerness))
+
+        batch, _, num_classes = cls_logits.shape
+        boxes_out, scores_out, labels_out = (), (), ()
+        start = 0
+        for h, w in sizes:
+            count = h * w
+            k = min(self.max_detection_boxes_num, count * num_classes)
+            level_scores = scores[:, start:start + count].reshape(batch, count * num_classes)
+            top_scores, flat_idx = ops.topk(level_scores, k, dim=1)
+            # Lookup tables instead of // and %, which do not all export to ONNX.
+            point_of = ops.broadcast_to(ops.arange(start, start + count, dtype=ms.int32).reshape(count, 1),
+                                        (count, num_classes)).reshape(-1)
+            class_of = ops.broadcast_to(ops.arange(num_classes, dtype=ms.int32).reshape(1, num_classes),
+                                        (count, num_classes)).reshape(-1)
+            point_idx = ops.gather(point_of, flat_idx, 0)
+            box_idx = ops.broadcast_to(ops.expand_dims(point_idx, -1), (batch, k, 4))
+            boxes_out += (ops.gather_elements(all_boxes, 1, box_idx),)
+            scores_out += (top_scores,)
+            labels_out += (ops.gather(class_of, flat_idx, 0),)
+            start += count
+        return ops.cat(boxes_out, axis=1), ops.cat(scores_out, axis=1), ops.cat(labels_out, axis=1)
+
+
+def clip_boxes(boxes, image_size):
+    """Clip (N, 4) x1, y1, x2, y2 boxes to an image of size (h, w)."""
+    h, w = image_size
+    clipped = boxes.copy()
+    clipped[:, 0::2] = np.clip(boxes[:, 0::2], 0, w)
+    clipped[:, 1::2] = np.clip(boxes[:, 1::2], 0, h)
+    return clipped
+
+
+def _iou_one_to_many(box, boxes):
+    """IoU of one (4,) box with (N, 4) boxes, in the boxes' dtype, as torchvision's nms kernel."""
+    x1 = np.maximum(box[0], boxes[:, 0])
+    y1 = np.maximum(box[1], boxes[:, 1])
+    x2 = np.minimum(box[2], boxes[:, 2])
+    y2 = np.minimum(box[3], boxes[:, 3])
+    zero = boxes.dtype.type(0)
+    inter = np.maximum(zero, x2 - x1) * np.maximum(zero, y2 - y1)
+    area = (box[2] - box[0]) * (box[3] - box[1])
+    areas = (boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return inter / (area + areas - inter)
+
+
+def batched_nms(boxes, scores, labels, iou_threshold, max_keep=None):
+    """Class-aware greedy NMS, equal to torchvision.ops.batched_nms.
+
+    Boxes are visited by score, descending (stable for equal scores); a box is dropped when its
+    IoU with an already kept box of the same label is above iou_threshold.
+
+    Args:
+        boxes: (N, 4); scores: (N,); labels: (N,).
+        iou_threshold (float).
+        max_keep (int | None): stop once this many are kept (the greedy order makes the first
+            max_keep the same as without the cap).
+    Returns:
+        (K,) int64 indices of kept boxes, by score descending.
+    """
+    remaining = np.argsort(-scores, kind="stable")
+    keep = []
+    while remaining.size and (max_keep is None or len(keep) < max_keep):
+        best, rest = remaining[0], remaining[1:]
+        keep.append(best)
+        overlap = _iou_one_to_many(boxes[best], boxes[rest]) > iou_threshold
+        remaining = rest[~(overlap & (labels[rest] == labels[best]))]
+    return np.asarray(keep, dtype=np.int64)
+
+
+def select_detections(boxes, scores, labels, image_size, score_threshold, nms_iou_threshold,
+                      detections_per_img):
+    """Final detections of one image from its decoder candidates.
+
+    Args:
+        boxes: (K, 4) candidates in the padded frame; scores: (K,); labels: (K,).
+        image_size: (h, w) of the resized image before padding; boxes are clipped to it.
+        score_threshold (float): scores at or below are dropped.
+        nms_iou_threshold (float): class-aware NMS threshold.
+        detections_per_img (int): most detections kept.
+    Returns:
+        boxes (D, 4), scores (D,), labels (D,), sorted by score descending.
+    """
+    keep = scores > score_threshold
+    boxes = clip_boxes(boxes[keep], image_size)
+    scores, labels = scores[keep], labels[keep]
+    kept = batched_nms(boxes, scores, labels, nms_iou_threshold, detections_per_img)
+    return boxes[kept], scores[kept], labels[kept]
+
+
+def rescale_boxes(boxes, resized_size, original_size):
+    """Map (N, 4) boxes from the resized image to the original one, per-axis ratios.
+
+    Args:
+        resized_size, original_size: (h, w).
+    Returns:
+        (N, 4) boxes in original image pixels (float32 ratios, as torchvision's transform).
+    """
+    ratio_h = np.float32(original_size[0]) / np.float32(resized_size[0])
+    ratio_w = np.float32(original_size[1]) / np.float32(resized_size[1])
+    return boxes * np.array([ratio_w, ratio_h, ratio_w, ratio_h], dtype=np.float32)
+
+
+def postprocess_batch(boxes, scores, labels, image_sizes, score_threshold, nms_iou_threshold,
+                      detections_per_img, original_sizes=None):
+    """select_detections on every image of a decoder batch (and rescale when sizes are given).
+
+    Args:
+        boxes: (B, K, 4); scores: (B, K); labels: (B, K) NumPy arrays from FCOSDecoder.
+        image_sizes: (B, 2) resized (h, w) of each image before padding.
+        original_sizes: (B, 2) original (h, w), or None to stay in the resized frame.
+    Returns:
+        list of B dicts with 'boxes' (D, 4), 'scores' (D,), 'labels' (D,).
+    """
+    results = []
+    for i in range(len(boxes)):
+        det_boxes, det_scores, det_labels = select_detections(
+            boxes[i], scores[i], labels[i], image_sizes[i], score_threshold,
+            nms_iou_threshold, detections_per_img)
+        if original_sizes is not None:
+            det_boxes = rescale_boxes(det_boxes, image_sizes[i], original_sizes[i])
+        results.append({"boxes": det_boxes, "scores": det_scores, "labels": det_labels})
+    return results
