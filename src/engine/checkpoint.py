@@ -18,7 +18,8 @@ META_KEYS = ("epoch", "step_in_epoch", "global_step")
 def save_checkpoint_atomic(cell_or_params, path, meta=None):
     """ms.save_checkpoint to ``path`` via a temporary file and os.replace (atomic on POSIX)."""
     os.makedirs(os.path.dirname(os.path.abspath(path)) or ".", exist_ok=True)
-    tmp = f"{path}.tmp{os.getpid()}"
+    root, ext = os.path.splitext(path)
+    tmp = f"{root}.tmp{os.getpid()}{ext}"  # ms.save_checkpoint appends .ckpt to other names
     try:
         ms.save_checkpoint(cell_or_params, tmp, append_dict=dict(meta or {}))
         os.replace(tmp, path)
@@ -63,7 +64,7 @@ def load_weights(network, path, strict_prefixes=()):
 class CheckpointKeeper:
     """Writes fcos-<epoch>_<step>.ckpt into a folder and keeps the newest ``keep`` of them."""
 
-    PATTERN = re.compile(r"fcos-(\d+)_(\d+)\.ckpt$")
+    PATTERN = re.compile(r"^fcos-(\d+)_(\d+)\.ckpt$")
 
     def __init__(self, folder, keep=5):
         self.folder = folder

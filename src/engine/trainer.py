@@ -8,7 +8,7 @@ import time
 
 import mindspore as ms
 
-from src.engine.checkpoint import CheckpointKeeper, load_checkpoint_file, save_checkpoint_atomic, split_meta
+from src.engine.checkpoint import CheckpointKeeper, save_checkpoint_atomic
 from src.engine.progress import Progress
 
 logger = logging.getLogger("fcos")
@@ -19,19 +19,16 @@ class TrainingStopped(RuntimeError):
 
 
 class Trainer:
-    """Runs ``train_step`` (a TrainStep cell) over epochs of batches from ``make_dataset``.
+    """Runs ``train_step`` (a TrainStep cell) over epochs of batches (see ``run``).
 
-    make_dataset(epoch, start_batch) -> an iterable of (images, gt_boxes, gt_labels, gt_mask)
-    batches for that epoch, starting at batch ``start_batch`` (used when resuming mid-epoch).
     evaluate() -> {metric: value} or None; it is called every ``eval_interval`` epochs and the
     best checkpoint by AP is kept as best.ckpt.
     """
 
-    def __init__(self, train_step, make_dataset, *, steps_per_epoch, epochs, global_batch, lr_schedule,
+    def __init__(self, train_step, *, steps_per_epoch, epochs, global_batch, lr_schedule,
                  output_dir, rank=0, log_interval=20, save_ckpt_epochs=1, save_ckpt_steps=0,
                  keep_ckpt_max=5, max_bad_steps=10, eval_interval=0, evaluate=None):
         self.train_step = train_step
-        self.make_dataset = make_dataset
         self.steps_per_epoch = steps_per_epoch
         self.epochs = epochs
         self.global_batch = global_batch
@@ -52,9 +49,9 @@ class Trainer:
         self._stop_signal = None
 
     # ---- state ----
-    def resume(self, path):
-        """Restore weights, optimiser state and the schedule position from a train.py checkpoint."""
-        params, meta = split_meta(load_checkpoint_file(path))
+    def resume_from(self, path, params, meta):
+        """Restore weights, optimiser state and the schedule position from a train.py checkpoint
+        (``params, meta = split_meta(load_checkpoint_file(path))``)."""
         if "global_step" not in meta:
             raise ValueError(f"{path} is not a train.py checkpoint (no schedule position); "
                              "use --pretrained_backbone or --ckpt_file for weights only")
@@ -62,26 +59,32 @@ class Trainer:
         if not_loaded:
             raise ValueError(f"{path} lacks {len(not_loaded)} training parameters, e.g. {not_loaded[0]}")
         self.epoch, self.step_in_epoch, self.global_step = meta["epoch"], meta["step_in_epoch"], meta["global_step"]
-        if self.step_in_epoch >= self.steps_per_epoch:
-            self.epoch, self.step_in_epoch = self.epoch + 1, 0
         logger.info("resumed from %s at epoch %d, step %d of the epoch, global step %d",
                     path, self.epoch + 1, self.step_in_epoch, self.global_step)
 
     def save(self):
         if self.rank != 0:
             return None
-        path = self.keeper.save(self.train_step, self.epoch, self.step_in_epoch, self.global_step)
+        epoch, step_in_epoch = self.epoch, self.step_in_epoch
+        if step_in_epoch == self.steps_per_epoch:  # a step checkpoint at an epoch's end
+            epoch, step_in_epoch = epoch + 1, 0
+        path = self.keeper.save(self.train_step, epoch, step_in_epoch, self.global_step)
         logger.info("saved %s", path)
         return path
 
     # ---- loop ----
-    def run(self):
+    def run(self, make_dataset):
+        """Train to the end; False when stopped by SIGINT/SIGTERM (after saving a checkpoint).
+
+        make_dataset(epoch, start_batch) -> an iterable of (images, gt_boxes, gt_labels, gt_mask)
+        batches of that epoch from batch ``start_batch`` on (non-zero when resuming mid-epoch).
+        """
         total_steps = self.steps_per_epoch * self.epochs
         progress = Progress(total_steps - self.global_step, self.global_batch, warmup=1)
         previous = {sig: signal.signal(sig, self._on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
         try:
             while self.epoch < self.epochs:
-                if not self._run_epoch(progress):
+                if not self._run_epoch(make_dataset, progress):
                     return False
                 self.epoch, self.step_in_epoch = self.epoch + 1, 0
                 self._end_of_epoch()
@@ -91,11 +94,11 @@ class Trainer:
         logger.info("training finished: %d steps, %d skipped as non-finite", self.global_step, self.bad_total)
         return True
 
-    def _run_epoch(self, progress):
+    def _run_epoch(self, make_dataset, progress):
         """Train the rest of the current epoch; False when stopped by a signal."""
         t_data = time.perf_counter()
         data_seconds = 0.0
-        for batch in self.make_dataset(self.epoch, self.step_in_epoch):
+        for batch in make_dataset(self.epoch, self.step_in_epoch):
             data_seconds += time.perf_counter() - t_data
             total, loss_cls, loss_reg, loss_ctr, finite = self.train_step(*batch)
             losses = [float(x.asnumpy()) for x in (total, loss_cls, loss_reg, loss_ctr)]

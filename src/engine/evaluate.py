@@ -1,0 +1,49 @@
+"""Run a detector over an evaluation dataset and score it with COCO metrics.
+
+Shared by eval.py and evaluation during training.
+"""
+import logging
+import time
+
+from src.data.pipeline import PAD_IMAGE_ID
+from src.engine.coco_eval import coco_evaluate, load_coco, to_coco_results
+from src.engine.progress import Progress
+from src.postprocess import postprocess_batch
+
+logger = logging.getLogger("fcos")
+
+
+def detect_dataset(infer_cell, dataset, num_batches, batch_size, selection, label_to_cat_id):
+    """-> (COCO results list, ids of the images run). ``selection``: select_detections kwargs."""
+    results, image_ids = [], []
+    progress = Progress(num_batches, batch_size, warmup=1)
+    log_every = max(num_batches // 10, 1)
+    for images, ids, image_sizes, orig_sizes in dataset.create_tuple_iterator(num_epochs=1):
+        boxes, scores, labels = (x.asnumpy() for x in infer_cell(images))
+        ids, image_sizes, orig_sizes = ids.asnumpy(), image_sizes.asnumpy(), orig_sizes.asnumpy()
+        detections = postprocess_batch(boxes, scores, labels, image_sizes, original_sizes=orig_sizes, **selection)
+        for image_id, det in zip(ids, detections):
+            if image_id == PAD_IMAGE_ID:
+                continue
+            image_ids.append(int(image_id))
+            results += to_coco_results(image_id, det["boxes"], det["scores"], det["labels"], label_to_cat_id)
+        progress.step()
+        progress.bar("eval")
+        if progress.done % log_every == 0 or progress.done == num_batches:
+            logger.info("eval %d/%d batches, %.2f img/s, ETA %s", progress.done, num_batches,
+                        progress.items_per_second(), progress.eta())
+    return results, image_ids
+
+
+def evaluate(infer_cell, dataset, info, ann_file, selection, output_dir=None, batch_size=1):
+    """Detect every image of ``dataset`` and return the COCO metrics dict (see coco_eval)."""
+    was_training = infer_cell.training
+    infer_cell.set_train(False)
+    start = time.perf_counter()
+    results, image_ids = detect_dataset(infer_cell, dataset, info["batches"], batch_size, selection,
+                                        info["label_to_cat_id"])
+    logger.info("detected %d boxes on %d images in %.1f s", len(results), len(image_ids),
+                time.perf_counter() - start)
+    metrics = coco_evaluate(load_coco(ann_file), results, output_dir, image_ids=image_ids)
+    infer_cell.set_train(was_training)
+    return metrics

@@ -1,0 +1,141 @@
+"""Train FCOS: python train.py --train_img_dir=... --train_ann_file=... [--key=value ...]
+
+Standalone or data parallel (launched by scripts/run_distribute_train*.sh); everything the run
+writes (logs, checkpoints, evaluation results) lands under --output_dir.
+"""
+import logging
+import os
+
+import src  # noqa: F401  (sets the oneDNN ISA before mindspore loads)
+import mindspore as ms
+
+from src.builder import (build_decoder, build_eval_dataset, build_loss, build_model, build_train_dataset,
+                         selection_kwargs)
+from src.data.coco import DatasetError
+from src.detector import FCOSInference
+from src.engine.checkpoint import load_checkpoint_file, load_weights, split_meta
+from src.engine.context import init_context, setup_logging
+from src.engine.evaluate import evaluate
+from src.engine.lr_schedule import build_lr_schedule, scaled_lr
+from src.engine.train_step import FCOSWithLoss, TrainStep, build_optimizer
+from src.engine.trainer import Trainer, TrainingStopped
+from src.model_utils.config import ConfigError, guard_main, load_config, require_files
+
+logger = logging.getLogger("fcos")
+
+
+def check_class_count(cfg, info, key):
+    found = len(info["label_to_cat_id"])
+    if found > cfg.class_num:
+        raise ConfigError(f"--class_num={cfg.class_num}, but {cfg[key]} has {found} categories")
+    if found < cfg.class_num:
+        logger.warning("%s has %d categories, fewer than --class_num=%d", cfg[key], found, cfg.class_num)
+
+
+def epoch_batches(dataset, first_epoch, epochs, steps_per_epoch):
+    """make_dataset for Trainer: one iterator over the remaining epochs, cut into epochs."""
+    iterator = dataset.create_tuple_iterator(num_epochs=epochs - first_epoch)
+
+    def make(epoch, start_batch):
+        for index in range(steps_per_epoch):
+            batch = next(iterator)
+            if index >= start_batch:
+                yield batch
+
+    return make
+
+
+def build_evaluator(cfg, network):
+    """Evaluation during training (rank 0) or None when not configured."""
+    if not cfg.eval_interval:
+        return None
+    require_files(cfg, "val_img_dir", "val_ann_file")
+    dataset, info = build_eval_dataset(cfg, batch_size=cfg.batch_size)
+    infer_cell = FCOSInference(network, build_decoder(cfg))
+    out_dir = os.path.join(cfg.output_dir, "eval")
+    return lambda: evaluate(infer_cell, dataset, info, cfg.val_ann_file, selection_kwargs(cfg), out_dir,
+                            batch_size=cfg.batch_size)
+
+
+def load_initial_weights(cfg, network):
+    if cfg.pretrained:
+        require_files(cfg, "pretrained_backbone")
+        try:
+            load_weights(network, cfg.pretrained_backbone, strict_prefixes=("backbone.",))
+        except (FileNotFoundError, ValueError) as err:
+            raise ConfigError(f"--pretrained_backbone: {err}") from None
+        logger.info("backbone initialised from %s", cfg.pretrained_backbone)
+    else:
+        logger.info("training from scratch (--pretrained=False)")
+
+
+def build_train_step(cfg, network, steps_per_epoch, group_size):
+    global_batch = cfg.batch_size * group_size
+    lr = scaled_lr(cfg.base_lr, cfg.lr_base_batch, global_batch)
+    schedule = build_lr_schedule(lr, steps_per_epoch, cfg.epochs, cfg.lr_schedule, cfg.lr_steps, cfg.lr_gamma,
+                                 cfg.warmup_iters, cfg.warmup_ratio)
+    optimizer = build_optimizer(network.trainable_params(), schedule, cfg.momentum, cfg.weight_decay,
+                                cfg.weight_decay_norm_bias)
+    scaler = None
+    if cfg.amp_level != "O0":
+        network = ms.amp.auto_mixed_precision(network, cfg.amp_level)
+        scaler = ms.amp.DynamicLossScaler(2.0 ** 16, 2, 1000)
+    net_with_loss = FCOSWithLoss(network, build_loss(cfg, distributed=group_size > 1))
+    step = TrainStep(net_with_loss, optimizer, cfg.grad_clip_norm, distributed=group_size > 1, loss_scaler=scaler)
+    step.set_train(True)
+    logger.info("global batch %d, peak lr %.5f, %d steps", global_batch, lr, len(schedule))
+    return step, schedule
+
+
+@guard_main
+def main(argv=None):
+    cfg = load_config(argv, description="Train FCOS.")
+    require_files(cfg, "train_img_dir", "train_ann_file")
+    rank, group_size = init_context(cfg.device_target, cfg.mode, cfg.device_id)
+    setup_logging(cfg.output_dir, rank, "train")
+    ms.set_seed(cfg.seed)
+    resume_params, resume_meta = None, {}
+    if cfg.resume:
+        try:
+            resume_params, resume_meta = split_meta(load_checkpoint_file(cfg.resume))
+        except (FileNotFoundError, ValueError) as err:
+            raise ConfigError(f"--resume: {err}") from None
+
+    try:
+        dataset, info = build_train_dataset(cfg, rank, group_size, start_epoch=resume_meta.get("epoch", 0))
+    except DatasetError as err:
+        raise ConfigError(f"--train_ann_file: {err}") from None
+    check_class_count(cfg, info, "train_ann_file")
+    steps_per_epoch = info["batches_per_epoch"]
+    logger.info("rank %d/%d: %d training images, %d batches of %d per epoch, pad shapes %s", rank, group_size,
+                info["num_images"], steps_per_epoch, cfg.batch_size, info["buckets"])
+
+    network = build_model(cfg)
+    load_initial_weights(cfg, network)
+    train_step, schedule = build_train_step(cfg, network, steps_per_epoch, group_size)
+    trainer = Trainer(train_step, steps_per_epoch=steps_per_epoch, epochs=cfg.epochs,
+                      global_batch=cfg.batch_size * group_size, lr_schedule=schedule, output_dir=cfg.output_dir,
+                      rank=rank, log_interval=cfg.log_interval, save_ckpt_epochs=cfg.save_ckpt_epochs,
+                      save_ckpt_steps=cfg.save_ckpt_steps, keep_ckpt_max=cfg.keep_ckpt_max,
+                      max_bad_steps=cfg.max_bad_steps, eval_interval=cfg.eval_interval,
+                      evaluate=build_evaluator(cfg, network) if rank == 0 else None)
+    if resume_params is not None:
+        try:
+            trainer.resume_from(cfg.resume, resume_params, resume_meta)
+        except ValueError as err:
+            raise ConfigError(f"--resume: {err}") from None
+    try:
+        finished = trainer.run(epoch_batches(dataset, trainer.epoch, cfg.epochs, steps_per_epoch))
+    except TrainingStopped as err:
+        logger.error("%s", err)
+        raise SystemExit(1) from None
+    failed = info["failed_images"]
+    if len(failed):
+        logger.warning("%d images could not be decoded and were replaced in their batches, e.g. %s",
+                       len(failed), failed.paths()[:3])
+    if not finished:
+        raise SystemExit(130)
+
+
+if __name__ == "__main__":
+    main()
