@@ -23,7 +23,7 @@ import mindspore as ms
 import numpy as np
 
 from .model.backbone import ARCHITECTURES, ResNet
-from .model.fcos import FCOS
+from .model.fcos import DEFAULT_STRIDES, FCOS
 
 KINDS = ("fcos", "backbone")
 
@@ -107,6 +107,18 @@ def detect_kind(state):
                           f"backbone.body.* nor ResNet keys conv1.*/layer1.*): keys {_names(keys)}")
 
 
+def _shape(params, name):
+    """The shape of a parameter the architecture is read from; a clear error where it is absent."""
+    if name not in params:
+        raise ConversionError(f"the input lacks {name}, needed to tell the architecture")
+    return params[name].shape
+
+
+def _num_levels(params):
+    """Pyramid levels of a converted FCOS: P3-P5 plus one per extra FPN conv (P6, P7)."""
+    return 3 + sum(name.startswith("fpn.extra.") and name.endswith(".weight") for name in params)
+
+
 def _our_module(module, kind):
     """A torchvision module path -> ours, or None where no rule matches."""
     for pattern, replacement in _MODULE_RULES[kind]:
@@ -140,8 +152,7 @@ def torchvision_to_mindspore(state, kind):
     if unmapped:
         raise ConversionError(f"{len(unmapped)} {kind} keys have no MindSpore counterpart: {_names(unmapped)}")
     if kind == "fcos":
-        num_levels = 3 + sum(name.startswith("fpn.extra.") and name.endswith(".weight") for name in params)
-        for level in range(num_levels):
+        for level in range(_num_levels(params)):
             params[f"head.scales.{level}.scale"] = np.array(1.0, np.float32)
     return params
 
@@ -153,7 +164,7 @@ def infer_backbone(params):
     bottleneck = "backbone.layer1.0.conv3.weight" in params
     groups = 1
     if bottleneck:
-        out_channels, in_per_group = params["backbone.layer1.0.conv2.weight"].shape[:2]
+        out_channels, in_per_group = _shape(params, "backbone.layer1.0.conv2.weight")[:2]
         groups = out_channels // in_per_group
     for name, (block, arch_depths, arch_groups, _) in ARCHITECTURES.items():
         if arch_depths == depths and (block.expansion == 4) == bottleneck and arch_groups == groups:
@@ -165,19 +176,19 @@ def infer_backbone(params):
 
 def infer_fcos_kwargs(params):
     """Our parameters of a whole FCOS -> the FCOS(...) keyword arguments that have them."""
-    fpn_out_channels = params["fpn.lateral.0.weight"].shape[0]
-    num_extra = sum(name.startswith("fpn.extra.") and name.endswith(".weight") for name in params)
+    fpn_out_channels = _shape(params, "fpn.lateral.0.weight")[0]
+    num_levels = _num_levels(params)
     cls_tower = [name for name in params if name.startswith("head.cls_tower.")]
     return dict(
         backbone=infer_backbone(params),
-        class_num=params["head.cls_logits.weight"].shape[0],
+        class_num=_shape(params, "head.cls_logits.weight")[0],
         fpn_out_channels=fpn_out_channels,
         # P6 reads P5 (fpn_out_channels wide) or C5; where both are as wide, P5 as torchvision.
-        use_p5=num_extra == 0 or params["fpn.extra.0.weight"].shape[1] == fpn_out_channels,
+        use_p5=num_levels == 3 or _shape(params, "fpn.extra.0.weight")[1] == fpn_out_channels,
         use_GN_head=any(name.endswith(".gamma") for name in cls_tower),
         num_head_convs=sum(name.endswith(".weight") for name in cls_tower),
         add_centerness="head.centerness.weight" in params,
-        strides=(8, 16, 32, 64, 128)[:3 + num_extra],
+        strides=DEFAULT_STRIDES[:num_levels],
     )
 
 

@@ -158,3 +158,20 @@ def test_pth_without_torch_says_so(tmp_path):
     path.write_bytes(b"\0")
     with pytest.raises(convert.ConversionError, match="needs PyTorch"):
         convert.load_torchvision_state(str(path))
+
+
+def test_missing_architecture_key_is_named(state):
+    params = convert.torchvision_to_mindspore(
+        {k: v for k, v in state.items() if "cls_logits" not in k}, "fcos")
+    with pytest.raises(convert.ConversionError, match=r"lacks head\.cls_logits\.weight"):
+        convert.infer_fcos_kwargs(params)
+
+
+def test_pth_input_equals_npz_input(tmp_path, state):
+    torch = pytest.importorskip("torch")
+    path = str(tmp_path / "fcos.pth")
+    torch.save({"model": {key: torch.from_numpy(value) for key, value in state.items()}}, path)
+    loaded = convert.load_torchvision_state(path)
+    assert loaded.keys() == state.keys()
+    for key, value in loaded.items():
+        np.testing.assert_array_equal(value, state[key])

@@ -1,5 +1,6 @@
 """The FCOS network's modules: shapes, backbones, output modes, freezing and normalisation."""
 import math
+import os
 
 import numpy as np
 import pytest
@@ -20,6 +21,8 @@ TORCHVISION_PARAMS = {"resnet18": 11689512, "resnet34": 21797672, "resnet50": 25
 
 @pytest.fixture(autouse=True)
 def graph_mode():
+    ms.set_context(mode=ms.GRAPH_MODE)
+    yield
     ms.set_context(mode=ms.GRAPH_MODE)
 
 
@@ -118,6 +121,17 @@ def test_centerness_branch_reads_the_chosen_tower(cnt_on_reg):
     assert not np.allclose(net(x)[2].asnumpy(), before)
 
 
+def test_pynative_matches_graph_for_the_paper_options():
+    net = small_fcos(norm_reg_targets=False, add_centerness=True, cnt_on_reg=False, use_GN_head=False,
+                     use_p5=False, freeze_bn=False)
+    x = images(64, 96)
+    graph = [o.asnumpy() for o in net(x)]
+    ms.set_context(mode=ms.PYNATIVE_MODE)
+    pynative = [o.asnumpy() for o in net(x)]
+    for ours, reference in zip(pynative, graph):
+        np.testing.assert_allclose(ours, reference, rtol=1e-5, atol=1e-5)
+
+
 class Loss(nn.Cell):
     """Sum of all outputs: every parameter gets a gradient unless it is frozen."""
 
@@ -196,3 +210,11 @@ def test_bad_arguments_are_refused():
         FCOS(backbone="resnet18", strides=(8, 16, 32, 48))
     with pytest.raises(ValueError, match="groups"):
         GroupNorm(32, 48)
+
+
+def test_exports_to_onnx(tmp_path):
+    """Every op must have an ONNX form (e.g. not Rsqrt, not the argmax max-pool of pad_mode='pad')."""
+    net = small_fcos(freeze_bn=True)
+    path = str(tmp_path / "fcos")
+    ms.export(net, images(64, 96, batch=1), file_name=path, file_format="ONNX")
+    assert os.path.getsize(path + ".onnx") > sum(p.size * 4 for p in net.get_parameters())

@@ -109,7 +109,10 @@ class ResNet(nn.Cell):
                                weight_init=HeNormal(mode="fan_out", nonlinearity="relu"))
         self.bn1 = batch_norm(64, freeze_bn)
         self.relu = nn.ReLU()
-        self.maxpool = nn.MaxPool2d(kernel_size=3, stride=2, pad_mode="pad", padding=1)
+        # torch's max-pool pads 1 with -inf; after the ReLU zero padding gives the same maxima, and
+        # Pad + a 'valid' MaxPool2d exports to ONNX where pad_mode='pad' (MaxPoolWithArgmax) does not.
+        self.maxpool = nn.SequentialCell([nn.Pad(((0, 0), (0, 0), (1, 1), (1, 1))),
+                                          nn.MaxPool2d(kernel_size=3, stride=2, pad_mode="valid")])
         in_channels = 64
         stages = []
         for index, (planes, depth) in enumerate(zip((64, 128, 256, 512), depths)):

@@ -29,7 +29,7 @@ class FrozenBatchNorm2d(nn.Cell):
                                          requires_grad=False)
 
     def construct(self, x):
-        scale = self.gamma * ops.rsqrt(self.moving_variance + self.eps)
+        scale = self.gamma / ops.sqrt(self.moving_variance + self.eps)  # Rsqrt does not export to ONNX
         shift = self.beta - self.moving_mean * scale
         return x * scale.reshape(1, -1, 1, 1) + shift.reshape(1, -1, 1, 1)
 
