@@ -32,13 +32,13 @@ def check_class_count(cfg, info, key):
         logger.warning("%s has %d categories, fewer than --class_num=%d", cfg[key], found, cfg.class_num)
 
 
-def epoch_batches(dataset, first_epoch, epochs, steps_per_epoch):
-    """make_dataset for Trainer: one iterator over the remaining epochs, cut into epochs."""
+def epoch_batches(dataset, first_epoch, epochs):
+    """make_dataset for Trainer: one iterator over the remaining epochs; MindSpore's iterator
+    ends each epoch with StopIteration and continues with the next one on the next loop."""
     iterator = dataset.create_tuple_iterator(num_epochs=epochs - first_epoch)
 
-    def make(epoch, start_batch):
-        for index in range(steps_per_epoch):
-            batch = next(iterator)
+    def make(_epoch, start_batch):
+        for index, batch in enumerate(iterator):
             if index >= start_batch:
                 yield batch
 
@@ -125,7 +125,7 @@ def main(argv=None):
         except ValueError as err:
             raise ConfigError(f"--resume: {err}") from None
     try:
-        finished = trainer.run(epoch_batches(dataset, trainer.epoch, cfg.epochs, steps_per_epoch))
+        finished = trainer.run(epoch_batches(dataset, trainer.epoch, cfg.epochs))
     except TrainingStopped as err:
         logger.error("%s", err)
         raise SystemExit(1) from None
