@@ -19,21 +19,31 @@ else
   PRETRAINED_ARGS=(--pretrained=True --pretrained_backbone="$PRETRAINED")
 fi
 
-# RANK_SIZE = number of devices listed in the table.
-RANK_SIZE=$(python3 -c "import json,sys; t=json.load(open(sys.argv[1])); print(sum(len(s['device']) for s in t['server_list']))" "$RANK_TABLE_FILE") \
-  || { echo "error: cannot read devices from $RANK_TABLE_FILE"; exit 1; }
+# One "DEVICE_ID RANK_ID" line per device of the table (a single server: one process per device here).
+DEVICES=$(python3 -c "
+import json, sys
+servers = json.load(open(sys.argv[1]))['server_list']
+if len(servers) != 1:
+    sys.exit(f'{len(servers)} servers in the table; this script starts the devices of one server')
+for device in servers[0]['device']:
+    print(device['device_id'], device['rank_id'])
+" "$RANK_TABLE_FILE") || { echo "error: cannot read the devices of one server from RANK_TABLE_FILE: $RANK_TABLE_FILE"; usage; exit 1; }
+RANK_SIZE=$(echo "$DEVICES" | grep -c .)
+[ "$RANK_SIZE" -ge 1 ] || { echo "error: no devices in RANK_TABLE_FILE: $RANK_TABLE_FILE"; usage; exit 1; }
 export RANK_TABLE_FILE RANK_SIZE
 CORES=$(nproc); CORES_PER_RANK=$((CORES / RANK_SIZE)); [ "$CORES_PER_RANK" -ge 1 ] || CORES_PER_RANK=1
 WORK_DIR="$REPO_DIR/train_parallel"
 OUTPUT_DIR="$WORK_DIR/output"
-echo "launching $RANK_SIZE processes, $CORES_PER_RANK CPU cores each; logs: $WORK_DIR/rank_<i>/log.txt; checkpoints (rank 0): $OUTPUT_DIR/checkpoints"
-for ((i = 0; i < RANK_SIZE; i++)); do
-  export DEVICE_ID=$i RANK_ID=$i
-  rm -rf "$WORK_DIR/rank_$i"; mkdir -p "$WORK_DIR/rank_$i"
-  cd "$WORK_DIR/rank_$i" || exit 1
-  FIRST=$((i * CORES_PER_RANK)); LAST=$((FIRST + CORES_PER_RANK - 1))
+echo "launching $RANK_SIZE processes in the background, $CORES_PER_RANK CPU cores each"
+echo "logs: $WORK_DIR/rank_<RANK_ID>/log.txt; checkpoints (rank 0): $OUTPUT_DIR/checkpoints"
+i=0
+while read -r DEVICE_ID RANK_ID; do
+  export DEVICE_ID RANK_ID
+  rm -rf "$WORK_DIR/rank_$RANK_ID"; mkdir -p "$WORK_DIR/rank_$RANK_ID"
+  cd "$WORK_DIR/rank_$RANK_ID" || exit 1
+  FIRST=$((i * CORES_PER_RANK)); LAST=$((FIRST + CORES_PER_RANK - 1)); i=$((i + 1))
   taskset -c "$FIRST-$LAST" python "$REPO_DIR/train.py" --config_path="$CONFIG_PATH" --device_target=Ascend \
     --train_img_dir="$TRAIN_IMG_DIR" --train_ann_file="$TRAIN_ANN_FILE" --output_dir="$OUTPUT_DIR" \
-    "${PRETRAINED_ARGS[@]}" "$@" > log.txt 2>&1 &
-done
+    "${PRETRAINED_ARGS[@]}" "$@" < /dev/null > log.txt 2>&1 &
+done <<< "$DEVICES"
 echo "started; follow with: tail -f $WORK_DIR/rank_0/log.txt"

@@ -21,7 +21,8 @@ fi
 MASTER_PORT=${MASTER_PORT:-8118}
 mkdir -p "$OUTPUT_DIR"
 cd "$REPO_DIR" || exit 1
-echo "msrun: $DEVICE_NUM workers on $DEVICE_TARGET; per-worker logs in $OUTPUT_DIR/msrun_log/worker_<i>.log"
+echo "msrun: $DEVICE_NUM workers on $DEVICE_TARGET, master port $MASTER_PORT (set MASTER_PORT to change it)"
+echo "logs: $OUTPUT_DIR/msrun_log/worker_<i>.log and $OUTPUT_DIR/train[_rank<i>].log; checkpoints (rank 0): $OUTPUT_DIR/checkpoints"
 msrun --worker_num="$DEVICE_NUM" --local_worker_num="$DEVICE_NUM" --master_port="$MASTER_PORT" \
   --log_dir="$OUTPUT_DIR/msrun_log" --join=True \
   train.py --config_path="$CONFIG_PATH" --device_target="$DEVICE_TARGET" \
