@@ -112,12 +112,14 @@ def main(argv=None):
 
     network = build_model(cfg)
     load_initial_weights(cfg, network)
+    # Ranks other than 0 write checkpoints only on request, each into its own folder.
+    ckpt_root = cfg.output_dir if rank == 0 else os.path.join(cfg.output_dir, f"rank_{rank}")
     train_step, schedule = build_train_step(cfg, network, steps_per_epoch, group_size)
     trainer = Trainer(train_step, steps_per_epoch=steps_per_epoch, epochs=cfg.epochs,
-                      global_batch=cfg.batch_size * group_size, lr_schedule=schedule, output_dir=cfg.output_dir,
-                      rank=rank, log_interval=cfg.log_interval, save_ckpt_epochs=cfg.save_ckpt_epochs,
-                      save_ckpt_steps=cfg.save_ckpt_steps, keep_ckpt_max=cfg.keep_ckpt_max,
-                      max_bad_steps=cfg.max_bad_steps, eval_interval=cfg.eval_interval,
+                      global_batch=cfg.batch_size * group_size, lr_schedule=schedule, output_dir=ckpt_root,
+                      save_checkpoints=rank == 0 or cfg.save_ckpt_all_ranks, log_interval=cfg.log_interval,
+                      save_ckpt_epochs=cfg.save_ckpt_epochs, save_ckpt_steps=cfg.save_ckpt_steps,
+                      keep_ckpt_max=cfg.keep_ckpt_max, max_bad_steps=cfg.max_bad_steps, eval_interval=cfg.eval_interval,
                       evaluate=build_evaluator(cfg, network) if rank == 0 else None)
     if resume_params is not None:
         try:

@@ -22,18 +22,19 @@ class Trainer:
     """Runs ``train_step`` (a TrainStep cell) over epochs of batches (see ``run``).
 
     evaluate() -> {metric: value} or None; it is called every ``eval_interval`` epochs and the
-    best checkpoint by AP is kept as best.ckpt.
+    best checkpoint by AP is kept as best.ckpt. Checkpoints go to <output_dir>/checkpoints unless
+    ``save_checkpoints`` is False (data-parallel ranks other than 0).
     """
 
     def __init__(self, train_step, *, steps_per_epoch, epochs, global_batch, lr_schedule,
-                 output_dir, rank=0, log_interval=20, save_ckpt_epochs=1, save_ckpt_steps=0,
+                 output_dir, save_checkpoints=True, log_interval=20, save_ckpt_epochs=1, save_ckpt_steps=0,
                  keep_ckpt_max=5, max_bad_steps=10, eval_interval=0, evaluate=None):
         self.train_step = train_step
         self.steps_per_epoch = steps_per_epoch
         self.epochs = epochs
         self.global_batch = global_batch
         self.lr_schedule = lr_schedule
-        self.rank = rank
+        self.save_checkpoints = save_checkpoints
         self.log_interval = max(int(log_interval), 1)
         self.save_ckpt_epochs = save_ckpt_epochs
         self.save_ckpt_steps = save_ckpt_steps
@@ -63,7 +64,7 @@ class Trainer:
                     path, self.epoch + 1, self.step_in_epoch, self.global_step)
 
     def save(self):
-        if self.rank != 0:
+        if not self.save_checkpoints:
             return None
         epoch, step_in_epoch = self.epoch, self.step_in_epoch
         if step_in_epoch == self.steps_per_epoch:  # a step checkpoint at an epoch's end
@@ -125,7 +126,7 @@ class Trainer:
             self.save()
         if self.evaluate and self.eval_interval and (self.epoch % self.eval_interval == 0 or self.epoch == self.epochs):
             metrics = self.evaluate()
-            if metrics and self.rank == 0 and metrics["AP"] > self.best_ap:
+            if metrics and self.save_checkpoints and metrics["AP"] > self.best_ap:
                 self.best_ap = metrics["AP"]
                 path = save_checkpoint_atomic(self.train_step.net_with_loss.network,
                                               os.path.join(self.ckpt_dir, "best.ckpt"),
