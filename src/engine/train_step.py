@@ -4,6 +4,14 @@ import mindspore as ms
 from mindspore import nn, ops
 
 
+def clip_by_global_norm(grads, max_norm):
+    """Scale all gradients by min(1, max_norm / global L2 norm). Written out because
+    ops.clip_by_global_norm returns shape (1,) for 0-d parameters (the head's scales)."""
+    total = ops.sqrt(ops.addn([ops.reduce_sum(ops.square(g)) for g in grads]))
+    factor = ops.minimum(max_norm / (total + 1e-6), 1.0)
+    return tuple(g * factor.astype(g.dtype) for g in grads)
+
+
 class FCOSWithLoss(nn.Cell):
     """Network + FCOSLoss: (images, gt_boxes, gt_labels, gt_mask) -> (total, cls, reg, ctr)."""
 
@@ -53,7 +61,7 @@ class TrainStep(nn.Cell):
         if self.loss_scaler is not None:
             self.loss_scaler.adjust(finite)
         if self.grad_clip_norm > 0:
-            grads = ops.clip_by_global_norm(grads, self.grad_clip_norm)
+            grads = clip_by_global_norm(grads, self.grad_clip_norm)
         if finite:
             total = ops.depend(total, self.optimizer(grads))
         return total, loss_cls, loss_reg, loss_ctr, finite
