@@ -1,0 +1,344 @@
+"""mindspore.dataset pipelines for training and evaluation.
+
+Static shapes for GRAPH_MODE: every image is padded to one of a few pad shapes ("buckets") and a
+batch holds one bucket only, so the network compiles once per bucket; ground truth is padded to
+``max_gt_boxes`` rows with a validity mask.
+
+Each dataset item is a whole batch, built by a random-access source from a plan of image ids.
+Training plans are drawn per epoch from ``seed + epoch`` - the same permutation on every rank,
+which then takes a disjoint share of the batches - so that augmentation and order are
+reproducible, differ between epochs and never show an image twice in an epoch.
+"""
+import logging
+import multiprocessing
+import os
+
+import mindspore.dataset as ds
+import numpy as np
+
+from .coco import CocoDataset, DatasetError
+from .transforms import (TrainTransform, choose_pad_shape, default_pad_buckets, keep_ratio_size,
+                         preprocess_image)
+
+logger = logging.getLogger("fcos")
+
+TRAIN_COLUMNS = ["images", "gt_boxes", "gt_labels", "gt_mask"]
+EVAL_COLUMNS = ["images", "image_ids", "image_sizes", "orig_sizes"]
+PAD_IMAGE_ID = -1  # image_ids entry of an evaluation batch slot that repeats another image
+
+
+def pad_targets(boxes, labels, max_gt_boxes):
+    """Pad to max_gt_boxes rows -> (boxes (M,4) float32, labels (M,) int32, mask (M,) bool).
+
+    With more than M boxes the M largest (by area) are kept, in their original order.
+    """
+    if len(boxes) > max_gt_boxes:
+        area = (boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])
+        keep = np.sort(np.argsort(-area, kind="stable")[:max_gt_boxes])
+        boxes, labels = boxes[keep], labels[keep]
+    n = len(boxes)
+    out_boxes = np.zeros((max_gt_boxes, 4), np.float32)
+    out_labels = np.zeros((max_gt_boxes,), np.int32)
+    mask = np.zeros((max_gt_boxes,), np.bool_)
+    out_boxes[:n], out_labels[:n], mask[:n] = boxes, labels, True
+    return out_boxes, out_labels, mask
+
+
+def resolve_pad_buckets(pad_buckets, min_sizes, max_size, size_divisor=32):
+    """Config pad_buckets ([[h, w], ...], empty = default) -> list of (h, w) tuples."""
+    if not pad_buckets:
+        return default_pad_buckets(min_sizes, max_size, size_divisor)
+    buckets = [tuple(int(v) for v in b) for b in pad_buckets]
+    for h, w in buckets:
+        if h <= 0 or w <= 0 or h % size_divisor or w % size_divisor:
+            raise ValueError(f"pad_buckets: {h}x{w} is not a positive multiple of {size_divisor}")
+    return buckets
+
+
+def group_by_bucket(coco, image_ids, min_size, max_size, buckets):
+    """Image ids -> one list per bucket, from the sizes in the annotation file (no pixels read)."""
+    members = [[] for _ in buckets]
+    for image_id in image_ids:
+        info = coco.image_info(image_id)
+        size = keep_ratio_size(info["height"], info["width"], min_size, max_size)
+        try:
+            members[choose_pad_shape(size, buckets)].append(image_id)
+        except ValueError as err:
+            raise ValueError(f"{err} (image {coco.image_path(image_id)})") from None
+    return members
+
+
+def plan_train_epoch(members, batch_size, seed, epoch, rank=0, group_size=1, shuffle=True):
+    """The batches rank ``rank`` trains on in ``epoch`` -> list of (bucket, [image ids]).
+
+    Every rank draws the same plan from seed + epoch: each bucket's images are shuffled and cut
+    into full batches (a bucket's incomplete last batch waits for another epoch), the batches are
+    shuffled, trimmed to a multiple of group_size and dealt out round-robin. ``shuffle=False``
+    keeps the given image order and the buckets in turn.
+    """
+    rng = np.random.default_rng(seed + epoch)
+    batches = []
+    for bucket, ids in enumerate(members):
+        order = rng.permutation(len(ids)) if shuffle else np.arange(len(ids))
+        for start in range(0, len(ids) - batch_size + 1, batch_size):
+            batches.append((bucket, [ids[i] for i in order[start:start + batch_size]]))
+    if shuffle:
+        batches = [batches[i] for i in rng.permutation(len(batches))]
+    usable = len(batches) // group_size * group_size
+    return batches[:usable][rank::group_size]
+
+
+class FailedImages:
+    """Images whose file failed to decode, flagged in shared memory so that every loading worker
+    skips them and the main process can count them (``len``) and name them (``paths``)."""
+
+    def __init__(self, coco, image_ids):
+        self._coco = coco
+        self._ids = list(image_ids)
+        self._index = {image_id: i for i, image_id in enumerate(self._ids)}
+        self._flags = multiprocessing.Array("b", len(self._ids))
+
+    def __contains__(self, image_id):
+        return bool(self._flags[self._index[image_id]])
+
+    def mark(self, image_id, error):
+        """Flag an image; the first process to flag it logs the error."""
+        with self._flags.get_lock():
+            first = not self._flags[self._index[image_id]]
+            self._flags[self._index[image_id]] = 1
+        if first:
+            logger.warning("skipping an image that failed to load (%s)", error)
+
+    def __len__(self):
+        return sum(self._flags[:])
+
+    def paths(self):
+        return [self._coco.image_path(i) for i, flag in zip(self._ids, self._flags[:]) if flag]
+
+
+class EpochSampler(ds.Sampler):
+    """Yields epoch * num_batches + slot for slot in 0..num_batches-1; the epoch counter runs in
+    the main process and travels to the loading workers inside the index.
+
+    Every pass over the dataset is the next epoch, also through a new iterator: MindSpore
+    deep-copies the pipeline for each iterator, and the copies share this one counter. A shape
+    probe (``output_shapes``, ``output_types``) is a pass too, so call those before training or
+    not at all when the epoch sequence must match a previous run.
+    """
+
+    def __init__(self, num_batches, start_epoch=0):
+        self.num_batches = num_batches
+        self.epoch = start_epoch
+        super().__init__()
+
+    def __deepcopy__(self, memo):
+        return self
+
+    def __iter__(self):
+        epoch, self.epoch = self.epoch, self.epoch + 1
+        return iter(range(epoch * self.num_batches, (epoch + 1) * self.num_batches))
+
+    def __len__(self):
+        return self.num_batches
+
+
+class TrainBatches:
+    """Random-access source of training batches: index (from EpochSampler) -> (images (B,3,H,W)
+    float32, gt_boxes (B,M,4) float32, gt_labels (B,M) int32, gt_mask (B,M) bool)."""
+
+    def __init__(self, coco, members, buckets, transform, *, batch_size, max_gt_boxes, seed,
+                 rank, group_size, shuffle, failed):
+        self.coco = coco
+        self.members = members
+        self.buckets = buckets
+        self.transform = transform
+        self.max_gt_boxes = max_gt_boxes
+        self.seed = seed
+        self.failed = failed
+        self._plan_args = (batch_size, rank, group_size, shuffle)
+        self._cached = (0, self._plan(0))
+        self.num_batches = len(self._cached[1])
+
+    def _plan(self, epoch):
+        batch_size, rank, group_size, shuffle = self._plan_args
+        return plan_train_epoch(self.members, batch_size, self.seed, epoch, rank, group_size,
+                                shuffle)
+
+    def __len__(self):
+        return self.num_batches
+
+    def __getitem__(self, index):
+        epoch, slot = divmod(int(index), self.num_batches)
+        if self._cached[0] != epoch:
+            self._cached = (epoch, self._plan(epoch))
+        bucket, image_ids = self._cached[1][slot]
+        pad_hw = self.buckets[bucket]
+        used = set(image_ids)
+        samples = []
+        for image_id in image_ids:
+            image_id, image = self._load(image_id, bucket, epoch, used)
+            used.add(image_id)
+            boxes, labels = self.coco.targets(image_id)
+            rng = np.random.default_rng([self.seed, epoch, image_id])
+            chw, boxes, labels = self.transform(image, boxes, labels, pad_hw, rng)
+            samples.append((chw, *pad_targets(boxes, labels, self.max_gt_boxes)))
+        return tuple(np.stack(column) for column in zip(*samples))
+
+    def _load(self, image_id, bucket, epoch, used):
+        """-> (image_id, image); an image that fails to load is flagged and replaced by a random
+        other image of the same bucket that is not in the batch yet."""
+        pick = np.random.default_rng([self.seed, epoch, image_id, 1])
+        while True:
+            if image_id not in self.failed:
+                try:
+                    return image_id, self.coco.load_image(image_id)
+                except DatasetError as err:
+                    self.failed.mark(image_id, err)
+            candidates = [i for i in self.members[bucket]
+                          if i not in used and i not in self.failed]
+            if not candidates:
+                raise DatasetError(f"no loadable image left to fill a batch of pad bucket "
+                                   f"{self.buckets[bucket]}; failed: {self.failed.paths()[:3]}")
+            image_id = candidates[int(pick.integers(len(candidates)))]
+
+
+class EvalBatches:
+    """Random-access source of evaluation batches: index -> (images (B,3,H,W) float32, image_ids
+    (B,) int32, image_sizes (B,2) int32 resized (h, w), orig_sizes (B,2) int32).
+
+    A slot whose image id is PAD_IMAGE_ID repeats another image of the batch to keep shapes
+    static; its outputs must be ignored.
+    """
+
+    def __init__(self, coco, batches, buckets, min_size, max_size):
+        self.coco = coco
+        self.batches = batches
+        self.buckets = buckets
+        self.min_size = min_size
+        self.max_size = max_size
+
+    def __len__(self):
+        return len(self.batches)
+
+    def __getitem__(self, index):
+        bucket, image_ids, real = self.batches[int(index)]
+        loaded = {}
+        for image_id in dict.fromkeys(image_ids):
+            image = self.coco.load_image(image_id)
+            loaded[image_id] = preprocess_image(image, self.min_size, self.max_size,
+                                                self.buckets[bucket])
+        images = np.stack([loaded[i][0] for i in image_ids])
+        ids = np.array([i if r else PAD_IMAGE_ID for i, r in zip(image_ids, real)], np.int32)
+        sizes = np.array([loaded[i][1].resized_hw for i in image_ids], np.int32)
+        orig = np.array([loaded[i][1].orig_hw for i in image_ids], np.int32)
+        return images, ids, sizes, orig
+
+
+def plan_eval_batches(members, batch_size, rank=0, group_size=1):
+    """Evaluation batches of rank ``rank`` -> list of (bucket, [image ids], [is real]).
+
+    Each bucket's last batch is filled up with repeats of its last image; ranks take batches
+    round-robin and the shorter shares get whole repeat batches, so every rank runs as many.
+    """
+    batches = []
+    for bucket, ids in enumerate(members):
+        for start in range(0, len(ids), batch_size):
+            chunk = ids[start:start + batch_size]
+            fill = batch_size - len(chunk)
+            batches.append((bucket, chunk + [chunk[-1]] * fill,
+                            [True] * len(chunk) + [False] * fill))
+    share = batches[rank::group_size]
+    per_rank = -(-len(batches) // group_size)
+    filler = (batches[0][0], batches[0][1], [False] * batch_size)
+    return share + [filler] * (per_rank - len(share))
+
+
+def _generator_dataset(source, columns, num_parallel_workers, **kwargs):
+    return ds.GeneratorDataset(source, column_names=columns,
+                               num_parallel_workers=num_parallel_workers,
+                               python_multiprocessing=num_parallel_workers > 1, **kwargs)
+
+
+def _min_sizes(min_size):
+    return [int(min_size)] if np.isscalar(min_size) else [int(s) for s in min_size]
+
+
+def create_train_dataset(img_dir, ann_file, *, batch_size, min_size, max_size, pad_buckets,
+                         max_gt_boxes, flip_prob, color_jitter, crop_prob, crop_min_scale,
+                         rotate_degrees, skip_empty_images, num_parallel_workers, rank=0,
+                         group_size=1, seed, shuffle=True, size_divisor=32, start_epoch=0):
+    """Training dataset -> (dataset, info).
+
+    Columns: images (B,3,H,W) float32, gt_boxes (B,M,4) float32, gt_labels (B,M) int32,
+    gt_mask (B,M) bool, M = max_gt_boxes; (H,W) is one of the pad buckets. Images whose file is
+    missing are left out up front; one that fails to decode is replaced in its batch by another
+    image of its bucket. ``shuffle=False`` keeps a fixed batch order (augmentation still changes
+    with the epoch); ``start_epoch`` continues the epoch sequence when resuming.
+
+    info: num_images, skipped_missing, skipped_empty, batches_per_epoch (per rank), buckets,
+    failed_images (FailedImages: live count and paths of undecodable files), cleaning (the
+    CocoDataset stats), label_to_cat_id, class_names.
+    """
+    min_sizes = _min_sizes(min_size)
+    coco = CocoDataset(img_dir, ann_file, skip_empty=skip_empty_images)
+    present = [i for i in coco.image_ids if os.path.isfile(coco.image_path(i))]
+    missing = len(coco.image_ids) - len(present)
+    if missing:
+        logger.warning("%d training images skipped: file not found (e.g. %s)", missing,
+                       next(coco.image_path(i) for i in coco.image_ids
+                            if not os.path.isfile(coco.image_path(i))))
+    too_many = sum(len(coco.targets(i)[0]) > max_gt_boxes for i in present)
+    if too_many:
+        logger.warning("%d training images have more than max_gt_boxes=%d boxes: the %d largest "
+                       "are kept", too_many, max_gt_boxes, max_gt_boxes)
+    buckets = resolve_pad_buckets(pad_buckets, min_sizes, max_size, size_divisor)
+    members = group_by_bucket(coco, present, max(min_sizes), max_size, buckets)
+    transform = TrainTransform(min_sizes, max_size, flip_prob=flip_prob, color_jitter=color_jitter,
+                               crop_prob=crop_prob, crop_min_scale=crop_min_scale,
+                               rotate_degrees=rotate_degrees)
+    failed = FailedImages(coco, present)
+    source = TrainBatches(coco, members, buckets, transform, batch_size=batch_size,
+                          max_gt_boxes=max_gt_boxes, seed=seed, rank=rank, group_size=group_size,
+                          shuffle=shuffle, failed=failed)
+    if source.num_batches == 0:
+        raise DatasetError(f"{len(present)} usable images make no full batch of {batch_size} per "
+                           f"pad bucket for each of {group_size} devices: {ann_file}")
+    dataset = _generator_dataset(source, TRAIN_COLUMNS, num_parallel_workers,
+                                 sampler=EpochSampler(source.num_batches, start_epoch))
+    info = {"num_images": len(present), "skipped_missing": missing,
+            "skipped_empty": coco.stats["skipped_empty_images"],
+            "batches_per_epoch": source.num_batches, "buckets": buckets, "failed_images": failed,
+            "cleaning": dict(coco.stats), "label_to_cat_id": coco.label_to_cat_id,
+            "class_names": coco.class_names}
+    return dataset, info
+
+
+def create_eval_dataset(img_dir, ann_file, *, batch_size, min_size, max_size, pad_buckets,
+                        num_parallel_workers, rank=0, group_size=1, size_divisor=32):
+    """Evaluation dataset -> (dataset, info).
+
+    Every image of the annotation file is kept (with or without boxes), resized with the first
+    min_size. Columns: images (B,3,H,W) float32, image_ids (B,) int32 (PAD_IMAGE_ID = -1 marks a
+    slot that repeats another image to fill the batch: drop its detections), image_sizes (B,2)
+    int32 resized (h, w) before padding, orig_sizes (B,2) int32. A missing image file raises
+    DatasetError here, an undecodable one while iterating.
+
+    info: num_images (this rank's real images), batches (this rank's), buckets, image_ids (this
+    rank's real ids), label_to_cat_id, class_names.
+    """
+    eval_size = _min_sizes(min_size)[0]
+    coco = CocoDataset(img_dir, ann_file)
+    if not coco.image_ids:
+        raise DatasetError(f"no images in annotation file: {ann_file}")
+    for image_id in coco.image_ids:
+        if not os.path.isfile(coco.image_path(image_id)):
+            raise DatasetError(f"image file not found: {coco.image_path(image_id)}")
+    buckets = resolve_pad_buckets(pad_buckets, [eval_size], max_size, size_divisor)
+    members = group_by_bucket(coco, coco.image_ids, eval_size, max_size, buckets)
+    batches = plan_eval_batches(members, batch_size, rank, group_size)
+    source = EvalBatches(coco, batches, buckets, eval_size, max_size)
+    dataset = _generator_dataset(source, EVAL_COLUMNS, num_parallel_workers, shuffle=False)
+    ids = [i for _, chunk, real in batches for i, r in zip(chunk, real) if r]
+    info = {"num_images": len(ids), "batches": len(batches), "buckets": buckets, "image_ids": ids,
+            "label_to_cat_id": coco.label_to_cat_id, "class_names": coco.class_names}
+    return dataset, info

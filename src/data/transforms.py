@@ -1,0 +1,282 @@
+"""Sample transforms: keep-ratio resize, flip, photometric jitter, crop, rotation, normalise, pad.
+
+A sample is an image (H,W,3) uint8 RGB, boxes (N,4) float32 x1,y1,x2,y2 in continuous pixel
+coordinates (pixel column i spans [i, i+1)) and labels (N,) int32. Every geometric transform
+moves the boxes with the pixels. Random transforms take an explicit ``numpy.random.Generator``
+so that augmentation is reproducible from a seed.
+
+``preprocess_image`` is the one inference preprocessing (evaluation, preprocess.py for the
+exported graph, prediction); ``TrainTransform`` is the training one built on the same pieces.
+"""
+import math
+from typing import NamedTuple
+
+import cv2
+import numpy as np
+
+IMAGENET_MEAN = np.array([0.485, 0.456, 0.406], np.float32)
+IMAGENET_STD = np.array([0.229, 0.224, 0.225], np.float32)
+# Rotation fills uncovered corners with the mean colour, which normalises to about zero,
+# the value of the padding.
+_MEAN_RGB = tuple(float(round(255 * m)) for m in IMAGENET_MEAN)
+_GRAY_WEIGHTS = np.array([0.299, 0.587, 0.114], np.float32)
+
+
+class ImageMeta(NamedTuple):
+    """Sizes that map predictions on a preprocessed image back to the original image.
+
+    orig_hw: (h, w) of the decoded image; resized_hw: (h, w) after resizing, before padding;
+    scale_hw: (resized_h / orig_h, resized_w / orig_w) - divide box y / x coordinates by them.
+    """
+    orig_hw: tuple
+    resized_hw: tuple
+    scale_hw: tuple
+
+
+def ceil_to(value, divisor):
+    """Smallest multiple of ``divisor`` that is >= value."""
+    return -(-int(value) // int(divisor)) * int(divisor)
+
+
+def keep_ratio_size(height, width, min_size, max_size, fit_hw=None):
+    """Keep-ratio size -> (new_h, new_w).
+
+    scale = min(min_size / short side, max_size / long side) and each side is floor(side * scale),
+    in double precision as torchvision computes it. ``fit_hw`` (h, w) lowers the scale further
+    when needed so the result fits inside it (a fixed pad shape, or a crop whose rounding turned
+    a square image's orientation).
+    """
+    scale = min(min_size / min(height, width), max_size / max(height, width))
+    if fit_hw is not None:
+        scale = min(scale, fit_hw[0] / height, fit_hw[1] / width)
+    return max(1, math.floor(height * scale)), max(1, math.floor(width * scale))
+
+
+def resize_image(image, size_hw):
+    """Bilinear resize of (H,W,3) to size_hw (h, w)."""
+    if tuple(size_hw) == image.shape[:2]:
+        return image
+    return cv2.resize(image, (size_hw[1], size_hw[0]), interpolation=cv2.INTER_LINEAR)
+
+
+def resize(image, boxes, size_hw):
+    """Resize a sample to size_hw (h, w); boxes scale per axis."""
+    h, w = image.shape[:2]
+    scale = np.array([size_hw[1] / w, size_hw[0] / h] * 2)
+    # float64 then a clip, so that a box touching the border stays exactly on it
+    scaled = np.minimum(boxes * scale, np.array([size_hw[1], size_hw[0]] * 2))
+    return resize_image(image, size_hw), scaled.astype(np.float32)
+
+
+def hflip(image, boxes):
+    """Mirror left-right: pixel column i goes to w-1-i, so coordinate x goes to w-x."""
+    w = image.shape[1]
+    flipped = boxes.copy()
+    flipped[:, 0] = w - boxes[:, 2]
+    flipped[:, 2] = w - boxes[:, 0]
+    return np.ascontiguousarray(image[:, ::-1]), flipped
+
+
+def color_jitter(image, strength, rng):
+    """Brightness, contrast and saturation, each by a factor in [1-strength, 1+strength], in a
+    random order; strength 0 returns the image unchanged."""
+    if strength <= 0:
+        return image
+    out = image.astype(np.float32)
+    for op in rng.permutation(3):
+        factor = rng.uniform(max(0.0, 1.0 - strength), 1.0 + strength)
+        # Each op blends the image with an anchor: black, its mean grey level, its grey version.
+        if op == 0:
+            anchor = 0.0
+        elif op == 1:
+            anchor = float((out @ _GRAY_WEIGHTS).mean())
+        else:
+            anchor = (out @ _GRAY_WEIGHTS)[..., None]
+        out = np.clip(anchor + (out - anchor) * factor, 0.0, 255.0)
+    return np.round(out).astype(np.uint8)
+
+
+def _keep_visible(moved, unclipped_area, width, height, min_visible):
+    """Clip boxes (N,4) to a width x height window -> (clipped (N,4), keep (N,) bool: at least
+    ``min_visible`` of unclipped_area (N,) is left)."""
+    clipped = moved.copy()
+    clipped[:, 0::2] = np.clip(moved[:, 0::2], 0, width)
+    clipped[:, 1::2] = np.clip(moved[:, 1::2], 0, height)
+    area = (clipped[:, 2] - clipped[:, 0]) * (clipped[:, 3] - clipped[:, 1])
+    keep = (area > 0) & (area >= min_visible * unclipped_area)
+    return clipped, keep
+
+
+def _box_area(boxes):
+    return (boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])
+
+
+def random_crop(image, boxes, labels, rng, min_scale, min_visible=0.5, max_tries=10):
+    """Crop a window of the image's aspect ratio, sides scaled by s ~ U(min_scale, 1).
+
+    Boxes are clipped to the window; those with under ``min_visible`` of their area inside are
+    dropped. A window that would leave no box (when there were some) is redrawn, up to
+    ``max_tries`` times, then the sample is returned uncropped. Keeping the aspect ratio keeps the
+    image in its orientation's pad bucket.
+    """
+    h, w = image.shape[:2]
+    for _ in range(max_tries):
+        s = rng.uniform(min_scale, 1.0)
+        crop_h, crop_w = max(1, round(h * s)), max(1, round(w * s))
+        y0 = int(rng.integers(0, h - crop_h + 1))
+        x0 = int(rng.integers(0, w - crop_w + 1))
+        moved = boxes - np.array([x0, y0, x0, y0], np.float32)
+        clipped, keep = _keep_visible(moved, _box_area(boxes), crop_w, crop_h, min_visible)
+        if keep.any() or len(boxes) == 0:
+            return image[y0:y0 + crop_h, x0:x0 + crop_w], clipped[keep], labels[keep]
+    return image, boxes, labels
+
+
+def _clip_polygon(points, width, height):
+    """Sutherland-Hodgman: the part of convex polygon (K,2) inside [0,width] x [0,height]."""
+    for axis, bound, sign in ((0, 0.0, 1.0), (0, width, -1.0), (1, 0.0, 1.0), (1, height, -1.0)):
+        if not len(points):
+            break
+        inside = sign * (points[:, axis] - bound) >= 0
+        clipped = []
+        for i in range(len(points)):
+            if inside[i] != inside[i - 1]:
+                prev, cur = points[i - 1], points[i]
+                t = (bound - prev[axis]) / (cur[axis] - prev[axis])
+                clipped.append(prev + t * (cur - prev))
+            if inside[i]:
+                clipped.append(points[i])
+        points = np.array(clipped, np.float64).reshape(-1, 2)
+    return points
+
+
+def _polygon_area(points):
+    x, y = points[:, 0], points[:, 1]
+    return 0.5 * abs(float(np.dot(x, np.roll(y, -1)) - np.dot(y, np.roll(x, -1))))
+
+
+def _visible_part(quad, width, height, min_visible):
+    """Tight box (x1,y1,x2,y2) of the part of convex quad (4,2) inside the canvas, or None when
+    less than ``min_visible`` of its area is inside."""
+    part = _clip_polygon(quad, width, height)
+    area = _polygon_area(part) if len(part) >= 3 else 0.0
+    if area <= 0 or area < min_visible * _polygon_area(quad):
+        return None
+    part = np.clip(part, 0.0, [width, height])  # intersections can leave it by round-off
+    return [*part.min(axis=0), *part.max(axis=0)]
+
+
+def rotate(image, boxes, labels, degrees, min_visible=0.5):
+    """Rotate counter-clockwise by ``degrees`` about the image centre, keeping the canvas size.
+
+    Each box becomes the bounding box of the part of its rotated rectangle inside the canvas;
+    boxes with under ``min_visible`` of their area inside are dropped. If no box would remain
+    (when there were some) the sample is returned unrotated.
+    """
+    h, w = image.shape[:2]
+    # cv2 addresses pixel centres (index i sits at i + 0.5 in box coordinates), so the same
+    # rotation is about ((w-1)/2, (h-1)/2) for pixels and (w/2, h/2) for box corners.
+    pixel_map = cv2.getRotationMatrix2D(((w - 1) / 2.0, (h - 1) / 2.0), degrees, 1.0)
+    corner_map = cv2.getRotationMatrix2D((w / 2.0, h / 2.0), degrees, 1.0)
+    quads = boxes[:, [0, 1, 2, 1, 2, 3, 0, 3]].reshape(-1, 4, 2) @ corner_map[:, :2].T
+    quads += corner_map[:, 2]
+    parts = [_visible_part(quad, w, h, min_visible) for quad in quads]
+    keep = np.array([part is not None for part in parts], bool)
+    if len(boxes) and not keep.any():
+        return image, boxes, labels
+    rotated = cv2.warpAffine(image, pixel_map, (w, h), flags=cv2.INTER_LINEAR,
+                             borderMode=cv2.BORDER_CONSTANT, borderValue=_MEAN_RGB)
+    kept = np.array([part for part in parts if part is not None], np.float32).reshape(-1, 4)
+    return rotated, kept, labels[keep]
+
+
+def normalize(image):
+    """(H,W,3) uint8 RGB -> (3,H,W) float32, (x/255 - mean) / std with ImageNet statistics."""
+    chw = np.transpose(image, (2, 0, 1)).astype(np.float32)
+    return (chw * (1.0 / 255.0) - IMAGENET_MEAN[:, None, None]) / IMAGENET_STD[:, None, None]
+
+
+def pad_chw(chw, pad_hw):
+    """Zero-pad (C,H,W) at the bottom and right to (C,pad_h,pad_w)."""
+    c, h, w = chw.shape
+    if h > pad_hw[0] or w > pad_hw[1]:
+        raise ValueError(f"image of {h}x{w} does not fit the pad shape {pad_hw[0]}x{pad_hw[1]}")
+    out = np.zeros((c, pad_hw[0], pad_hw[1]), np.float32)
+    out[:, :h, :w] = chw
+    return out
+
+
+def default_pad_buckets(min_sizes, max_size, size_divisor=32):
+    """Pad shapes that hold every keep-ratio resized image: [(S, L), (L, S)] (landscape and
+    portrait), S the largest short side rounded up to size_divisor, L the same for max_size;
+    one (S, S) when they coincide."""
+    short = ceil_to(min(max(min_sizes), max_size), size_divisor)
+    long = ceil_to(max_size, size_divisor)
+    return [(short, long)] if short == long else [(short, long), (long, short)]
+
+
+def choose_pad_shape(size_hw, buckets):
+    """Index of the smallest (by area) bucket (h, w) that holds an image of size_hw."""
+    fits = [i for i, (bh, bw) in enumerate(buckets) if bh >= size_hw[0] and bw >= size_hw[1]]
+    if not fits:
+        raise ValueError(f"a resized image of {size_hw[0]}x{size_hw[1]} fits none of the pad "
+                         f"buckets {[list(b) for b in buckets]}")
+    return min(fits, key=lambda i: buckets[i][0] * buckets[i][1])
+
+
+def preprocess_image(image, min_size, max_size, pad_hw):
+    """Inference preprocessing: keep-ratio resize, normalise, zero-pad.
+
+    image (H,W,3) uint8 RGB -> (chw (3,pad_h,pad_w) float32, ImageMeta). If the keep-ratio size
+    does not fit pad_hw (a fixed export shape and an image of the other orientation) the image is
+    shrunk further to fit; ImageMeta always holds the scales actually applied.
+    """
+    h, w = image.shape[:2]
+    size = keep_ratio_size(h, w, min_size, max_size, fit_hw=pad_hw)
+    resized = resize_image(image, size)
+    meta = ImageMeta(orig_hw=(h, w), resized_hw=size, scale_hw=(size[0] / h, size[1] / w))
+    return pad_chw(normalize(resized), pad_hw), meta
+
+
+class TrainTransform:
+    """Training transform: jitter -> crop -> rotate -> resize to a random min_size -> flip ->
+    normalise -> pad.
+
+    Args:
+        min_sizes: short-side sizes, one drawn per sample (multi-scale training).
+        max_size: cap on the long side.
+        flip_prob: probability of a horizontal flip.
+        color_jitter: photometric strength (0 = off).
+        crop_prob, crop_min_scale: probability and smallest side fraction of a random crop.
+        rotate_degrees: rotation angle drawn from U(-rotate_degrees, rotate_degrees) (0 = off).
+    """
+
+    def __init__(self, min_sizes, max_size, *, flip_prob=0.5, color_jitter=0.0, crop_prob=0.0,
+                 crop_min_scale=0.6, rotate_degrees=0.0):
+        if not min_sizes or min(min_sizes) <= 0 or max_size <= 0:
+            raise ValueError(f"min_size {min_sizes} and max_size {max_size} must be positive")
+        if not 0.0 < crop_min_scale <= 1.0:
+            raise ValueError(f"crop_min_scale must be in (0, 1], got {crop_min_scale}")
+        self.min_sizes = [int(s) for s in min_sizes]
+        self.max_size = int(max_size)
+        self.flip_prob = float(flip_prob)
+        self.color_jitter = float(color_jitter)
+        self.crop_prob = float(crop_prob)
+        self.crop_min_scale = float(crop_min_scale)
+        self.rotate_degrees = float(rotate_degrees)
+
+    def __call__(self, image, boxes, labels, pad_hw, rng):
+        """-> (chw (3,pad_h,pad_w) float32, boxes (K,4) float32, labels (K,) int32), K <= N."""
+        image = color_jitter(image, self.color_jitter, rng)
+        if self.crop_prob > 0 and rng.random() < self.crop_prob:
+            image, boxes, labels = random_crop(image, boxes, labels, rng, self.crop_min_scale)
+        if self.rotate_degrees > 0:
+            angle = rng.uniform(-self.rotate_degrees, self.rotate_degrees)
+            image, boxes, labels = rotate(image, boxes, labels, angle)
+        min_size = self.min_sizes[int(rng.integers(len(self.min_sizes)))]
+        size = keep_ratio_size(image.shape[0], image.shape[1], min_size, self.max_size,
+                               fit_hw=pad_hw)
+        image, boxes = resize(image, boxes, size)
+        if self.flip_prob > 0 and rng.random() < self.flip_prob:
+            image, boxes = hflip(image, boxes)
+        return pad_chw(normalize(image), pad_hw), boxes, labels
