@@ -13,7 +13,7 @@ from conftest import parity_dir
 from src.data.coco import load_image_rgb
 from src.data.transforms import (IMAGENET_MEAN, IMAGENET_STD, TrainTransform, choose_pad_shape,
                                  color_jitter, default_pad_buckets, hflip, keep_ratio_size,
-                                 normalize, pad_chw, preprocess_image, random_crop, resize, rotate)
+                                 normalize_and_pad, preprocess_image, random_crop, resize, rotate)
 
 PROPERTY = settings(max_examples=40, deadline=None)
 TOLERANCE = 2.0  # pixels: interpolation blurs a painted edge by about one pixel
@@ -148,16 +148,15 @@ def test_color_jitter_strength_zero_is_identity_and_positive_changes_pixels():
 def test_normalize_and_pad():
     image = np.zeros((2, 3, 3), np.uint8)
     image[0, 0] = (255, 128, 0)
-    chw = normalize(image)
-    assert chw.shape == (3, 2, 3) and chw.dtype == np.float32
-    expected = (np.array([255, 128, 0]) / 255.0 - IMAGENET_MEAN) / IMAGENET_STD
-    np.testing.assert_allclose(chw[:, 0, 0], expected, rtol=1e-6)
-    padded = pad_chw(chw, (32, 64))
-    assert padded.shape == (3, 32, 64)
-    np.testing.assert_array_equal(padded[:, :2, :3], chw)
+    image[1, 2] = (7, 8, 9)
+    padded = normalize_and_pad(image, (32, 64))
+    assert padded.shape == (3, 32, 64) and padded.dtype == np.float32
+    expected = (image.transpose(2, 0, 1) / 255.0 - IMAGENET_MEAN[:, None, None]) \
+        / IMAGENET_STD[:, None, None]
+    np.testing.assert_allclose(padded[:, :2, :3], expected, rtol=1e-5, atol=1e-6)
     assert not padded[:, 2:].any() and not padded[:, :, 3:].any()
     with pytest.raises(ValueError, match="does not fit"):
-        pad_chw(chw, (1, 64))
+        normalize_and_pad(image, (1, 64))
 
 
 @settings(max_examples=200, deadline=None)
