@@ -3,6 +3,7 @@
 Standalone or data parallel (launched by scripts/run_distribute_train*.sh); everything the run
 writes (logs, checkpoints, evaluation results) lands under --output_dir.
 """
+import json
 import logging
 import os
 
@@ -32,17 +33,33 @@ def check_class_count(cfg, info, key):
         logger.warning("%s has %d categories, fewer than --class_num=%d", cfg[key], found, cfg.class_num)
 
 
-def epoch_batches(dataset, first_epoch, epochs):
+def epoch_batches(dataset, first_epoch, epochs, on_epoch_start=None):
     """make_dataset for Trainer: one iterator over the remaining epochs; MindSpore's iterator
-    ends each epoch with StopIteration and continues with the next one on the next loop."""
+    ends each epoch with StopIteration and continues with the next one on the next loop.
+    on_epoch_start(epoch), when given, runs as an epoch starts (or resumes)."""
     iterator = dataset.create_tuple_iterator(num_epochs=epochs - first_epoch)
 
-    def make(_epoch, start_batch):
+    def make(epoch, start_batch):
+        if on_epoch_start:
+            on_epoch_start(epoch)
         for index, batch in enumerate(iterator):
             if index >= start_batch:
                 yield batch
 
     return make
+
+
+def batch_id_logger(plan, rank):
+    """on_epoch_start for --log_batch_ids: log the image ids of every batch of this rank's epoch
+    (plan: epoch -> [(bucket, [image ids])]), to see which device trains on what and to find the
+    images of a failing step."""
+
+    def log(epoch):
+        ids = [[int(i) for i in image_ids] for _, image_ids in plan(epoch)]
+        logger.info("epoch %d: image ids of the %d batches of rank %d: %s", epoch + 1, len(ids), rank,
+                    json.dumps(ids))
+
+    return log
 
 
 def build_evaluator(cfg, network):
@@ -126,8 +143,9 @@ def main(argv=None):
             trainer.resume_from(cfg.resume, resume_params, resume_meta)
         except ValueError as err:
             raise ConfigError(f"--resume: {err}") from None
+    on_epoch_start = batch_id_logger(info["plan"], rank) if cfg.log_batch_ids else None
     try:
-        finished = trainer.run(epoch_batches(dataset, trainer.epoch, cfg.epochs))
+        finished = trainer.run(epoch_batches(dataset, trainer.epoch, cfg.epochs, on_epoch_start))
     except TrainingStopped as err:
         logger.error("%s", err)
         raise SystemExit(1) from None

@@ -5,9 +5,10 @@ batch holds one bucket only, so the network compiles once per bucket; ground tru
 ``max_gt_boxes`` rows with a validity mask.
 
 Each dataset item is a whole batch, built by a random-access source from a plan of image ids.
-Training plans are drawn per epoch from ``seed + epoch`` - the same permutation on every rank,
-which then takes a disjoint share of the batches - so that augmentation and order are
-reproducible, differ between epochs and never show an image twice in an epoch.
+Training plans are drawn per epoch from ``seed + epoch`` - the same plan of global batches on
+every rank, each rank taking its own slice of every global batch - so that augmentation and order
+are reproducible, differ between epochs, never show an image twice in an epoch, and data-parallel
+training sees at each step the batch one process with the global batch size would see.
 """
 import logging
 import multiprocessing
@@ -72,20 +73,23 @@ def plan_train_epoch(members, batch_size, seed, epoch, rank=0, group_size=1, shu
     """The batches rank ``rank`` trains on in ``epoch`` -> list of (bucket, [image ids]).
 
     Every rank draws the same plan from seed + epoch: each bucket's images are shuffled and cut
-    into full batches (a bucket's incomplete last batch waits for another epoch), the batches are
-    shuffled, trimmed to a multiple of group_size and dealt out round-robin. ``shuffle=False``
+    into full global batches of batch_size * group_size images (a bucket's incomplete last one
+    waits for another epoch), and the global batches are shuffled. Rank r takes the r-th slice of
+    batch_size images of each, so that G ranks of batch b train, step by step, on the images one
+    process of batch G*b would, and every step has one pad shape on all ranks. ``shuffle=False``
     keeps the given image order and the buckets in turn.
     """
     rng = np.random.default_rng(seed + epoch)
+    global_batch = batch_size * group_size
+    own = slice(rank * batch_size, (rank + 1) * batch_size)
     batches = []
     for bucket, ids in enumerate(members):
         order = rng.permutation(len(ids)) if shuffle else np.arange(len(ids))
-        for start in range(0, len(ids) - batch_size + 1, batch_size):
-            batches.append((bucket, [ids[i] for i in order[start:start + batch_size]]))
+        for start in range(0, len(ids) - global_batch + 1, global_batch):
+            batches.append((bucket, [ids[i] for i in order[start:start + global_batch][own]]))
     if shuffle:
         batches = [batches[i] for i in rng.permutation(len(batches))]
-    usable = len(batches) // group_size * group_size
-    return batches[:usable][rank::group_size]
+    return batches
 
 
 class FailedImages:
@@ -156,10 +160,11 @@ class TrainBatches:
         self.seed = seed
         self.failed = failed
         self._plan_args = (batch_size, rank, group_size, shuffle)
-        self._cached = (0, self._plan(0))
+        self._cached = (0, self.plan(0))
         self.num_batches = len(self._cached[1])
 
-    def _plan(self, epoch):
+    def plan(self, epoch):
+        """This rank's batches of ``epoch``: list of (bucket, [image ids]), see plan_train_epoch."""
         batch_size, rank, group_size, shuffle = self._plan_args
         return plan_train_epoch(self.members, batch_size, self.seed, epoch, rank, group_size,
                                 shuffle)
@@ -170,7 +175,7 @@ class TrainBatches:
     def __getitem__(self, index):
         epoch, slot = divmod(int(index), self.num_batches)
         if self._cached[0] != epoch:
-            self._cached = (epoch, self._plan(epoch))
+            self._cached = (epoch, self.plan(epoch))
         bucket, image_ids = self._cached[1][slot]
         pad_hw = self.buckets[bucket]
         used = set(image_ids)
@@ -276,8 +281,9 @@ def create_train_dataset(img_dir, ann_file, *, batch_size, min_size, max_size, p
     with the epoch); ``start_epoch`` continues the epoch sequence when resuming.
 
     info: num_images, skipped_missing, skipped_empty, batches_per_epoch (per rank), buckets,
-    failed_images (FailedImages: live count and paths of undecodable files), cleaning (the
-    CocoDataset stats), label_to_cat_id, class_names.
+    plan (epoch -> this rank's [(bucket, [image ids])] of that epoch), failed_images
+    (FailedImages: live count and paths of undecodable files), cleaning (the CocoDataset stats),
+    label_to_cat_id, class_names.
     """
     min_sizes = _min_sizes(min_size)
     coco = CocoDataset(img_dir, ann_file, skip_empty=skip_empty_images)
@@ -302,14 +308,14 @@ def create_train_dataset(img_dir, ann_file, *, batch_size, min_size, max_size, p
                           shuffle=shuffle, failed=failed)
     if source.num_batches == 0:
         raise DatasetError(f"{len(present)} usable images make no full batch of {batch_size} per "
-                           f"pad bucket for each of {group_size} devices: {ann_file}")
+                           f"device for {group_size} device(s) in any pad bucket: {ann_file}")
     dataset = _generator_dataset(source, TRAIN_COLUMNS, num_parallel_workers,
                                  sampler=EpochSampler(source.num_batches, start_epoch))
     info = {"num_images": len(present), "skipped_missing": missing,
             "skipped_empty": coco.stats["skipped_empty_images"],
-            "batches_per_epoch": source.num_batches, "buckets": buckets, "failed_images": failed,
-            "cleaning": dict(coco.stats), "label_to_cat_id": coco.label_to_cat_id,
-            "class_names": coco.class_names}
+            "batches_per_epoch": source.num_batches, "buckets": buckets, "plan": source.plan,
+            "failed_images": failed, "cleaning": dict(coco.stats),
+            "label_to_cat_id": coco.label_to_cat_id, "class_names": coco.class_names}
     return dataset, info
 
 
