@@ -76,13 +76,16 @@ def test_buckets_group_by_orientation(mixed):
 def test_train_plans_shard_disjointly_and_reshuffle_per_epoch():
     members = [list(range(0, 23)), list(range(100, 111))]
     plans = [plan_train_epoch(members, 2, seed=5, epoch=0, rank=r, group_size=2) for r in (0, 1)]
-    # 11 + 5 full batches = 16, dealt 8 and 8
-    assert [len(p) for p in plans] == [8, 8]
+    # global batches of 2 x 2 images: 5 + 2 of them, each rank trains on its half of every one
+    assert [len(p) for p in plans] == [7, 7]
     seen = [i for plan in plans for _, ids in plan for i in ids]
-    assert len(seen) == len(set(seen)) == 32  # no image twice, almost all of the 34
-    for plan in plans:
-        for bucket, ids in plan:
-            assert all((i >= 100) == (bucket == 1) for i in ids)  # one bucket per batch
+    assert len(seen) == len(set(seen)) == 28  # no image twice, most of the 34
+    for (bucket0, ids0), (bucket1, ids1) in zip(*plans):
+        assert bucket0 == bucket1  # every step has one pad shape on all ranks
+        assert all((i >= 100) == (bucket0 == 1) for i in ids0 + ids1)
+    # Two ranks of batch 2 see, step by step, what one process of batch 4 sees.
+    single = plan_train_epoch(members, 4, seed=5, epoch=0)
+    assert single == [(b, ids0 + ids1) for (b, ids0), (_, ids1) in zip(*plans)]
     assert plans[0] == plan_train_epoch(members, 2, seed=5, epoch=0, rank=0, group_size=2)
     assert plans[0] != plan_train_epoch(members, 2, seed=5, epoch=1, rank=0, group_size=2)
     ordered = plan_train_epoch(members, 2, seed=5, epoch=3, shuffle=False)
@@ -147,7 +150,7 @@ def test_train_dataset_shards_see_disjoint_images(mixed):
     for rank in (0, 1):
         dataset, info = create_train_dataset(img_dir, ann_file, batch_size=2, rank=rank,
                                              group_size=2, num_parallel_workers=1, **args)
-        assert info["batches_per_epoch"] == 4  # (6 + 3) full batches, trimmed to 8, 4 each
+        assert info["batches_per_epoch"] == 4  # global batches of 4: 3 landscape, 1 portrait
         # Without augmentation an image's first GT row identifies it.
         per_rank.append({tuple(b[0]) for _, boxes, _, _ in _collect(dataset)[0] for b in boxes})
     assert len(per_rank[0]) == len(per_rank[1]) == 8
