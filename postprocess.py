@@ -1,13 +1,101 @@
-"""postprocess.py - not implemented yet (see the deployment issue)."""
-import sys
+"""COCO evaluation of an exported FCOS's outputs (the 310 / MindIR-runner flow):
+python postprocess.py --result_dir=RESULT --info_file=DATA/preprocess_info.json
+                      --export_info=fcos.json --val_ann_file=... [--output_dir=...]
 
-from src.model_utils.config import get_config
+Reads every image's output bins (boxes, scores, labels; see src/infer_mindir.py), applies the
+same selection as eval.py (src.postprocess.select_detections with the export's score threshold,
+NMS IoU and detections per image, then rescale_boxes to the original image), maps labels to the
+annotation file's category ids, prints the COCO table and writes <output_dir>/eval_result.json
+with the same keys as eval.py.
+"""
+import argparse
+import json
+import logging
+import os
+
+import src  # noqa: F401  (sets the oneDNN ISA before mindspore loads)
+from src.data.coco import label_maps
+from src.engine.coco_eval import coco_evaluate, load_coco, to_coco_results
+from src.engine.context import setup_logging
+from src.infer_mindir import TIME_FILE, read_export_info, read_result
+from src.model_utils.config import ConfigError, guard_main, load_config, require_files
+from src.postprocess import rescale_boxes, select_detections
+
+logger = logging.getLogger("fcos")
+
+DESCRIPTION = ("Score the output .bin files of an exported FCOS with COCO metrics. Besides the "
+               "configuration keys (val_ann_file, output_dir): --result_dir DIR (output bins), "
+               "--info_file PATH (preprocess.py's preprocess_info.json), --export_info PATH "
+               "(export.py's .json: selection settings and output shapes).")
 
 
-def main():
-    get_config(description="FCOS postprocess")
-    print("postprocess.py: not implemented yet", file=sys.stderr)
-    sys.exit(1)
+def parse_args(argv):
+    """-> (argparse namespace of the extra flags, Config); ConfigError when one is missing."""
+    extra = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
+    for flag in ("--result_dir", "--info_file", "--export_info"):
+        extra.add_argument(flag, default="")
+    known, rest = extra.parse_known_args(argv)
+    cfg = load_config(rest, description=DESCRIPTION)
+    require_files(vars(known), "result_dir", "info_file", "export_info")
+    require_files(cfg, "val_ann_file")
+    return known, cfg
+
+
+def read_json(path, flag):
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except (OSError, ValueError) as err:
+        raise ConfigError(f"--{flag}: cannot read {path} ({err})") from None
+
+
+def detect_from_results(result_dir, images, num_candidates, selection, label_to_cat_id):
+    """COCO results of every preprocessed image from its output bins.
+
+    Args:
+        images: preprocess_info.json 'images' entries (name, image_id, orig_hw, resized_hw).
+        num_candidates: K, candidates per image in the bins.
+        selection: select_detections keyword arguments.
+    """
+    results = []
+    for entry in images:
+        boxes, scores, labels = read_result(result_dir, entry["name"], num_candidates)
+        boxes, scores, labels = select_detections(boxes, scores, labels, entry["resized_hw"], **selection)
+        boxes = rescale_boxes(boxes, entry["resized_hw"], entry["orig_hw"])
+        results += to_coco_results(entry["image_id"], boxes, scores, labels, label_to_cat_id)
+    return results
+
+
+@guard_main
+def main(argv=None):
+    args, cfg = parse_args(argv)
+    setup_logging(cfg.output_dir, 0, "postprocess")
+    try:
+        export = read_export_info(args.export_info)
+    except ValueError as err:
+        raise ConfigError(f"--export_info: {err}") from None
+    info = read_json(args.info_file, "info_file")
+    coco = load_coco(cfg.val_ann_file)
+    label_to_cat_id, _, _ = label_maps(coco.dataset["categories"])
+    unknown = [e["image_id"] for e in info["images"] if e["image_id"] not in coco.imgs]
+    if unknown:
+        raise ConfigError(f"--info_file: {len(unknown)} images (e.g. id {unknown[0]}) are not in {cfg.val_ann_file}")
+    if info["num_skipped"]:
+        logger.warning("%d images were skipped by preprocess.py and are not scored (see %s)",
+                       info["num_skipped"], args.info_file)
+    num_candidates = export["outputs"][1]["shape"][1]
+    try:
+        results = detect_from_results(args.result_dir, info["images"], num_candidates, export["postprocess"],
+                                      label_to_cat_id)
+    except ValueError as err:
+        raise ConfigError(f"--result_dir: {err}") from None
+    logger.info("%d detections on %d images, selection %s", len(results), len(info["images"]),
+                export["postprocess"])
+    metrics = coco_evaluate(coco, results, cfg.output_dir, image_ids=[e["image_id"] for e in info["images"]])
+    time_file = os.path.join(args.result_dir, TIME_FILE)
+    if os.path.isfile(time_file):
+        logger.info("inference time: %s", read_json(time_file, "result_dir"))
+    print(json.dumps({k: round(v, 4) for k, v in metrics.items()}))
 
 
 if __name__ == "__main__":

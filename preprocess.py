@@ -1,13 +1,119 @@
-"""preprocess.py - not implemented yet (see the deployment issue)."""
-import sys
+"""Preprocess a COCO-format validation set for an exported FCOS:
+python preprocess.py --val_img_dir=... --val_ann_file=... --output_dir=DATA
+                     (--export_info=fcos.json | [--export_height=800 --export_width=1344 --min_size=[800] --max_size=1333])
 
-from src.model_utils.config import get_config
+Writes DATA/images/<name>.bin, one float32 (3, H, W) input per image at the export shape
+(preprocess_image: keep-ratio resize, normalise, zero-pad; an image whose keep-ratio size does not
+fit the export shape, e.g. a portrait image and a landscape export, is shrunk further to fit, and
+counted), and DATA/preprocess_info.json with, per image, its bin name, image id, file and original
+and resized (h, w). --export_info (export.py's <file_name>.json) takes the shape and resize
+settings from the export so that they cannot disagree with it. Missing or unreadable images are
+skipped, counted and named.
+"""
+import argparse
+import glob
+import logging
+import os
+
+import src  # noqa: F401  (sets the oneDNN ISA before mindspore loads)
+from src.data.coco import CocoDataset, DatasetError
+from src.data.transforms import keep_ratio_size, preprocess_image
+from src.engine.coco_eval import write_json_atomic
+from src.engine.context import setup_logging
+from src.infer_mindir import IMAGES_DIR, INFO_FILE, bin_names, check_export_shape, read_export_info
+from src.model_utils.config import ConfigError, guard_main, load_config, require_files
+
+logger = logging.getLogger("fcos")
+
+DESCRIPTION = ("Preprocess validation images into fixed-size .bin inputs of an exported FCOS. "
+               "Besides the configuration keys: --export_info PATH (export.py's .json; sets the "
+               "export shape, min_size and max_size).")
 
 
-def main():
-    get_config(description="FCOS preprocess")
-    print("preprocess.py: not implemented yet", file=sys.stderr)
-    sys.exit(1)
+def parse_args(argv):
+    """-> (export_info path or '', Config)."""
+    extra = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
+    extra.add_argument("--export_info", default="")
+    known, rest = extra.parse_known_args(argv)
+    return known.export_info, load_config(rest, description=DESCRIPTION)
+
+
+def resize_settings(cfg, export_info_path):
+    """-> (min_size, max_size, (H, W)) from the export info file, else from the configuration."""
+    if not export_info_path:
+        if not cfg.min_size:
+            raise ConfigError("--min_size: required, but empty")
+        min_size, max_size, pad_hw = cfg.min_size[0], cfg.max_size, (cfg.export_height, cfg.export_width)
+    else:
+        require_files({"export_info": export_info_path}, "export_info")
+        try:
+            pre = read_export_info(export_info_path)["preprocess"]
+            min_size, max_size, pad_hw = pre["min_size"], pre["max_size"], (pre["height"], pre["width"])
+        except ValueError as err:
+            raise ConfigError(f"--export_info: {err}") from None
+        except KeyError as err:
+            raise ConfigError(f"--export_info: {export_info_path} has no preprocess {err}") from None
+    try:
+        check_export_shape(*pad_hw, batch_size=1)
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
+    return min_size, max_size, pad_hw
+
+
+def preprocess_dataset(coco, out_dir, min_size, max_size, pad_hw):
+    """Write every loadable image of ``coco`` as a bin -> the info dict (see the module docstring)."""
+    img_dir = os.path.join(out_dir, IMAGES_DIR)
+    os.makedirs(img_dir, exist_ok=True)
+    stale = glob.glob(os.path.join(img_dir, "*.bin"))
+    for path in stale:  # runners take every bin in the folder
+        os.remove(path)
+    if stale:
+        logger.info("removed %d .bin files of an earlier run from %s", len(stale), img_dir)
+    images, skipped, shrunk = [], [], 0
+    names = iter(bin_names(len(coco.image_ids)))
+    for image_id in coco.image_ids:
+        try:
+            image = coco.load_image(image_id)
+        except DatasetError as err:
+            skipped.append({"image_id": image_id, "file_name": coco.image_info(image_id)["file_name"],
+                            "reason": str(err)})
+            logger.warning("skipping image %d: %s", image_id, err)
+            continue
+        chw, meta = preprocess_image(image, min_size, max_size, pad_hw)
+        shrunk += meta.resized_hw != keep_ratio_size(*meta.orig_hw, min_size, max_size)
+        name = next(names)
+        chw.tofile(os.path.join(img_dir, f"{name}.bin"))
+        images.append({"name": name, "image_id": image_id, "file_name": coco.image_info(image_id)["file_name"],
+                       "orig_hw": list(meta.orig_hw), "resized_hw": list(meta.resized_hw)})
+    return {"ann_file": os.path.abspath(coco.ann_file), "img_dir": os.path.abspath(coco.img_dir),
+            "input_hw": list(pad_hw), "min_size": min_size, "max_size": max_size,
+            "num_images": len(images), "num_skipped": len(skipped), "num_shrunk_to_fit": shrunk,
+            "images": images, "skipped": skipped}
+
+
+@guard_main
+def main(argv=None):
+    export_info_path, cfg = parse_args(argv)
+    require_files(cfg, "val_img_dir", "val_ann_file")
+    min_size, max_size, pad_hw = resize_settings(cfg, export_info_path)
+    setup_logging()
+    logger.info("input %dx%d, min_size %d, max_size %d (from %s)", *pad_hw, min_size, max_size,
+                export_info_path or "the configuration")
+    try:
+        coco = CocoDataset(cfg.val_img_dir, cfg.val_ann_file)
+    except DatasetError as err:
+        raise ConfigError(f"--val_ann_file: {err}") from None
+    info = preprocess_dataset(coco, cfg.output_dir, min_size, max_size, pad_hw)
+    write_json_atomic(os.path.join(cfg.output_dir, INFO_FILE), info)
+    logger.info("wrote %d inputs of 3x%dx%d to %s (%d skipped, %d shrunk to fit the export shape)",
+                info["num_images"], pad_hw[0], pad_hw[1], os.path.join(cfg.output_dir, IMAGES_DIR),
+                info["num_skipped"], info["num_shrunk_to_fit"])
+    if info["num_shrunk_to_fit"]:
+        logger.warning("%d images did not fit %dx%d at their evaluation size and were resized smaller than "
+                       "eval.py would (export a shape that holds both orientations to avoid it)",
+                       info["num_shrunk_to_fit"], *pad_hw)
+    if not info["images"]:
+        raise ConfigError(f"--val_img_dir: none of the {len(coco.image_ids)} images could be read")
 
 
 if __name__ == "__main__":

@@ -1,0 +1,177 @@
+"""Detect objects in images with a checkpoint and draw them:
+python predict.py --ckpt_file=... --input IMAGE_OR_FOLDER [MORE ...] [--output_dir=./output]
+                  [--class_names=a,b,c | --val_ann_file=ANN.json] [--draw_score_threshold=0.3]
+
+For every image: <output_dir>/<name>_pred.png with the boxes, class names and scores drawn (those
+scoring at least --draw_score_threshold), and all detections (score > --score_threshold) in
+<output_dir>/predictions.json, in original image pixels. Images go through the same steps as in
+eval.py: preprocess_image at the evaluation size and pad shape, FCOSInference, select_detections,
+rescale_boxes. Class names come from --class_names, else from the categories of --val_ann_file
+(which also adds category ids to predictions.json), else labels are shown as numbers. Unreadable
+images are skipped, counted and named.
+"""
+import argparse
+import logging
+import os
+
+import src  # noqa: F401  (sets the oneDNN ISA before mindspore loads)
+from mindspore import Tensor
+
+from eval import load_network
+from src.builder import build_decoder, selection_kwargs
+from src.data.coco import DatasetError, label_maps, load_image_rgb, read_coco_json
+from src.data.pipeline import resolve_pad_buckets
+from src.data.transforms import choose_pad_shape, keep_ratio_size, preprocess_image
+from src.detector import FCOSInference
+from src.engine.coco_eval import write_json_atomic
+from src.engine.context import init_context, setup_logging
+from src.model_utils.config import ConfigError, guard_main, load_config
+from src.postprocess import rescale_boxes, select_detections
+from src.tools.draw import draw_detections, save_image
+
+logger = logging.getLogger("fcos")
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
+DESCRIPTION = ("Detect objects in images and draw them. Besides the configuration keys: --input PATH [PATH ...] "
+               "(image files and/or folders), --class_names a,b,c (optional), --draw_score_threshold T "
+               "(default 0.3).")
+
+
+def parse_args(argv):
+    """-> (input paths, class names or None, draw threshold, Config)."""
+    extra = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
+    extra.add_argument("--input", nargs="+", default=[])
+    extra.add_argument("--class_names", default="")
+    extra.add_argument("--draw_score_threshold", default="0.3")
+    known, rest = extra.parse_known_args(argv)
+    cfg = load_config(rest, description=DESCRIPTION)
+    if not known.input:
+        raise ConfigError("--input: required, but empty")
+    try:
+        draw_threshold = float(known.draw_score_threshold)
+    except ValueError:
+        raise ConfigError(f"--draw_score_threshold: expected a number, got '{known.draw_score_threshold}'") from None
+    names = [n.strip() for n in known.class_names.split(",")] if known.class_names else None
+    return known.input, names, draw_threshold, cfg
+
+
+def expand_inputs(paths):
+    """Image files named, plus the image files (by extension, sorted) of folders named."""
+    files = []
+    for path in paths:
+        if os.path.isdir(path):
+            found = sorted(os.path.join(path, f) for f in os.listdir(path) if f.lower().endswith(IMAGE_EXTENSIONS))
+            if not found:
+                raise ConfigError(f"--input: no image files ({', '.join(IMAGE_EXTENSIONS)}) in folder {path}")
+            files += found
+        elif os.path.isfile(path):
+            files.append(path)
+        else:
+            raise ConfigError(f"--input: no such file or folder: {path}")
+    return files
+
+
+def class_info(cfg, names):
+    """-> (class names or None, label_to_cat_id or None): names from --class_names, else from the
+    categories of --val_ann_file, which also gives the category ids."""
+    label_to_cat_id = None
+    if cfg.val_ann_file:
+        try:
+            label_to_cat_id, _, ann_names = label_maps(read_coco_json(cfg.val_ann_file)["categories"])
+        except DatasetError as err:
+            raise ConfigError(f"--val_ann_file: {err}") from None
+        names = ann_names if names is None else names
+    if names is not None and len(names) != cfg.class_num:
+        logger.warning("%d class names for --class_num=%d", len(names), cfg.class_num)
+    return names, label_to_cat_id
+
+
+def unique_output(output_dir, path, used):
+    """<output_dir>/<stem>_pred.png, with a counter when two inputs share a stem."""
+    stem = os.path.splitext(os.path.basename(path))[0]
+    name, count = f"{stem}_pred", 1
+    while name in used:
+        name, count = f"{stem}_pred_{count}", count + 1
+    used.add(name)
+    return os.path.join(output_dir, f"{name}.png")
+
+
+class Predictor:
+    """image (H, W, 3) uint8 RGB -> detections in its pixels, as eval.py computes them."""
+
+    def __init__(self, infer_cell, min_size, max_size, buckets, selection):
+        self.infer_cell = infer_cell
+        self.min_size = min_size
+        self.max_size = max_size
+        self.buckets = buckets
+        self.selection = selection
+
+    def pad_shape(self, image_hw):
+        """The pad bucket eval.py would use for an image of size (h, w); ValueError if none fits."""
+        size = keep_ratio_size(image_hw[0], image_hw[1], self.min_size, self.max_size)
+        return self.buckets[choose_pad_shape(size, self.buckets)]
+
+    def __call__(self, image, pad_hw):
+        """-> boxes (D, 4) x1, y1, x2, y2 in image pixels, scores (D,), labels (D,)."""
+        chw, meta = preprocess_image(image, self.min_size, self.max_size, pad_hw)
+        boxes, scores, labels = (x.asnumpy()[0] for x in self.infer_cell(Tensor(chw[None])))
+        boxes, scores, labels = select_detections(boxes, scores, labels, meta.resized_hw, **self.selection)
+        return rescale_boxes(boxes, meta.resized_hw, meta.orig_hw), scores, labels
+
+
+def detection_records(boxes, scores, labels, names, label_to_cat_id):
+    """Detections -> JSON-ready dicts (bbox x1, y1, x2, y2 in original pixels)."""
+    records = []
+    for box, score, label in zip(boxes, scores, labels):
+        record = {"bbox": [round(float(v), 2) for v in box], "score": round(float(score), 5), "label": int(label)}
+        if names is not None and label < len(names):
+            record["class_name"] = names[label]
+        if label_to_cat_id is not None and label < len(label_to_cat_id):
+            record["category_id"] = label_to_cat_id[label]
+        records.append(record)
+    return records
+
+
+@guard_main
+def main(argv=None):
+    inputs, names, draw_threshold, cfg = parse_args(argv)
+    files = expand_inputs(inputs)
+    if not cfg.min_size:
+        raise ConfigError("--min_size: required, but empty")
+    init_context(cfg.device_target, cfg.mode, cfg.device_id, distributed=False)
+    setup_logging(cfg.output_dir, 0, "predict")
+    names, label_to_cat_id = class_info(cfg, names)
+    try:
+        buckets = resolve_pad_buckets(cfg.pad_buckets, [cfg.min_size[0]], cfg.max_size, cfg.size_divisor)
+    except ValueError as err:
+        raise ConfigError(f"--pad_buckets: {err}") from None
+    predictor = Predictor(FCOSInference(load_network(cfg), build_decoder(cfg)), cfg.min_size[0], cfg.max_size,
+                          buckets, selection_kwargs(cfg))
+    images, skipped, used = [], [], set()
+    for path in files:
+        try:
+            image = load_image_rgb(path)
+            pad_hw = predictor.pad_shape(image.shape[:2])
+        except ValueError as err:  # DatasetError (unreadable file) or no pad bucket fits
+            logger.warning("skipping %s: %s", path, err)
+            skipped.append({"file": path, "reason": str(err)})
+            continue
+        boxes, scores, labels = predictor(image, pad_hw)
+        shown = scores >= draw_threshold
+        out_path = unique_output(cfg.output_dir, path, used)
+        save_image(out_path, draw_detections(image, boxes[shown], scores[shown], labels[shown], names))
+        images.append({"file": path, "output": out_path, "height": image.shape[0], "width": image.shape[1],
+                       "detections": detection_records(boxes, scores, labels, names, label_to_cat_id)})
+        logger.info("%s: %d detections, %d drawn (score >= %.2f) -> %s", path, len(scores), int(shown.sum()),
+                    draw_threshold, out_path)
+    write_json_atomic(os.path.join(cfg.output_dir, "predictions.json"),
+                      {"images": images, "skipped": skipped, "selection": selection_kwargs(cfg),
+                       "draw_score_threshold": draw_threshold})
+    logger.info("%d images predicted, %d skipped; wrote %s", len(images), len(skipped),
+                os.path.join(cfg.output_dir, "predictions.json"))
+    if not images:
+        raise ConfigError(f"--input: none of the {len(files)} images could be read")
+
+
+if __name__ == "__main__":
+    main()

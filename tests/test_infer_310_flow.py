@@ -1,0 +1,186 @@
+"""The deployment flow: preprocess.py -> exported MindIR (Python runner) -> postprocess.py gives the
+COCO metrics of eval.py on the same checkpoint; run_infer_310.sh's argument checks; the C++
+program's compile check (slow)."""
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from src.data.coco import CocoDataset
+from src.data.transforms import preprocess_image
+from src.infer_mindir import IMAGES_DIR, INFO_FILE, read_result, result_path
+from src.tools.synthetic import make_synthetic_coco
+
+import postprocess
+import preprocess
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+RUN_INFER = os.path.join(ROOT, "scripts", "run_infer_310.sh")
+# A narrow ResNet-18 FCOS at 128x128: 40 training steps reach a clearly non-zero AP in ~30 s.
+MODEL_ARGS = ["--config_path=configs/synthetic_cpu.yaml", "--fpn_out_channels=32", "--num_head_convs=2",
+              "--min_size=[128]", "--max_size=128"]
+TRAIN_ARGS = ["--max_gt_boxes=4", "--epochs=20", "--base_lr=0.02", "--warmup_iters=10", "--lr_steps=[18]",
+              "--flip_prob=0.0", "--save_ckpt_epochs=20", "--log_interval=10"]
+EXPORT_BATCH = 2  # 9 images: the runner's last batch is incomplete
+
+
+def run(args, **kwargs):
+    """Run a command in the repository root -> CompletedProcess (output captured as text)."""
+    return subprocess.run(args, cwd=ROOT, capture_output=True, text=True, timeout=300, **kwargs)
+
+
+def run_ok(args, **kwargs):
+    result = run(args, **kwargs)
+    assert result.returncode == 0, f"{args[:2]} failed:\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}"
+    return result
+
+
+@pytest.fixture(scope="module")
+def flow(tmp_path_factory):
+    """Train briefly, evaluate with eval.py, export a MindIR and run scripts/run_infer_310.sh on CPU."""
+    root = tmp_path_factory.mktemp("flow")
+    ann_file = make_synthetic_coco(str(root / "shapes"), 9, 128, 128, seed=3, min_objects=1, max_objects=2)
+    img_dir = str(root / "shapes" / "images")
+    run_ok([sys.executable, "train.py", *MODEL_ARGS, *TRAIN_ARGS, f"--train_img_dir={img_dir}",
+            f"--train_ann_file={ann_file}", f"--output_dir={root / 'train'}"])
+    ckpt = str(root / "train" / "checkpoints" / "fcos-20_40.ckpt")
+    run_ok([sys.executable, "eval.py", *MODEL_ARGS, f"--ckpt_file={ckpt}", f"--val_img_dir={img_dir}",
+            f"--val_ann_file={ann_file}", f"--output_dir={root / 'eval'}"])
+    run_ok([sys.executable, "export.py", *MODEL_ARGS, f"--ckpt_file={ckpt}", f"--file_name={root / 'fcos'}",
+            "--export_height=128", "--export_width=128", f"--export_batch_size={EXPORT_BATCH}"])
+    env = {**os.environ, "OUTPUT_DIR": str(root / "infer")}
+    script = run_ok(["bash", RUN_INFER, str(root / "fcos.mindir"), img_dir, ann_file, "CPU", "0", "y"], env=env)
+    return {"root": root, "ann_file": ann_file, "img_dir": img_dir, "infer": root / "infer",
+            "export_info": str(root / "fcos.json"), "script_stdout": script.stdout}
+
+
+def read_json(path):
+    with open(path, encoding="utf-8") as f:
+        return json.load(f)
+
+
+def test_exported_flow_matches_eval(flow):
+    expected = read_json(flow["root"] / "eval" / "eval_result.json")
+    got = read_json(flow["infer"] / "eval_result.json")
+    assert sorted(got) == sorted(expected)
+    assert expected["AP"] > 0.1, "the briefly trained checkpoint should detect the shapes"
+    for key in ("AP", "AP50", "AP75", "AR1", "AR10", "AR100"):
+        assert got[key] == pytest.approx(expected[key], abs=0.002), key
+    assert abs(got["num_detections"] - expected["num_detections"]) <= 2
+    assert "Average Precision  (AP) @[ IoU=0.50:0.95 | area=   all | maxDets=100 ]" in flow["script_stdout"]
+    assert "NN inference cost average time" in flow["script_stdout"]
+    timing = read_json(flow["infer"] / "result_Files" / "infer_time.json")
+    assert timing["images"] == 9 and timing["batch_size"] == EXPORT_BATCH
+    assert timing["mean_ms_per_image"] > 0
+
+
+def test_runner_writes_one_result_per_image(flow):
+    """Every image, the zero-filled last batch's one included, has its own K candidates."""
+    info = read_json(flow["infer"] / "preprocess_Result" / INFO_FILE)
+    assert [e["name"] for e in info["images"]] == sorted(e["name"] for e in info["images"])
+    export = read_json(flow["export_info"])
+    k, num_classes = export["outputs"][1]["shape"][1], export["model"]["class_num"]
+    all_scores = []
+    for entry in info["images"]:
+        boxes, scores, labels = read_result(flow["infer"] / "result_Files", entry["name"], k)
+        assert boxes.shape == (k, 4) and np.all((scores > 0) & (scores < 1))
+        assert labels.min() >= 0 and labels.max() < num_classes
+        all_scores.append(scores)
+    assert len(info["images"]) % EXPORT_BATCH == 1
+    assert not np.array_equal(all_scores[-1], all_scores[-2]), "the last image got another slot's outputs"
+
+
+def test_reuse_preprocessed_data(flow, tmp_path):
+    """NEED_PREPROCESS=n runs on the bins of an earlier run and gives the same metrics."""
+    shutil.copytree(flow["infer"] / "preprocess_Result", tmp_path / "preprocess_Result")
+    env = {**os.environ, "OUTPUT_DIR": str(tmp_path)}
+    result = run(["bash", RUN_INFER, str(flow["root"] / "fcos.mindir"), flow["img_dir"], flow["ann_file"],
+                  "CPU", "0", "n"], env=env)
+    assert result.returncode == 0, result.stdout[-2000:]
+    assert "preprocessing images" not in result.stdout
+    assert read_json(tmp_path / "eval_result.json")["AP"] == read_json(flow["infer"] / "eval_result.json")["AP"]
+
+
+def test_postprocess_names_a_missing_result(flow, tmp_path, capsys):
+    results = tmp_path / "results"
+    shutil.copytree(flow["infer"] / "result_Files", results)
+    os.remove(result_path(results, "000004", 1))
+    with pytest.raises(SystemExit) as exit_info:
+        postprocess.main([f"--result_dir={results}", f"--export_info={flow['export_info']}",
+                          f"--info_file={flow['infer'] / 'preprocess_Result' / INFO_FILE}",
+                          f"--val_ann_file={flow['ann_file']}", f"--output_dir={tmp_path}"])
+    assert exit_info.value.code == 2
+    assert "000004_1.bin" in capsys.readouterr().err
+    assert not (tmp_path / "eval_result.json").exists()
+
+
+def test_preprocess_skips_bad_images_and_shrinks_other_orientation(tmp_path):
+    ann_file = make_synthetic_coco(str(tmp_path / "set"), 4, 96, 64, seed=1)
+    img_dir = tmp_path / "set" / "images"
+    data = read_json(ann_file)
+    with open(img_dir / data["images"][1]["file_name"], "wb") as f:
+        f.write(b"not an image")
+    os.remove(img_dir / data["images"][2]["file_name"])
+    out = tmp_path / "pre"
+    os.makedirs(out / IMAGES_DIR)
+    (out / IMAGES_DIR / "999999.bin").write_bytes(b"stale")
+    # A landscape export shape for portrait 96x64 images at min_size 64: 96x64 must shrink to 64x42.
+    preprocess.main([f"--val_img_dir={img_dir}", f"--val_ann_file={ann_file}", f"--output_dir={out}",
+                     "--min_size=[64]", "--max_size=96", "--export_height=64", "--export_width=96"])
+    info = read_json(out / INFO_FILE)
+    assert info["num_images"] == 2 and info["num_skipped"] == 2 and info["num_shrunk_to_fit"] == 2
+    assert [s["image_id"] for s in info["skipped"]] == [data["images"][1]["id"], data["images"][2]["id"]]
+    assert sorted(os.listdir(out / IMAGES_DIR)) == ["000000.bin", "000001.bin"]
+    coco = CocoDataset(str(img_dir), ann_file)
+    for entry in info["images"]:
+        assert entry["orig_hw"] == [96, 64] and entry["resized_hw"] == [64, 42]
+        expected, _ = preprocess_image(coco.load_image(entry["image_id"]), 64, 96, (64, 96))
+        got = np.fromfile(out / IMAGES_DIR / f"{entry['name']}.bin", np.float32).reshape(3, 64, 96)
+        np.testing.assert_array_equal(got, expected)
+
+
+def test_preprocess_rejects_a_shape_not_multiple_of_32(tmp_path, capsys):
+    ann_file = make_synthetic_coco(str(tmp_path / "set"), 1, 64, 64, seed=1)
+    with pytest.raises(SystemExit) as exit_info:
+        preprocess.main([f"--val_img_dir={tmp_path / 'set' / 'images'}", f"--val_ann_file={ann_file}",
+                         f"--output_dir={tmp_path / 'pre'}", "--export_height=100"])
+    assert exit_info.value.code == 2
+    assert "--export_height=100: must be a positive multiple of 32" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("args, message", [
+    ([], "Usage: bash scripts/run_infer_310.sh"),
+    (["missing.mindir", ".", "ann.json", "CPU", "0", "y"], "MINDIR_PATH is not a file"),
+    (["{mindir}", "{folder}", "{mindir}", "NPU", "0", "y"], "DEVICE_TYPE must be Ascend, GPU or CPU"),
+    (["{mindir}", "{folder}", "{mindir}", "CPU", "x", "y"], "DEVICE_ID must be a number"),
+    (["{mindir}", "{folder}/nothing", "{mindir}", "CPU", "0", "y"], "DATA_PATH is not a folder"),
+    (["{mindir}", "{folder}", "{mindir}", "CPU", "0", "maybe"], "NEED_PREPROCESS must be y or n"),
+])
+def test_run_infer_310_checks_arguments(tmp_path, args, message):
+    mindir = tmp_path / "m.mindir"
+    mindir.write_bytes(b"")
+    (tmp_path / "m.json").write_text("{}")
+    args = [a.format(mindir=mindir, folder=tmp_path) for a in args]
+    result = run(["bash", RUN_INFER, *args], env={**os.environ, "OUTPUT_DIR": str(tmp_path / "out")})
+    assert result.returncode == 1
+    assert message in result.stdout
+    assert "Usage: bash scripts/run_infer_310.sh" in result.stdout
+    assert not (tmp_path / "out").exists(), "nothing is written before the arguments are checked"
+
+
+@pytest.mark.slow
+def test_ascend310_program_compiles():
+    """g++ -fsyntax-only (and, with cmake, build.sh + link) against the mindspore-lite 2.0.0 headers.
+    FCOS_MSLITE_WHEEL may name a downloaded wheel; otherwise the script downloads it."""
+    if shutil.which("g++") is None:
+        pytest.skip("g++ is not installed")
+    wheel = os.environ.get("FCOS_MSLITE_WHEEL", "")
+    result = run(["bash", os.path.join(ROOT, "scripts", "check_ascend310_build.sh"), *([wheel] if wheel else [])])
+    if result.returncode == 3:
+        pytest.skip(f"mindspore-lite 2.0.0 wheel not available: {result.stdout.strip()[-300:]}")
+    assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-2000:]
+    assert "syntax check passed" in result.stdout
