@@ -12,7 +12,9 @@ import mindspore as ms
 
 logger = logging.getLogger("fcos")
 
-META_KEYS = ("epoch", "step_in_epoch", "global_step")
+# Schedule position entries are stored as meta_<key>: the optimiser has a Parameter named
+# global_step of its own, which a plain "global_step" entry would overwrite.
+META_PREFIX = "meta_"
 
 
 def save_checkpoint_atomic(cell_or_params, path, meta=None):
@@ -21,7 +23,8 @@ def save_checkpoint_atomic(cell_or_params, path, meta=None):
     root, ext = os.path.splitext(path)
     tmp = f"{root}.tmp{os.getpid()}{ext}"  # ms.save_checkpoint appends .ckpt to other names
     try:
-        ms.save_checkpoint(cell_or_params, tmp, append_dict=dict(meta or {}))
+        append = {META_PREFIX + key: value for key, value in (meta or {}).items()}
+        ms.save_checkpoint(cell_or_params, tmp, append_dict=append)
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
@@ -42,9 +45,8 @@ def load_checkpoint_file(path):
 def split_meta(params):
     """Separate the schedule position entries from a loaded checkpoint dict."""
     meta = {}
-    for key in META_KEYS:
-        if key in params:
-            meta[key] = int(params.pop(key).asnumpy())
+    for name in [n for n in params if n.startswith(META_PREFIX)]:
+        meta[name[len(META_PREFIX):]] = int(params.pop(name).asnumpy())
     return params, meta
 
 

@@ -149,9 +149,10 @@ class Trainer:
     def _log(self, losses, progress, data_seconds):
         lr = float(self.lr_schedule[min(self.global_step - 1, len(self.lr_schedule) - 1)])
         total, loss_cls, loss_reg, loss_ctr = losses
-        logger.info("epoch %d/%d step %d/%d loss %.4f (cls %.4f reg %.4f ctr %.4f) lr %.6f "
+        logger.info("epoch %d/%d step %d/%d (global %d) loss %.4f (cls %.4f reg %.4f ctr %.4f) lr %.6f "
                     "%.3f s/step %.2f img/s data %.3f s ETA %s",
-                    self.epoch + 1, self.epochs, self.step_in_epoch, self.steps_per_epoch, total, loss_cls,
+                    self.epoch + 1, self.epochs, self.step_in_epoch, self.steps_per_epoch, self.global_step,
+                    total, loss_cls,
                     loss_reg, loss_ctr, lr, progress.seconds_per_step(), progress.items_per_second(),
                     data_seconds, progress.eta())
 
