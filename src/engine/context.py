@@ -44,13 +44,15 @@ def init_context(device_target, mode="GRAPH", device_id=0, distributed=None):
 
 
 def setup_logging(output_dir=None, rank=0, name="train"):
-    """Log to stdout and, when output_dir is given, to <output_dir>/<name>[_rank<r>].log."""
+    """Log to stdout and, when output_dir is given, to <output_dir>/<name>[_rank<r>].log; lines of
+    a multi-process run carry "[rank r]" (msrun shows all workers' output in one console)."""
     handlers = [logging.StreamHandler(sys.stdout)]
     if output_dir:
         os.makedirs(output_dir, exist_ok=True)
         suffix = f"_rank{rank}" if rank else ""
         handlers.append(logging.FileHandler(os.path.join(output_dir, f"{name}{suffix}.log")))
-    fmt = logging.Formatter("%(asctime)s %(levelname)s %(message)s", "%H:%M:%S")
+    tag = f"[rank {rank}] " if launched_distributed() else ""
+    fmt = logging.Formatter(f"%(asctime)s %(levelname)s {tag}%(message)s", "%H:%M:%S")
     log = logging.getLogger("fcos")
     log.handlers.clear()
     for handler in handlers:
