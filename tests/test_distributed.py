@@ -8,6 +8,7 @@ gradients averaged). BatchNorm is frozen so that per-device and global batches n
 import json
 import os
 import re
+import signal
 import socket
 import subprocess
 import sys
@@ -16,6 +17,8 @@ import numpy as np
 import pytest
 
 from conftest import ROOT
+from src.engine.checkpoint import load_checkpoint_file, split_meta
+from src.tools.synthetic import make_synthetic_coco
 
 pytestmark = pytest.mark.slow
 
@@ -41,7 +44,8 @@ def train_args(data_dir, output_dir, batch_size):
             f"--train_img_dir={os.path.join(data_dir, 'images')}",
             f"--train_ann_file={os.path.join(data_dir, 'annotations.json')}",
             f"--output_dir={output_dir}", f"--batch_size={batch_size}", f"--epochs={EPOCHS}",
-            "--min_size=[64]", "--max_size=64", "--fpn_out_channels=32", "--freeze_bn=True",
+            "--backbone=resnet18", "--pretrained=False", "--class_num=3", "--fpn_out_channels=32",
+            "--freeze_bn=True", "--min_size=[64]", "--max_size=64",
             "--max_gt_boxes=6", "--flip_prob=0.5", "--warmup_iters=0", "--lr_base_batch=4",
             "--log_interval=1", "--num_parallel_workers=1", "--save_ckpt_all_ranks=True",
             "--log_batch_ids=True"]
@@ -52,8 +56,13 @@ def run(cmd, log_path, timeout):
     # msrun starts its workers as `python`: make that this interpreter.
     env = dict(os.environ, PATH=os.pathsep.join([os.path.dirname(sys.executable), os.environ.get("PATH", "")]))
     with open(log_path, "w", encoding="utf-8") as log:
-        code = subprocess.run(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT,
-                              timeout=timeout).returncode
+        proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT,
+                                start_new_session=True)
+        try:
+            code = proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)  # msrun's workers and scheduler too
+            raise
     with open(log_path, encoding="utf-8") as log:
         return code, log.read()
 
@@ -71,8 +80,6 @@ def batch_plans(log_file):
 
 def load_params(path):
     """{name: float64 array} of the weights and optimiser state in a train.py checkpoint."""
-    from src.engine.checkpoint import load_checkpoint_file, split_meta
-
     params, _ = split_meta(load_checkpoint_file(path))
     return {name: p.asnumpy().astype(np.float64) for name, p in params.items()}
 
@@ -80,8 +87,6 @@ def load_params(path):
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
     """Train the same steps twice: msrun with 2 workers of batch 2, then one process of batch 4."""
-    from src.tools.synthetic import make_synthetic_coco
-
     root = tmp_path_factory.mktemp("distributed")
     data_dir = str(root / "data")
     make_synthetic_coco(data_dir, NUM_IMAGES, 64, 64, seed=3)
