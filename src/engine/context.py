@@ -28,10 +28,12 @@ def init_context(device_target, mode="GRAPH", device_id=0, distributed=None):
     ms.set_context(mode=ms_mode)
     if distributed is None:
         distributed = launched_distributed()
-    if device_target != "CPU" and not distributed:
-        ms.set_device(device_target, int(os.environ.get("DEVICE_ID", device_id)))
+    if device_target == "CPU" or (distributed and not os.environ.get("RANK_TABLE_FILE")):
+        ms.set_device(device_target)  # msrun picks each worker's device
     else:
-        ms.set_device(device_target)
+        # Standalone: DEVICE_ID or --device_id. A rank-table launch starts one process per DEVICE_ID,
+        # and without it MindSpore would put them all on device 0.
+        ms.set_device(device_target, int(os.environ.get("DEVICE_ID", device_id)))
     if not distributed:
         return 0, 1
     from mindspore.communication import get_group_size, get_rank, init
