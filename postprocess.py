@@ -59,8 +59,14 @@ def detect_from_results(result_dir, images, num_candidates, selection, label_to_
     """
     results = []
     for entry in images:
-        boxes, scores, labels = read_result(result_dir, entry["name"], num_candidates)
+        try:
+            boxes, scores, labels = read_result(result_dir, entry["name"], num_candidates)
+        except ValueError as err:
+            raise ConfigError(f"--result_dir: {err}") from None
         boxes, scores, labels = select_detections(boxes, scores, labels, entry["resized_hw"], **selection)
+        if labels.size and labels.max() >= len(label_to_cat_id):
+            raise ConfigError(f"--val_ann_file: the model predicts label {labels.max()} but the file has "
+                              f"{len(label_to_cat_id)} categories (was it trained with another --class_num?)")
         boxes = rescale_boxes(boxes, entry["resized_hw"], entry["orig_hw"])
         results += to_coco_results(entry["image_id"], boxes, scores, labels, label_to_cat_id)
     return results
@@ -77,6 +83,9 @@ def main(argv=None):
     info = read_json(args.info_file, "info_file")
     coco = load_coco(cfg.val_ann_file)
     label_to_cat_id, _, _ = label_maps(coco.dataset["categories"])
+    if len(label_to_cat_id) > export["model"]["class_num"]:
+        raise ConfigError(f"--val_ann_file: {len(label_to_cat_id)} categories, but the exported model has "
+                          f"class_num={export['model']['class_num']}")
     unknown = [e["image_id"] for e in info["images"] if e["image_id"] not in coco.imgs]
     if unknown:
         raise ConfigError(f"--info_file: {len(unknown)} images (e.g. id {unknown[0]}) are not in {cfg.val_ann_file}")
@@ -84,11 +93,8 @@ def main(argv=None):
         logger.warning("%d images were skipped by preprocess.py and are not scored (see %s)",
                        info["num_skipped"], args.info_file)
     num_candidates = export["outputs"][1]["shape"][1]
-    try:
-        results = detect_from_results(args.result_dir, info["images"], num_candidates, export["postprocess"],
-                                      label_to_cat_id)
-    except ValueError as err:
-        raise ConfigError(f"--result_dir: {err}") from None
+    results = detect_from_results(args.result_dir, info["images"], num_candidates, export["postprocess"],
+                                  label_to_cat_id)
     logger.info("%d detections on %d images, selection %s", len(results), len(info["images"]),
                 export["postprocess"])
     metrics = coco_evaluate(coco, results, cfg.output_dir, image_ids=[e["image_id"] for e in info["images"]])

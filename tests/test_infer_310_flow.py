@@ -118,6 +118,24 @@ def test_postprocess_names_a_missing_result(flow, tmp_path, capsys):
     assert not (tmp_path / "eval_result.json").exists()
 
 
+@pytest.mark.parametrize("num_categories, message", [
+    (1, "but the file has 1 categories (was it trained with another --class_num?)"),
+    (4, "4 categories, but the exported model has class_num=3"),
+])
+def test_postprocess_rejects_other_categories(flow, tmp_path, capsys, num_categories, message):
+    data = read_json(flow["ann_file"])
+    data["categories"] = [{"id": i + 1, "name": f"c{i}"} for i in range(num_categories)]
+    data["annotations"] = [a for a in data["annotations"] if a["category_id"] <= num_categories]
+    ann_file = tmp_path / "ann.json"
+    ann_file.write_text(json.dumps(data))
+    with pytest.raises(SystemExit) as exit_info:
+        postprocess.main([f"--result_dir={flow['infer'] / 'result_Files'}", f"--export_info={flow['export_info']}",
+                          f"--info_file={flow['infer'] / 'preprocess_Result' / INFO_FILE}",
+                          f"--val_ann_file={ann_file}", f"--output_dir={tmp_path}"])
+    assert exit_info.value.code == 2
+    assert message in capsys.readouterr().err
+
+
 def test_preprocess_skips_bad_images_and_shrinks_other_orientation(tmp_path):
     ann_file = make_synthetic_coco(str(tmp_path / "set"), 4, 96, 64, seed=1)
     img_dir = tmp_path / "set" / "images"
