@@ -23,6 +23,17 @@ def parity_dir():
     return SHARED_PARITY if os.path.isdir(SHARED_PARITY) else VENDORED_PARITY
 
 
+@pytest.fixture(params=["graph", "pynative"])
+def mode(request):
+    """Run the test in GRAPH_MODE and in PYNATIVE_MODE (which must agree)."""
+    import mindspore as ms
+
+    previous = ms.get_context("mode")
+    ms.set_context(mode=ms.GRAPH_MODE if request.param == "graph" else ms.PYNATIVE_MODE)
+    yield request.param
+    ms.set_context(mode=previous)
+
+
 @pytest.fixture(scope="session")
 def parity_path():
     return parity_dir()

@@ -16,7 +16,6 @@ from src.losses import FCOSLoss
 from src.postprocess import FCOSDecoder, postprocess_batch
 from tests.conftest import parity_dir
 
-MODES = {"graph": ms.GRAPH_MODE, "pynative": ms.PYNATIVE_MODE}
 
 
 @pytest.fixture(scope="module")
@@ -25,15 +24,6 @@ def fixture():
     with open(os.path.join(parity_dir(), "manifest.json"), encoding="utf-8") as f:
         manifest = json.load(f)
     return manifest, dict(np.load(os.path.join(parity_dir(), "expected.npz")))
-
-
-@pytest.fixture(params=sorted(MODES))
-def mode(request):
-    """Run the test in GRAPH_MODE and in PYNATIVE_MODE."""
-    previous = ms.get_context("mode")
-    ms.set_context(mode=MODES[request.param])
-    yield request.param
-    ms.set_context(mode=previous)
 
 
 def torchvision_limit_range(strides):

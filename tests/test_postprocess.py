@@ -10,16 +10,6 @@ from src.postprocess import (FCOSDecoder, batched_nms, clip_boxes, postprocess_b
 STRIDES = (8, 16, 32, 64, 128)
 IMAGE_HW = (64, 96)
 NUM_CLASSES = 3
-MODES = {"graph": ms.GRAPH_MODE, "pynative": ms.PYNATIVE_MODE}
-
-
-@pytest.fixture(params=sorted(MODES))
-def mode(request):
-    """Run the test in GRAPH_MODE and in PYNATIVE_MODE."""
-    previous = ms.get_context("mode")
-    ms.set_context(mode=MODES[request.param])
-    yield request.param
-    ms.set_context(mode=previous)
 
 
 def boxes_of(*rows):

@@ -15,16 +15,6 @@ STRIDES = (8, 16, 32, 64, 128)
 LIMITS = ((-1.0, 16.0), (16.0, 32.0), (32.0, 64.0), (64.0, 128.0), (128.0, float("inf")))
 IMAGE_HW = (64, 96)
 NUM_CLASSES = 4
-MODES = {"graph": ms.GRAPH_MODE, "pynative": ms.PYNATIVE_MODE}
-
-
-@pytest.fixture(params=sorted(MODES))
-def mode(request):
-    """Run the test in GRAPH_MODE and in PYNATIVE_MODE."""
-    previous = ms.get_context("mode")
-    ms.set_context(mode=MODES[request.param])
-    yield request.param
-    ms.set_context(mode=previous)
 
 
 @pytest.fixture
