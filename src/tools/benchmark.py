@@ -1,0 +1,258 @@
+"""Benchmark FCOS on this machine: inference, a training step, or the training data pipeline,
+optionally side by side with torchvision's FCOS.
+
+    python -m src.tools.benchmark --mode infer --height 800 --width 1216 --batch_size 1
+    python -m src.tools.benchmark --mode train --config_path configs/synthetic_cpu.yaml
+    python -m src.tools.benchmark --mode data --config_path configs/deepforest_cpu.yaml
+    python -m src.tools.benchmark --mode train --compare_torchvision --torch_python /path/venv/bin/python
+
+Every configuration key is accepted as --key=value (--backbone, --fpn_out_channels, --class_num,
+--batch_size, --config_path, ...); the configuration's own ``mode`` (GRAPH/PYNATIVE) is
+--execution_mode here. --height/--width default to the first pad shape of the configuration.
+
+One step is:
+  infer: FCOSInference (network + in-graph top-k decoding) on a fixed random batch, outputs copied
+         to NumPy, then the NumPy selection (threshold, clip, class-aware NMS) of every image, as
+         evaluation runs it. parts: ``graph`` and ``select``.
+  train: one TrainStep as train.py builds it (forward, loss, backward, non-finite guard, SGD
+         momentum update) on a fixed random batch with fixed synthetic ground truth
+         (--num_gt_boxes real boxes, padded to max_gt_boxes).
+  data:  one batch of create_train_dataset (decode, augment, resize, normalise, pad; the
+         configured workers, augmentation, min_size/max_size and pad shapes) over synthetic JPEGs
+         of --height x --width, generated first into a temporary folder.
+The first call (graph compilation in GRAPH_MODE) and --warmup calls are not timed.
+
+Output: a table, then, as the last line, one JSON object: median_s, min_s, max_s (seconds per
+step), images_per_s (batch_size / median step; data: / mean step, as workers deliver batches in
+bursts), compile_s (seconds of the first call: compilation plus one step), peak_rss_mb,
+steady_state_compiles (graphs MindSpore compiled during the timed steps, from the cell's compile
+cache; 0 expected), slow_steps (timed steps over 1.5x the median), load_1min (load average at the
+end: the cores may be shared), parts, steps, warmup,
+framework, mode, batch_size, input, config. With --compare_torchvision also ``torchvision`` (the
+same keys, measured by src.tools.benchmark_torchvision in --torch_python) and ``ratio`` (ours /
+theirs seconds per step: above 1 means slower than torchvision).
+"""
+import argparse
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+
+import numpy as np
+
+import src  # noqa: F401  (sets the oneDNN ISA before mindspore loads)
+import mindspore as ms
+
+from src.builder import build_decoder, build_model, build_train_dataset, selection_kwargs
+from src.data.pipeline import resolve_pad_buckets
+from src.detector import FCOSInference
+from src.engine.context import init_context
+from src.engine.lr_schedule import scaled_lr
+from src.model_utils.config import ConfigError, guard_main, load_config
+from src.postprocess import postprocess_batch
+from src.tools.benchmark_common import (format_table, json_line, summarise, synthetic_ground_truth,
+                                        time_steps)
+from src.tools.synthetic import make_synthetic_coco
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+# Configuration keys that define what is benchmarked; they go into the JSON and to torchvision.
+MODEL_KEYS = ("backbone", "fpn_out_channels", "class_num", "use_p5", "use_GN_head", "num_head_convs",
+              "add_centerness", "cnt_on_reg", "norm_reg_targets", "freeze_bn", "freeze_stage_1",
+              "strides", "center_sampling_radius", "score_threshold", "nms_iou_threshold",
+              "detections_per_img", "max_detection_boxes_num", "max_gt_boxes", "momentum",
+              "weight_decay", "seed")
+
+
+def parse_args(argv=None):
+    """-> (benchmark options, Config). Options this parser does not know go to load_config."""
+    parser = argparse.ArgumentParser(
+        description="Benchmark FCOS (inference, training step, data pipeline); every configuration "
+                    "key is also accepted as --key=value.", allow_abbrev=False)
+    parser.add_argument("--mode", choices=("infer", "train", "data"), default="infer")
+    parser.add_argument("--height", type=int, help="input height (default: the first pad shape)")
+    parser.add_argument("--width", type=int, help="input width (default: the first pad shape)")
+    parser.add_argument("--steps", type=int, default=10, help="timed steps")
+    parser.add_argument("--warmup", type=int, default=2, help="untimed steps after the first call")
+    parser.add_argument("--num_gt_boxes", type=int, default=8, help="real boxes per image (train)")
+    parser.add_argument("--execution_mode", choices=("GRAPH", "PYNATIVE"),
+                        help="the configuration's mode key (default: the configuration's)")
+    parser.add_argument("--compare_torchvision", action="store_true",
+                        help="also time torchvision's FCOS (infer or train) in --torch_python")
+    parser.add_argument("--torch_python", default=os.environ.get("TORCH_PYTHON", sys.executable),
+                        help="Python with torch and torchvision (default: $TORCH_PYTHON, else this one)")
+    args, rest = parser.parse_known_args(argv)
+    if args.execution_mode:
+        rest.append(f"--mode={args.execution_mode}")
+    cfg = load_config(rest, description="FCOS benchmark")
+    if args.height is None or args.width is None:
+        bucket = resolve_pad_buckets(cfg.pad_buckets, cfg.min_size, cfg.max_size, cfg.size_divisor)[0]
+        args.height = args.height or bucket[0]
+        args.width = args.width or bucket[1]
+    if args.height % cfg.size_divisor or args.width % cfg.size_divisor:
+        raise ConfigError(f"--height/--width: {args.height}x{args.width} is not a multiple of "
+                          f"size_divisor={cfg.size_divisor}")
+    if args.steps < 1 or args.warmup < 0:
+        raise ConfigError("--steps must be at least 1 and --warmup at least 0")
+    if args.compare_torchvision and args.mode == "data":
+        raise ConfigError("--compare_torchvision: only for --mode infer or train")
+    return args, cfg
+
+
+def fixed_batch(args, cfg):
+    """The random input batch every timed step reuses: images (B,3,H,W), gt boxes/labels/mask."""
+    rng = np.random.default_rng(cfg.seed)
+    images = rng.standard_normal((cfg.batch_size, 3, args.height, args.width), np.float32)
+    targets = synthetic_ground_truth(cfg.batch_size, args.height, args.width, args.num_gt_boxes,
+                                     cfg.max_gt_boxes, cfg.class_num, cfg.seed)
+    return (images, *targets)
+
+
+def infer_step(args, cfg):
+    """-> (compiled cell, step) for FCOSInference + NumPy selection; step returns its parts."""
+    cell = FCOSInference(build_model(cfg), build_decoder(cfg))
+    cell.set_train(False)
+    images = ms.Tensor(fixed_batch(args, cfg)[0])
+    image_sizes = np.tile([[args.height, args.width]], (cfg.batch_size, 1))
+    selection = selection_kwargs(cfg)
+
+    def step():
+        start = time.perf_counter()
+        boxes, scores, labels = (x.asnumpy() for x in cell(images))
+        graph_done = time.perf_counter()
+        postprocess_batch(boxes, scores, labels, image_sizes, **selection)
+        return {"graph": graph_done - start, "select": time.perf_counter() - graph_done}
+
+    return cell, step
+
+
+def train_step(args, cfg):
+    """-> (compiled cell, step) for one training step exactly as train.py builds it."""
+    from train import build_train_step  # the entry point owns how a training step is assembled
+
+    calls = 1 + args.warmup + args.steps
+    cell, _ = build_train_step(cfg, build_model(cfg), steps_per_epoch=calls, group_size=1)
+    inputs = [ms.Tensor(x) for x in fixed_batch(args, cfg)]
+
+    def step():
+        cell(*inputs)[0].asnumpy()
+
+    return cell, step
+
+
+def data_step(args, cfg, workdir):
+    """-> step taking the next batch of the training pipeline over a synthetic set made in workdir."""
+    calls = 1 + args.warmup + args.steps
+    cfg.train_ann_file = make_synthetic_coco(workdir, calls * cfg.batch_size, args.height, args.width,
+                                             cfg.seed)
+    cfg.train_img_dir = os.path.join(workdir, "images")
+    dataset, info = build_train_dataset(cfg)
+    batches = dataset.create_tuple_iterator(num_epochs=1, output_numpy=True)
+
+    def step():
+        next(batches)
+
+    return step, info["buckets"]
+
+
+def time_cell(step, args, cell=None):
+    """time_steps -> (first, times, parts, graphs compiled during the timed steps or None).
+
+    The count comes from the top cell's compile cache (one entry per compiled input signature);
+    it is None without a cell (data) and stays 0 in PYNATIVE_MODE, which compiles no whole graph.
+    """
+    seen = {}
+
+    def remember_cache_size():
+        seen["warm"] = len(cell.compile_cache)
+
+    first, times, parts = time_steps(step, args.steps, args.warmup,
+                                     remember_cache_size if cell is not None else None)
+    compiles = None if cell is None else len(cell.compile_cache) - seen["warm"]
+    return first, times, parts, compiles
+
+
+def run_mindspore(args, cfg):
+    """Time our side -> result dict (see the module docstring)."""
+    init_context(cfg.device_target, cfg.mode, cfg.device_id, distributed=False)
+    ms.set_seed(cfg.seed)
+    extra = {}
+    if args.mode == "data":
+        with tempfile.TemporaryDirectory(prefix="fcos_bench_") as workdir:
+            step, extra["pad_shapes"] = data_step(args, cfg, workdir)
+            first, times, parts, compiles = time_cell(step, args)
+        result = summarise(first, times, parts, cfg.batch_size, throughput="mean")
+    else:
+        cell, step = infer_step(args, cfg) if args.mode == "infer" else train_step(args, cfg)
+        first, times, parts, compiles = time_cell(step, args, cell)
+        result = summarise(first, times, parts, cfg.batch_size, compiles)
+    result.update(extra)
+    result.update({"framework": "mindspore", "mode": args.mode, "batch_size": cfg.batch_size,
+                   "input": f"{args.height}x{args.width}", "steps": args.steps, "warmup": args.warmup,
+                   "versions": {"mindspore": ms.__version__}})
+    return result
+
+
+def torchvision_spec(args, cfg):
+    """What src.tools.benchmark_torchvision needs to build and time the same model and input."""
+    spec = {key: cfg[key] for key in MODEL_KEYS}
+    spec.update({"mode": args.mode, "height": args.height, "width": args.width,
+                 "batch_size": cfg.batch_size, "steps": args.steps, "warmup": args.warmup,
+                 "num_gt_boxes": args.num_gt_boxes, "lr": scaled_lr(cfg.base_lr, cfg.lr_base_batch, cfg.batch_size)})
+    return spec
+
+
+def run_torchvision(args, cfg):
+    """Time torchvision's FCOS in a separate process of --torch_python -> its result dict.
+
+    It runs before our side so that the two never hold memory at the same time, with oneDNN at
+    its default ISA (the AVX2 cap is for MindSpore's NCHW convolutions, see src/__init__.py).
+    """
+    # Not "import torchvision": a CUDA-built torchvision imports only after benchmark_torchvision's fix.
+    probe = subprocess.run([args.torch_python, "-c", "import importlib.util, sys, torch; "
+                            "sys.exit(importlib.util.find_spec('torchvision') is None)"], capture_output=True)
+    if probe.returncode:
+        raise ConfigError(f"--torch_python: {args.torch_python} cannot import torch and torchvision "
+                          "(make a separate environment for them: they are not dependencies of this project)")
+    env = dict(os.environ, ONEDNN_MAX_CPU_ISA="ALL")
+    command = [args.torch_python, "-m", "src.tools.benchmark_torchvision",
+               "--spec", json.dumps(torchvision_spec(args, cfg))]
+    done = subprocess.run(command, cwd=ROOT, env=env, stdout=subprocess.PIPE, text=True, check=False)
+    if done.returncode:
+        raise RuntimeError(f"the torchvision benchmark failed (exit code {done.returncode})")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def report_config(args, cfg):
+    """The configuration part of the JSON line."""
+    config = {key: cfg[key] for key in MODEL_KEYS}
+    config.update({"config_path": os.path.relpath(cfg.config_path, ROOT), "device_target": cfg.device_target,
+                   "execution_mode": cfg.mode, "height": args.height, "width": args.width,
+                   "batch_size": cfg.batch_size, "num_parallel_workers": cfg.num_parallel_workers,
+                   "num_gt_boxes": args.num_gt_boxes,
+                   "ONEDNN_MAX_CPU_ISA": os.environ.get("ONEDNN_MAX_CPU_ISA", "")})
+    return config
+
+
+@guard_main
+def main(argv=None):
+    args, cfg = parse_args(argv)
+    theirs = run_torchvision(args, cfg) if args.compare_torchvision else None
+    result = run_mindspore(args, cfg)
+    result["config"] = report_config(args, cfg)
+    rows = [result]
+    if theirs is not None:
+        result["torchvision"] = theirs
+        result["ratio"] = {key: round(result[key] / theirs[key], 3) for key in ("median_s", "min_s")}
+        rows.append(theirs)
+    print(format_table(rows))
+    if theirs is not None:
+        print(f"ours / torchvision seconds per step: median {result['ratio']['median_s']}, "
+              f"min {result['ratio']['min_s']}")
+    print(json_line(result), flush=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,111 @@
+"""src/tools/benchmark.py: the tool runs every mode on a small config and reports the documented
+JSON line; its timing, compile counting and synthetic ground truth are right. No timing
+assertions: the machine is shared."""
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+import src  # noqa: F401
+import mindspore as ms
+from mindspore import nn
+
+from conftest import ROOT
+from src.tools.benchmark import time_cell
+from src.tools.benchmark_common import RESULT_KEYS, summarise, synthetic_ground_truth
+
+SMALL = ["--config_path=configs/synthetic_cpu.yaml", "--backbone=resnet18", "--fpn_out_channels=32",
+         "--num_head_convs=1", "--batch_size=2", "--height=64", "--width=96", "--steps=2", "--warmup=1"]
+REPORT_KEYS = set(RESULT_KEYS) | {"parts", "framework", "mode", "batch_size", "input", "steps", "warmup",
+                                  "config", "versions"}
+
+
+def run_benchmark(*args, timeout=240):
+    """python -m src.tools.benchmark args... -> (stdout lines, the JSON of the last one)."""
+    done = subprocess.run([sys.executable, "-m", "src.tools.benchmark", *args], cwd=ROOT, text=True,
+                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, timeout=timeout)
+    assert done.returncode == 0, done.stderr[-3000:]
+    lines = done.stdout.strip().splitlines()
+    return lines, json.loads(lines[-1])
+
+
+@pytest.mark.parametrize("mode, parts", [("infer", {"graph", "select"}), ("train", set()), ("data", set())])
+def test_each_mode_prints_a_table_and_the_json_line_last(mode, parts):
+    lines, result = run_benchmark(*SMALL, f"--mode={mode}", "--min_size=[64]", "--max_size=96")
+    assert lines[0].split()[:2] == ["framework", "mode"]
+    assert lines[1].split()[:4] == ["mindspore", mode, "2", "64x96"]
+    assert REPORT_KEYS <= set(result)
+    assert (result["framework"], result["mode"], result["batch_size"], result["input"]) == ("mindspore", mode, 2, "64x96")
+    assert set(result["parts"]) == parts
+    assert 0 < result["min_s"] <= result["median_s"] <= result["max_s"]
+    assert result["images_per_s"] > 0 and result["compile_s"] > 0 and result["peak_rss_mb"] > 100
+    config = result["config"]
+    assert (config["backbone"], config["fpn_out_channels"], config["num_head_convs"]) == ("resnet18", 32, 1)
+    assert (config["height"], config["width"], config["execution_mode"]) == (64, 96, "GRAPH")
+    if mode == "data":
+        # Synthetic 64x96 images, resized by min_size/max_size, padded to the landscape bucket.
+        assert result["steady_state_compiles"] is None and result["pad_shapes"] == [[64, 96], [96, 64]]
+    else:
+        assert result["steady_state_compiles"] == 0  # fixed shapes: nothing compiles after the first call
+
+
+def test_bad_arguments_end_with_one_line_and_exit_code_2():
+    done = subprocess.run([sys.executable, "-m", "src.tools.benchmark", "--height=100", "--width=96"],
+                          cwd=ROOT, text=True, capture_output=True, timeout=60)
+    assert done.returncode == 2 and "multiple of size_divisor=32" in done.stderr
+    done = subprocess.run([sys.executable, "-m", "src.tools.benchmark", "--no_such_key=1"],
+                          cwd=ROOT, text=True, capture_output=True, timeout=60)
+    assert done.returncode == 2 and "--no_such_key" in done.stderr
+
+
+@pytest.mark.skipif(not os.environ.get("TORCH_PYTHON"), reason="set TORCH_PYTHON to a Python with torch + torchvision")
+def test_compare_torchvision_reports_both_sides_and_the_ratio():
+    _, result = run_benchmark(*SMALL, "--mode=infer", "--compare_torchvision")
+    theirs = result["torchvision"]
+    assert theirs["framework"] == "torchvision" and theirs["input"] == "64x96" and theirs["batch_size"] == 2
+    assert set(theirs["parts"]) == {"forward", "postprocess"}
+    assert result["ratio"]["median_s"] == pytest.approx(result["median_s"] / theirs["median_s"], rel=1e-2)
+
+
+def test_compile_count_sees_a_graph_compiled_during_the_timed_steps():
+    """A step that feeds a new input shape on every call compiles on every timed call."""
+    ms.set_context(mode=ms.GRAPH_MODE)
+    cell = nn.Dense(3, 2)
+    calls = []
+
+    def step():
+        calls.append(None)
+        cell(ms.Tensor(np.ones((len(calls), 3), np.float32))).asnumpy()
+
+    class Args:
+        steps, warmup = 3, 1
+
+    first, times, _, compiles = time_cell(step, Args, cell)
+    assert len(calls) == 5 and len(times) == 3 and first > 0
+    assert compiles == 3
+
+
+def test_summary_statistics():
+    result = summarise(2.0, [0.5, 0.1, 0.2, 0.2, 0.2], {"a": [1.0, 3.0, 2.0]}, batch_size=4, steady_state_compiles=0)
+    assert (result["median_s"], result["min_s"], result["max_s"]) == (0.2, 0.1, 0.5)
+    assert result["images_per_s"] == 20.0 and result["compile_s"] == 2.0
+    assert result["slow_steps"] == 1 and result["parts"] == {"a": 2.0}
+    assert summarise(2.0, [0.1, 0.3], {}, batch_size=4, throughput="mean")["images_per_s"] == 20.0
+
+
+def test_synthetic_ground_truth_is_padded_inside_the_image_and_reproducible():
+    boxes, labels, mask = synthetic_ground_truth(3, 64, 96, num_boxes=5, max_gt_boxes=7, num_classes=4, seed=2)
+    assert boxes.shape == (3, 7, 4) and boxes.dtype == np.float32
+    assert labels.dtype == np.int32 and mask.dtype == np.bool_
+    assert mask[:, :5].all() and not mask[:, 5:].any()
+    real = boxes[mask]
+    assert (real[:, 0] >= 0).all() and (real[:, 1] >= 0).all()
+    assert (real[:, 2] <= 96).all() and (real[:, 3] <= 64).all()
+    assert (real[:, 2] - real[:, 0] >= 15.99).all() and (real[:, 3] - real[:, 1] >= 15.99).all()
+    assert set(labels[mask].tolist()) <= {0, 1, 2, 3} and (boxes[~mask] == 0).all()
+    again = synthetic_ground_truth(3, 64, 96, num_boxes=5, max_gt_boxes=7, num_classes=4, seed=2)
+    assert all(np.array_equal(a, b) for a, b in zip((boxes, labels, mask), again))
+    assert synthetic_ground_truth(1, 64, 96, num_boxes=9, max_gt_boxes=4, num_classes=1)[2].sum() == 4
