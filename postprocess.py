@@ -14,7 +14,7 @@ import logging
 import os
 
 import src  # noqa: F401  (sets the oneDNN ISA before mindspore loads)
-from src.data.coco import label_maps
+from src.data.coco import DatasetError, label_maps
 from src.engine.coco_eval import coco_evaluate, load_coco, to_coco_results
 from src.engine.context import setup_logging
 from src.infer_mindir import TIME_FILE, read_export_info, read_result
@@ -81,7 +81,10 @@ def main(argv=None):
     except ValueError as err:
         raise ConfigError(f"--export_info: {err}") from None
     info = read_json(args.info_file, "info_file")
-    coco = load_coco(cfg.val_ann_file)
+    try:
+        coco = load_coco(cfg.val_ann_file)
+    except DatasetError as err:
+        raise ConfigError(f"--val_ann_file: {err}") from None
     label_to_cat_id, _, _ = label_maps(coco.dataset["categories"])
     if len(label_to_cat_id) > export["model"]["class_num"]:
         raise ConfigError(f"--val_ann_file: {len(label_to_cat_id)} categories, but the exported model has "

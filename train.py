@@ -12,7 +12,7 @@ import mindspore as ms
 
 from src.builder import (build_decoder, build_eval_dataset, build_loss, build_model, build_train_dataset,
                          selection_kwargs)
-from src.data.coco import DatasetError
+from src.data.pipeline import loader_error
 from src.detector import FCOSInference
 from src.engine.checkpoint import load_checkpoint_file, load_weights, split_meta
 from src.engine.context import init_context, setup_logging
@@ -33,10 +33,11 @@ def check_class_count(cfg, info, key):
         logger.warning("%s has %d categories, fewer than --class_num=%d", cfg[key], found, cfg.class_num)
 
 
-def epoch_batches(dataset, first_epoch, epochs, on_epoch_start=None):
+def epoch_batches(dataset, first_epoch, epochs, on_epoch_start=None, on_epoch_end=None):
     """make_dataset for Trainer: one iterator over the remaining epochs; MindSpore's iterator
     ends each epoch with StopIteration and continues with the next one on the next loop.
-    on_epoch_start(epoch), when given, runs as an epoch starts (or resumes)."""
+    on_epoch_start(epoch) and on_epoch_end(epoch), when given, run as an epoch starts (or
+    resumes) and after its last batch."""
     iterator = dataset.create_tuple_iterator(num_epochs=epochs - first_epoch)
 
     def make(epoch, start_batch):
@@ -45,8 +46,21 @@ def epoch_batches(dataset, first_epoch, epochs, on_epoch_start=None):
         for index, batch in enumerate(iterator):
             if index >= start_batch:
                 yield batch
+        if on_epoch_end:
+            on_epoch_end(epoch)
 
     return make
+
+
+def failed_image_reporter(failed):
+    """on_epoch_end: log how many images failed to decode so far (FailedImages), when any did."""
+
+    def report(epoch):
+        if len(failed):
+            logger.warning("after epoch %d: %d images so far could not be decoded and were replaced in their "
+                           "batches by other images, e.g. %s", epoch + 1, len(failed), failed.paths()[:3])
+
+    return report
 
 
 def batch_id_logger(plan, rank):
@@ -118,10 +132,7 @@ def main(argv=None):
         except (FileNotFoundError, ValueError) as err:
             raise ConfigError(f"--resume: {err}") from None
 
-    try:
-        dataset, info = build_train_dataset(cfg, rank, group_size, start_epoch=resume_meta.get("epoch", 0))
-    except DatasetError as err:
-        raise ConfigError(f"--train_ann_file: {err}") from None
+    dataset, info = build_train_dataset(cfg, rank, group_size, start_epoch=resume_meta.get("epoch", 0))
     check_class_count(cfg, info, "train_ann_file")
     steps_per_epoch = info["batches_per_epoch"]
     logger.info("rank %d/%d: %d training images, %d batches of %d per epoch, pad shapes %s", rank, group_size,
@@ -144,15 +155,18 @@ def main(argv=None):
         except ValueError as err:
             raise ConfigError(f"--resume: {err}") from None
     on_epoch_start = batch_id_logger(info["plan"], rank) if cfg.log_batch_ids else None
+    batches = epoch_batches(dataset, trainer.epoch, cfg.epochs, on_epoch_start,
+                            failed_image_reporter(info["failed_images"]))
     try:
-        finished = trainer.run(epoch_batches(dataset, trainer.epoch, cfg.epochs, on_epoch_start))
+        finished = trainer.run(batches)
     except TrainingStopped as err:
         logger.error("%s", err)
         raise SystemExit(1) from None
-    failed = info["failed_images"]
-    if len(failed):
-        logger.warning("%d images could not be decoded and were replaced in their batches, e.g. %s",
-                       len(failed), failed.paths()[:3])
+    except RuntimeError as err:  # MindSpore's wrapping of an error in a data-loading worker
+        cause = loader_error(err)
+        if cause is None:
+            raise
+        raise ConfigError(f"--train_img_dir: {cause}") from None
     if not finished:
         raise SystemExit(130)
 

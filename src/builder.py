@@ -2,9 +2,13 @@
 
 Deep modules take plain values; entry points call these builders with the parsed config.
 """
-from src.data.pipeline import create_eval_dataset, create_train_dataset
+import contextlib
+
+from src.data.coco import DatasetError
+from src.data.pipeline import PadBucketError, create_eval_dataset, create_train_dataset
 from src.losses import FCOSLoss
 from src.model.fcos import FCOS
+from src.model_utils.config import ConfigError
 from src.postprocess import FCOSDecoder
 
 
@@ -36,19 +40,35 @@ def selection_kwargs(cfg):
             "detections_per_img": cfg.detections_per_img}
 
 
+@contextlib.contextmanager
+def dataset_errors(ann_key):
+    """Turn the errors of an unusable dataset into a ConfigError naming the key to fix: ann_key
+    for the data (the message names the file), --pad_buckets for images that fit no pad shape."""
+    try:
+        yield
+    except PadBucketError as err:
+        raise ConfigError(f"--pad_buckets: {err}") from None
+    except DatasetError as err:
+        raise ConfigError(f"--{ann_key}: {err}") from None
+
+
 def build_train_dataset(cfg, rank=0, group_size=1, start_epoch=0):
-    return create_train_dataset(
-        cfg.train_img_dir, cfg.train_ann_file, batch_size=cfg.batch_size, min_size=cfg.min_size,
-        max_size=cfg.max_size, pad_buckets=cfg.pad_buckets, max_gt_boxes=cfg.max_gt_boxes,
-        flip_prob=cfg.flip_prob, color_jitter=cfg.color_jitter, crop_prob=cfg.crop_prob,
-        crop_min_scale=cfg.crop_min_scale, rotate_degrees=cfg.rotate_degrees,
-        skip_empty_images=cfg.skip_empty_images, num_parallel_workers=cfg.num_parallel_workers,
-        rank=rank, group_size=group_size, seed=cfg.seed, size_divisor=cfg.size_divisor,
-        start_epoch=start_epoch)
+    """create_train_dataset from the configuration; ConfigError for an unusable dataset."""
+    with dataset_errors("train_ann_file"):
+        return create_train_dataset(
+            cfg.train_img_dir, cfg.train_ann_file, batch_size=cfg.batch_size, min_size=cfg.min_size,
+            max_size=cfg.max_size, pad_buckets=cfg.pad_buckets, max_gt_boxes=cfg.max_gt_boxes,
+            flip_prob=cfg.flip_prob, color_jitter=cfg.color_jitter, crop_prob=cfg.crop_prob,
+            crop_min_scale=cfg.crop_min_scale, rotate_degrees=cfg.rotate_degrees,
+            skip_empty_images=cfg.skip_empty_images, num_parallel_workers=cfg.num_parallel_workers,
+            rank=rank, group_size=group_size, seed=cfg.seed, size_divisor=cfg.size_divisor,
+            start_epoch=start_epoch)
 
 
 def build_eval_dataset(cfg, batch_size=1, rank=0, group_size=1):
-    return create_eval_dataset(
-        cfg.val_img_dir, cfg.val_ann_file, batch_size=batch_size, min_size=cfg.min_size,
-        max_size=cfg.max_size, pad_buckets=cfg.pad_buckets, num_parallel_workers=cfg.num_parallel_workers,
-        rank=rank, group_size=group_size, size_divisor=cfg.size_divisor)
+    """create_eval_dataset from the configuration; ConfigError for an unusable dataset."""
+    with dataset_errors("val_ann_file"):
+        return create_eval_dataset(
+            cfg.val_img_dir, cfg.val_ann_file, batch_size=batch_size, min_size=cfg.min_size,
+            max_size=cfg.max_size, pad_buckets=cfg.pad_buckets, num_parallel_workers=cfg.num_parallel_workers,
+            rank=rank, group_size=group_size, size_divisor=cfg.size_divisor)

@@ -11,12 +11,17 @@ in this order; every kind is logged once with its count; ``CocoDataset.stats`` h
 unknown_image       ``image_id`` not in ``images``                             -> dropped
 malformed           ``bbox`` missing or not 4 numbers                          -> dropped
 nonfinite           NaN or infinite coordinates                                -> dropped
-crowd               ``iscrowd`` = 1 (COCO scores them as ignore regions)       -> dropped
 degenerate          width or height <= 0                                       -> dropped
 outside             no overlap with the image                                  -> dropped
+crowd               ``iscrowd`` = 1 (COCO scores them as ignore regions)       -> dropped
 unknown_category    ``category_id`` not in ``categories``                      -> dropped
 clipped             partly outside the image: clipped to it                    -> kept
 ==================  =====================================================================
+
+A file that cannot be used at all - not JSON, not COCO's layout, duplicate image or category
+ids, an image without a positive size, an annotation without ``image_id`` / ``category_id`` -
+raises DatasetError naming the file. Annotation ids that are missing, repeated or below 1 are
+renumbered (see ``coco_index``).
 """
 import contextlib
 import io
@@ -54,13 +59,22 @@ def load_image_rgb(path):
     """Decode an image file -> (H,W,3) uint8 RGB.
 
     Grayscale is replicated to three channels, alpha is dropped, 16-bit is rescaled to 8 bits.
-    A missing or undecodable file raises DatasetError naming it.
+    A missing, empty, truncated or undecodable file raises DatasetError naming it.
     """
     if not os.path.isfile(path):
         raise DatasetError(f"image file not found: {path}")
-    image = cv2.imread(path, cv2.IMREAD_UNCHANGED)
+    try:
+        data = np.fromfile(path, np.uint8)
+    except OSError as err:
+        raise DatasetError(f"cannot read image file ({err.strerror}): {path}") from None
+    if data.size == 0:
+        raise DatasetError(f"empty image file (0 bytes): {path}")
+    # imdecode, not imread: reading a file, libjpeg fills a cut-off JPEG with grey and only
+    # prints a warning; decoding from memory, OpenCV rejects it.
+    image = cv2.imdecode(data, cv2.IMREAD_UNCHANGED)
     if image is None or image.size == 0:
-        raise DatasetError(f"cannot decode image file (corrupt or unsupported format): {path}")
+        raise DatasetError(f"cannot decode image file (corrupt, truncated or unsupported format): "
+                           f"{path}")
     if image.dtype == np.uint16:
         image = np.round(image.astype(np.float32) / 257.0).astype(np.uint8)
     elif image.dtype != np.uint8:
@@ -115,13 +129,44 @@ def read_coco_json(ann_file):
         if len(set(values)) != len(values):
             dup = sorted({v for v in values if values.count(v) > 1})[:5]
             raise DatasetError(f"duplicate {what} ids {dup} in annotation file: {ann_file}")
+    for img in data["images"]:
+        if int(img["height"]) <= 0 or int(img["width"]) <= 0:
+            raise DatasetError(f"image {img['id']} ({img['file_name']}) has size "
+                               f"{img['height']}x{img['width']}, not a positive one: {ann_file}")
+    for index, ann in enumerate(data.get("annotations", [])):
+        if not (isinstance(ann, dict) and isinstance(ann.get("image_id"), (int, float, str))
+                and isinstance(ann.get("category_id"), (int, float, str))):
+            raise DatasetError(f"not a COCO annotation file (annotation {index} has no image_id "
+                               f"or category_id): {ann_file}")
     return data
 
 
-def _clean_box(ann, width, height):
-    """One annotation -> (box, drop_kind, was_clipped).
+def coco_index(data, ann_file):
+    """pycocotools COCO over ``data`` (a read_coco_json dict), built without its chatter.
 
-    box is (x1,y1,x2,y2) clipped to the image, or None with drop_kind naming the rule that drops it.
+    Annotation ids that are missing, repeated or below 1 are renumbered 1..N first (logged):
+    pycocotools keys annotations by id, and COCOeval takes id 0 for "no match", so such ids
+    would silently lose boxes or score true matches as false positives.
+    """
+    anns = data.get("annotations", [])
+    ids = [ann.get("id") for ann in anns]
+    if not all(type(i) is int and i >= 1 for i in ids) or len(set(ids)) != len(ids):
+        for new_id, ann in enumerate(anns, 1):
+            ann["id"] = new_id
+        logger.warning("%s: annotation ids missing, repeated or below 1: renumbered 1..%d",
+                       os.path.basename(ann_file), len(anns))
+    coco = COCO()
+    coco.dataset = data
+    with contextlib.redirect_stdout(io.StringIO()):
+        coco.createIndex()
+    return coco
+
+
+def clean_box(ann, width, height):
+    """One annotation of an image of ``width`` x ``height`` -> (box, drop_kind, was_clipped).
+
+    box is (x1,y1,x2,y2) clipped to the image, or None with drop_kind naming the first rule of the
+    cleaning policy (module docstring) that drops it; the category is not checked here.
     """
     bbox = ann.get("bbox")
     try:
@@ -130,13 +175,13 @@ def _clean_box(ann, width, height):
         return None, "malformed", False
     if not np.all(np.isfinite([x, y, w, h])):
         return None, "nonfinite", False
-    if ann.get("iscrowd", 0):
-        return None, "crowd", False
     if w <= 0 or h <= 0:
         return None, "degenerate", False
     x1, y1, x2, y2 = max(x, 0.0), max(y, 0.0), min(x + w, float(width)), min(y + h, float(height))
     if x2 <= x1 or y2 <= y1:
         return None, "outside", False
+    if ann.get("iscrowd", 0):
+        return None, "crowd", False
     return (x1, y1, x2, y2), None, (x1, y1, x2, y2) != (x, y, x + w, y + h)
 
 
@@ -155,14 +200,7 @@ class CocoDataset:
         self.img_dir = img_dir
         self.ann_file = ann_file
         data = read_coco_json(ann_file)
-        coco = COCO()
-        coco.dataset = data
-        try:
-            with contextlib.redirect_stdout(io.StringIO()):
-                coco.createIndex()
-        except (KeyError, TypeError) as err:
-            raise DatasetError(f"not a COCO annotation file (an annotation lacks {err}): "
-                               f"{ann_file}") from None
+        coco = coco_index(data, ann_file)
         self.label_to_cat_id, self.cat_id_to_label, self.class_names = label_maps(
             data["categories"])
         self.stats = {"images": len(data["images"]),
@@ -198,7 +236,7 @@ class CocoDataset:
         boxes, labels = [], []
         for ann in anns:
             label = self.cat_id_to_label.get(ann.get("category_id"))
-            box, kind, clipped = _clean_box(ann, info["width"], info["height"])
+            box, kind, clipped = clean_box(ann, info["width"], info["height"])
             if kind is None and label is None:
                 kind = "unknown_category"
             if kind is not None:

@@ -13,6 +13,7 @@ training sees at each step the batch one process with the global batch size woul
 import logging
 import multiprocessing
 import os
+import re
 
 import mindspore.dataset as ds
 import numpy as np
@@ -25,7 +26,29 @@ logger = logging.getLogger("fcos")
 
 TRAIN_COLUMNS = ["images", "gt_boxes", "gt_labels", "gt_mask"]
 EVAL_COLUMNS = ["images", "image_ids", "image_sizes", "orig_sizes"]
-PAD_IMAGE_ID = -1  # image_ids entry of an evaluation batch slot that repeats another image
+PAD_IMAGE_ID = -1  # image_ids entry of an evaluation batch slot whose outputs are to be ignored
+
+
+class PadBucketError(ValueError):
+    """The pad buckets do not suit the images or the size divisor (a configuration problem)."""
+
+
+def loader_error(err):
+    """The DatasetError a batch source raised in a loading worker -> a one-line DatasetError, or
+    None when ``err`` is something else. MindSpore hands such errors on as a RuntimeError whose
+    message carries the worker's traceback as text, the original error on its last such line."""
+    found = re.findall(r"^(?:[\w.]+\.)?DatasetError: (.+)$", str(err), re.MULTILINE)
+    return DatasetError(found[-1].strip()) if found else None
+
+
+def present_images(coco, image_ids, purpose):
+    """The ids of ``image_ids`` whose file exists; the others are counted in one warning."""
+    exists = {i: os.path.isfile(coco.image_path(i)) for i in image_ids}
+    missing = [i for i in image_ids if not exists[i]]
+    if missing:
+        logger.warning("%d %s images skipped: file not found (e.g. %s)", len(missing), purpose,
+                       coco.image_path(missing[0]))
+    return [i for i in image_ids if exists[i]]
 
 
 def pad_targets(boxes, labels, max_gt_boxes):
@@ -49,15 +72,18 @@ def resolve_pad_buckets(pad_buckets, min_sizes, max_size, size_divisor=32):
     """Config pad_buckets ([[h, w], ...], empty = default) -> list of (h, w) tuples."""
     if not pad_buckets:
         return default_pad_buckets(min_sizes, max_size, size_divisor)
+    if any(not isinstance(b, (list, tuple)) or len(b) != 2 for b in pad_buckets):
+        raise PadBucketError(f"expected [[h, w], ...], got {pad_buckets}")
     buckets = [tuple(int(v) for v in b) for b in pad_buckets]
     for h, w in buckets:
         if h <= 0 or w <= 0 or h % size_divisor or w % size_divisor:
-            raise ValueError(f"pad_buckets: {h}x{w} is not a positive multiple of {size_divisor}")
+            raise PadBucketError(f"{h}x{w} is not a positive multiple of {size_divisor}")
     return buckets
 
 
 def group_by_bucket(coco, image_ids, min_size, max_size, buckets):
-    """Image ids -> one list per bucket, from the sizes in the annotation file (no pixels read)."""
+    """Image ids -> one list per bucket, from the sizes in the annotation file (no pixels read);
+    PadBucketError names the first image that fits none."""
     members = [[] for _ in buckets]
     for image_id in image_ids:
         info = coco.image_info(image_id)
@@ -65,7 +91,8 @@ def group_by_bucket(coco, image_ids, min_size, max_size, buckets):
         try:
             members[choose_pad_shape(size, buckets)].append(image_id)
         except ValueError as err:
-            raise ValueError(f"{err} (image {coco.image_path(image_id)})") from None
+            raise PadBucketError(f"{err} (min_size {min_size}, max_size {max_size}): "
+                                 f"{coco.image_path(image_id)}") from None
     return members
 
 
@@ -211,32 +238,46 @@ class EvalBatches:
     """Random-access source of evaluation batches: index -> (images (B,3,H,W) float32, image_ids
     (B,) int32, image_sizes (B,2) int32 resized (h, w), orig_sizes (B,2) int32).
 
-    A slot whose image id is PAD_IMAGE_ID repeats another image of the batch to keep shapes
-    static; its outputs must be ignored.
+    A slot whose image id is PAD_IMAGE_ID keeps shapes static and its outputs must be ignored: it
+    repeats another image of the batch, or it is an image that failed to load (flagged in
+    ``failed``), left as zeros.
     """
 
-    def __init__(self, coco, batches, buckets, min_size, max_size):
+    def __init__(self, coco, batches, buckets, min_size, max_size, failed):
         self.coco = coco
         self.batches = batches
         self.buckets = buckets
         self.min_size = min_size
         self.max_size = max_size
+        self.failed = failed
 
     def __len__(self):
         return len(self.batches)
 
     def __getitem__(self, index):
         bucket, image_ids, real = self.batches[int(index)]
-        loaded = {}
-        for image_id in dict.fromkeys(image_ids):
+        pad_hw = self.buckets[bucket]
+        loaded = {image_id: self._load(image_id, pad_hw) for image_id in dict.fromkeys(image_ids)}
+        slots = []
+        for image_id, is_real in zip(image_ids, real):
+            if loaded[image_id] is None:
+                slots.append((np.zeros((3, *pad_hw), np.float32), PAD_IMAGE_ID, pad_hw, pad_hw))
+            else:
+                chw, meta = loaded[image_id]
+                slots.append((chw, image_id if is_real else PAD_IMAGE_ID, meta.resized_hw,
+                              meta.orig_hw))
+        images, ids, sizes, orig = zip(*slots)
+        return (np.stack(images), np.array(ids, np.int32), np.array(sizes, np.int32),
+                np.array(orig, np.int32))
+
+    def _load(self, image_id, pad_hw):
+        """-> (chw, ImageMeta), or None for an image that fails to load (flagged)."""
+        try:
             image = self.coco.load_image(image_id)
-            loaded[image_id] = preprocess_image(image, self.min_size, self.max_size,
-                                                self.buckets[bucket])
-        images = np.stack([loaded[i][0] for i in image_ids])
-        ids = np.array([i if r else PAD_IMAGE_ID for i, r in zip(image_ids, real)], np.int32)
-        sizes = np.array([loaded[i][1].resized_hw for i in image_ids], np.int32)
-        orig = np.array([loaded[i][1].orig_hw for i in image_ids], np.int32)
-        return images, ids, sizes, orig
+        except DatasetError as err:
+            self.failed.mark(image_id, err)
+            return None
+        return preprocess_image(image, self.min_size, self.max_size, pad_hw)
 
 
 def plan_eval_batches(members, batch_size, rank=0, group_size=1):
@@ -287,12 +328,8 @@ def create_train_dataset(img_dir, ann_file, *, batch_size, min_size, max_size, p
     """
     min_sizes = _min_sizes(min_size)
     coco = CocoDataset(img_dir, ann_file, skip_empty=skip_empty_images)
-    present = [i for i in coco.image_ids if os.path.isfile(coco.image_path(i))]
+    present = present_images(coco, coco.image_ids, "training")
     missing = len(coco.image_ids) - len(present)
-    if missing:
-        logger.warning("%d training images skipped: file not found (e.g. %s)", missing,
-                       next(coco.image_path(i) for i in coco.image_ids
-                            if not os.path.isfile(coco.image_path(i))))
     too_many = sum(len(coco.targets(i)[0]) > max_gt_boxes for i in present)
     if too_many:
         logger.warning("%d training images have more than max_gt_boxes=%d boxes: the %d largest "
@@ -325,26 +362,31 @@ def create_eval_dataset(img_dir, ann_file, *, batch_size, min_size, max_size, pa
 
     Every image of the annotation file is kept (with or without boxes), resized with the first
     min_size. Columns: images (B,3,H,W) float32, image_ids (B,) int32 (PAD_IMAGE_ID = -1 marks a
-    slot that repeats another image to fill the batch: drop its detections), image_sizes (B,2)
-    int32 resized (h, w) before padding, orig_sizes (B,2) int32. A missing image file raises
-    DatasetError here, an undecodable one while iterating.
+    slot to ignore: a repeat that fills the batch, or an image that failed to load), image_sizes
+    (B,2) int32 resized (h, w) before padding, orig_sizes (B,2) int32. Images whose file is
+    missing are left out up front, undecodable ones while iterating; both are counted, and the
+    images actually run are those whose ids come out (scoring must be restricted to them).
 
-    info: num_images (this rank's real images), batches (this rank's), buckets, image_ids (this
-    rank's real ids), label_to_cat_id, class_names.
+    info: num_images (this rank's images with a file), batches (this rank's), buckets, image_ids
+    (this rank's ids with a file), skipped_missing, failed_images (FailedImages: live count and
+    paths of undecodable files), label_to_cat_id, class_names.
     """
     eval_size = _min_sizes(min_size)[0]
     coco = CocoDataset(img_dir, ann_file)
     if not coco.image_ids:
         raise DatasetError(f"no images in annotation file: {ann_file}")
-    for image_id in coco.image_ids:
-        if not os.path.isfile(coco.image_path(image_id)):
-            raise DatasetError(f"image file not found: {coco.image_path(image_id)}")
+    present = present_images(coco, coco.image_ids, "evaluation")
+    if not present:
+        raise DatasetError(f"none of the {len(coco.image_ids)} image files of {ann_file} is in "
+                           f"{img_dir}")
     buckets = resolve_pad_buckets(pad_buckets, [eval_size], max_size, size_divisor)
-    members = group_by_bucket(coco, coco.image_ids, eval_size, max_size, buckets)
+    members = group_by_bucket(coco, present, eval_size, max_size, buckets)
     batches = plan_eval_batches(members, batch_size, rank, group_size)
-    source = EvalBatches(coco, batches, buckets, eval_size, max_size)
+    failed = FailedImages(coco, present)
+    source = EvalBatches(coco, batches, buckets, eval_size, max_size, failed)
     dataset = _generator_dataset(source, EVAL_COLUMNS, num_parallel_workers, shuffle=False)
     ids = [i for _, chunk, real in batches for i, r in zip(chunk, real) if r]
     info = {"num_images": len(ids), "batches": len(batches), "buckets": buckets, "image_ids": ids,
+            "skipped_missing": len(coco.image_ids) - len(present), "failed_images": failed,
             "label_to_cat_id": coco.label_to_cat_id, "class_names": coco.class_names}
     return dataset, info

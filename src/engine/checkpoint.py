@@ -9,6 +9,7 @@ import os
 import re
 
 import mindspore as ms
+import numpy as np
 
 logger = logging.getLogger("fcos")
 
@@ -36,6 +37,8 @@ def load_checkpoint_file(path):
     """Load a .ckpt into {name: Parameter}; one clear error for a missing or corrupt file."""
     if not os.path.isfile(path):
         raise FileNotFoundError(f"checkpoint not found: {path}")
+    if os.path.getsize(path) == 0:
+        raise ValueError(f"checkpoint {path} is empty (0 bytes)")
     try:
         return ms.load_checkpoint(path)
     except Exception as err:  # MindSpore raises ValueError/RuntimeError variants for bad files
@@ -50,17 +53,52 @@ def split_meta(params):
     return params, meta
 
 
+def fitting_params(own, params, path, required_prefixes=("",)):
+    """The entries of a loaded checkpoint ``params`` that fit the parameters ``own`` ({name:
+    Parameter} of a cell) -> {name: Parameter} to load.
+
+    ValueError naming ``path`` when, under required_prefixes, a parameter is absent or has
+    another shape, or the file holds extra parameters of the same modules (a checkpoint of
+    another architecture, depth or class count), or when an entry to load holds NaN/inf. Other
+    entries of another shape are left out and logged: the classifier of a checkpoint with other
+    classes, when only its backbone is wanted.
+    """
+    required = tuple(required_prefixes)
+    absent = [name for name in own if name not in params and name.startswith(required)]
+    if absent:
+        raise ValueError(f"{path} lacks {len(absent)} parameters of the network, e.g. {absent[0]} "
+                         "(a checkpoint of another backbone or model?)")
+    modules = {name.split(".")[0] for name in own}
+    extra = [name for name in params if name not in own and name.startswith(required)
+             and name.split(".")[0] in modules]
+    if extra:
+        raise ValueError(f"{path} holds {len(extra)} parameters the network lacks, e.g. {extra[0]} "
+                         "(a checkpoint of a deeper backbone or another model?)")
+    reshaped = [name for name in own
+                if name in params and tuple(params[name].shape) != tuple(own[name].shape)]
+    for name in reshaped:
+        if name.startswith(required):
+            raise ValueError(f"{path} does not fit the network: {name} is {tuple(params[name].shape)} "
+                             f"there, {tuple(own[name].shape)} here (another class_num, fpn_out_channels, "
+                             "num_head_convs or backbone?)")
+    if reshaped:
+        logger.warning("%s: %d entries of another shape not loaded, e.g. %s", path, len(reshaped),
+                       reshaped[0])
+    selected = {name: params[name] for name in own if name in params and name not in reshaped}
+    for name, value in selected.items():
+        if not np.isfinite(value.asnumpy()).all():
+            raise ValueError(f"{path} holds NaN/inf values in {name}")
+    return selected
+
+
 def load_weights(network, path, strict_prefixes=()):
     """Load the network's parameters from ``path`` (extra entries such as optimiser momenta are
-    ignored). Returns the names of network parameters the file did not hold; raises when any of
-    them starts with one of ``strict_prefixes``."""
+    ignored; see fitting_params for the checks). Returns the names of network parameters the
+    file did not hold; those starting with one of ``strict_prefixes`` raise ValueError."""
     params, _ = split_meta(load_checkpoint_file(path))
-    missing, _ = ms.load_param_into_net(network, params)
-    missing = [m for m in missing]
-    critical = [m for m in missing if m.startswith(tuple(strict_prefixes))] if strict_prefixes else []
-    if critical:
-        raise ValueError(f"{path} lacks {len(critical)} parameters, e.g. {critical[0]}")
-    return missing
+    selected = fitting_params(network.parameters_dict(), params, path, strict_prefixes)
+    missing, _ = ms.load_param_into_net(network, selected)
+    return list(missing)
 
 
 class CheckpointKeeper:

@@ -3,31 +3,63 @@ import contextlib
 import io
 import json
 import logging
+import math
 import os
 
 import numpy as np
-from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
+
+from src.data.coco import clean_box, coco_index, read_coco_json
 
 logger = logging.getLogger("fcos")
 
 STAT_KEYS = ("AP", "AP50", "AP75", "APs", "APm", "APl", "AR1", "AR10", "AR100", "ARs", "ARm", "ARl")
 
 
+# Cleaning rules (src/data/coco.py) whose annotations no detection can match.
+UNSCORABLE = ("malformed", "nonfinite", "degenerate", "outside")
+
+
 def load_coco(ann_file):
-    """Load a COCO annotation file without pycocotools' chatter on stdout."""
-    with contextlib.redirect_stdout(io.StringIO()):
-        return COCO(ann_file)
+    """Ground truth for scoring -> a pycocotools COCO; DatasetError names an unusable file.
+
+    Annotations that no detection can match - bbox missing, NaN/inf, empty or entirely outside
+    its image - are left out and counted in the log, where pycocotools would fail on them or
+    count them as misses. Crowd boxes stay (detections on them are ignored) and boxes are not
+    clipped, so a clean file scores exactly as with pycocotools alone. A missing 'area' is the
+    box area and a missing 'iscrowd' is 0, as COCO defines them.
+    """
+    data = read_coco_json(ann_file)
+    sizes = {img["id"]: (img["width"], img["height"]) for img in data["images"]}
+    kept = []
+    for ann in data.get("annotations", []):
+        # unknown images get no size limit: COCOeval ignores their annotations anyway
+        width, height = sizes.get(ann["image_id"], (math.inf, math.inf))
+        if clean_box(ann, width, height)[1] in UNSCORABLE:
+            continue
+        ann.setdefault("area", float(ann["bbox"][2]) * float(ann["bbox"][3]))
+        ann.setdefault("iscrowd", 0)
+        kept.append(ann)
+    dropped = len(data.get("annotations", [])) - len(kept)
+    if dropped:
+        logger.warning("%s: %d annotations with a missing, NaN/inf or empty box, or one outside its "
+                       "image, are not scored", os.path.basename(ann_file), dropped)
+    data["annotations"] = kept
+    return coco_index(data, ann_file)
 
 
 def to_coco_results(image_id, boxes, scores, labels, label_to_cat_id):
     """Detections of one image -> COCO results entries.
 
     boxes (N,4) x1,y1,x2,y2 in original image pixels; scores (N,); labels (N,) contiguous
-    0-based; label_to_cat_id maps them back to the dataset's category ids.
+    0-based; label_to_cat_id maps them back to the dataset's category ids. Labels it does not
+    reach (a model with more classes than the file has categories) have no category to be
+    scored under and are left out.
     """
     results = []
     for (x1, y1, x2, y2), score, label in zip(np.asarray(boxes, np.float64), scores, labels):
+        if label >= len(label_to_cat_id):
+            continue
         results.append({
             "image_id": int(image_id),
             "category_id": int(label_to_cat_id[int(label)]),
@@ -42,8 +74,8 @@ def coco_evaluate(coco_gt, results, output_dir=None, image_ids=None):
     """Score ``results`` (COCO results entries) against ``coco_gt`` (a COCO object).
 
     Prints the standard 12-line table and returns {key: float} for STAT_KEYS. With
-    ``output_dir`` it writes eval_result.json (the stats, plus the detections) atomically.
-    ``image_ids`` restricts scoring to the images that were actually run.
+    ``output_dir`` it writes eval_result.json (the stats, the number of images scored and the
+    detections) atomically. ``image_ids`` restricts scoring to the images that were actually run.
     """
     if results:
         with contextlib.redirect_stdout(io.StringIO()):
@@ -61,8 +93,10 @@ def coco_evaluate(coco_gt, results, output_dir=None, image_ids=None):
         stats = [0.0] * len(STAT_KEYS)
     metrics = dict(zip(STAT_KEYS, stats))
     if output_dir:
+        num_images = len(coco_gt.imgs) if image_ids is None else len(set(image_ids))
         write_json_atomic(os.path.join(output_dir, "eval_result.json"),
-                          {**metrics, "num_detections": len(results), "detections": results})
+                          {**metrics, "num_images": num_images, "num_detections": len(results),
+                           "detections": results})
     return metrics
 
 

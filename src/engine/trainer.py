@@ -8,10 +8,15 @@ import time
 
 import mindspore as ms
 
-from src.engine.checkpoint import CheckpointKeeper, save_checkpoint_atomic
+from src.engine.checkpoint import CheckpointKeeper, fitting_params, save_checkpoint_atomic
 from src.engine.progress import Progress
 
 logger = logging.getLogger("fcos")
+
+# Optimiser parameters that this run's configuration sets (the whole learning-rate schedule and
+# the momentum factor): a resumed run takes them from its configuration, not from the checkpoint,
+# so that a changed --base_lr or --epochs applies and the logged learning rate is the one used.
+CONFIGURED_PARAMS = ("learning_rate", "momentum")
 
 
 class TrainingStopped(RuntimeError):
@@ -52,13 +57,13 @@ class Trainer:
     # ---- state ----
     def resume_from(self, path, params, meta):
         """Restore weights, optimiser state and the schedule position from a train.py checkpoint
-        (``params, meta = split_meta(load_checkpoint_file(path))``)."""
+        (``params, meta = split_meta(load_checkpoint_file(path))``); ValueError if it does not fit."""
         if "global_step" not in meta:
             raise ValueError(f"{path} is not a train.py checkpoint (no schedule position); "
                              "use --pretrained_backbone or --ckpt_file for weights only")
-        not_loaded, _ = ms.load_param_into_net(self.train_step, params)
-        if not_loaded:
-            raise ValueError(f"{path} lacks {len(not_loaded)} training parameters, e.g. {not_loaded[0]}")
+        own = {name: param for name, param in self.train_step.parameters_dict().items()
+               if name not in CONFIGURED_PARAMS}
+        ms.load_param_into_net(self.train_step, fitting_params(own, params, path))
         self.epoch, self.step_in_epoch, self.global_step = meta["epoch"], meta["step_in_epoch"], meta["global_step"]
         logger.info("resumed from %s at epoch %d, step %d of the epoch, global step %d",
                     path, self.epoch + 1, self.step_in_epoch, self.global_step)
