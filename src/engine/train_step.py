@@ -1,7 +1,7 @@
 """The compiled training step: forward + loss, backward, gradient reduction, clipping, a guard
 against non-finite values, and the optimiser update - one graph per input shape."""
 import mindspore as ms
-from mindspore import nn, ops
+from mindspore import ParameterTuple, nn, ops
 
 
 def clip_by_global_norm(grads, max_norm):
@@ -32,7 +32,9 @@ class TrainStep(nn.Cell):
     construct(*inputs) -> (total, cls, reg, ctr, finite): the loss terms before the update and
     whether the update was applied. With a loss scaler (mixed precision) the loss is scaled
     for backward and the scale adapts to overflows. Gradients are averaged across devices
-    before the finiteness check, so every rank takes the same decision.
+    before the finiteness check, so every rank takes the same decision. A skipped step also
+    puts back the BatchNorm running statistics its forward pass moved, so that it changes
+    nothing: a NaN batch would otherwise poison them for good.
     """
 
     def __init__(self, net_with_loss, optimizer, grad_clip_norm=0.0, distributed=False, loss_scaler=None):
@@ -44,6 +46,9 @@ class TrainStep(nn.Cell):
         self.loss_scaler = loss_scaler
         self.grad_fn = ops.value_and_grad(self._scaled_forward, None, self.weights, has_aux=True)
         self.grad_reducer = nn.DistributedGradReducer(self.weights) if distributed else ops.identity
+        self.running_stats = ParameterTuple(
+            param for _, cell in net_with_loss.cells_and_names() if isinstance(cell, nn.BatchNorm2d)
+            for param in (cell.moving_mean, cell.moving_variance))
 
     def _scaled_forward(self, images, gt_boxes, gt_labels, gt_mask):
         total, loss_cls, loss_reg, loss_ctr = self.net_with_loss(images, gt_boxes, gt_labels, gt_mask)
@@ -52,6 +57,8 @@ class TrainStep(nn.Cell):
         return total, loss_cls, loss_reg, loss_ctr
 
     def construct(self, images, gt_boxes, gt_labels, gt_mask):
+        # "* 1.0": copies of the values, not references to the parameters BatchNorm updates in place
+        stats_before = tuple(ops.stop_gradient(stat * 1.0) for stat in self.running_stats)
         (total, loss_cls, loss_reg, loss_ctr), grads = self.grad_fn(images, gt_boxes, gt_labels, gt_mask)
         grads = self.grad_reducer(grads)
         if self.loss_scaler is not None:
@@ -64,6 +71,9 @@ class TrainStep(nn.Cell):
             grads = clip_by_global_norm(grads, self.grad_clip_norm)
         if finite:
             total = ops.depend(total, self.optimizer(grads))
+        else:
+            for stat, value in zip(self.running_stats, stats_before):
+                total = ops.depend(total, ops.assign(stat, value))
         return total, loss_cls, loss_reg, loss_ctr, finite
 
 

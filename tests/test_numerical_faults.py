@@ -1,0 +1,162 @@
+"""Numerical faults: a step whose loss or gradients are not finite changes nothing (weights,
+momenta, optimiser step) and is logged with its step number; max_bad_steps such steps in a row
+stop the run with a non-zero exit, and the last checkpoint it names is intact and loadable."""
+import glob
+import logging
+import os
+import re
+import subprocess
+import sys
+
+import mindspore as ms
+import numpy as np
+import pytest
+from mindspore import Tensor
+
+from src.builder import build_loss, build_model
+from src.engine.checkpoint import load_checkpoint_file, load_weights, split_meta
+from src.engine.train_step import FCOSWithLoss, TrainStep, build_optimizer
+from src.engine.trainer import Trainer, TrainingStopped
+from src.model_utils.config import load_config
+from src.tools.synthetic import make_synthetic_coco
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+MODEL_ARGS = ["--config_path=configs/synthetic_cpu.yaml", "--fpn_out_channels=32", "--num_head_convs=1",
+              "--min_size=[64]", "--max_size=64"]
+STEPS = 16  # length of the learning-rate schedule of the in-process step
+
+
+def _checkpoint(out, global_step):
+    """The one checkpoint train.py wrote after ``global_step`` (fcos-<epoch>_<global_step>.ckpt)."""
+    (path,) = glob.glob(str(out / "checkpoints" / f"fcos-*_{global_step}.ckpt"))
+    return path
+
+
+def _batch(nan_pixel=False, boxes=None):
+    """(images (2,3,64,64), gt_boxes (2,4,4), gt_labels (2,4), gt_mask (2,4)) as Tensors: one
+    32x32 box per image, optionally extra GT rows ``boxes`` on image 0 and a NaN pixel."""
+    images = np.random.default_rng(0).standard_normal((2, 3, 64, 64)).astype(np.float32)
+    if nan_pixel:
+        images[0, 1, 20, 30] = np.nan
+    gt_boxes = np.zeros((2, 4, 4), np.float32)
+    gt_boxes[:, 0] = [8, 8, 40, 40]
+    gt_mask = np.zeros((2, 4), np.bool_)
+    gt_mask[:, 0] = True
+    for row, box in enumerate(boxes or [], start=1):
+        gt_boxes[0, row], gt_mask[0, row] = box, True
+    return Tensor(images), Tensor(gt_boxes), Tensor(np.zeros((2, 4), np.int32)), Tensor(gt_mask)
+
+
+def _state(train_step):
+    """Copies of every parameter of the step: network weights, momenta, the optimiser's step."""
+    return {p.name: p.asnumpy().copy() for p in train_step.get_parameters()}
+
+
+@pytest.fixture(scope="module")
+def train_step():
+    cfg = load_config(MODEL_ARGS)
+    ms.set_seed(0)
+    network = build_model(cfg)
+    optimizer = build_optimizer(network.trainable_params(), np.full(STEPS, 0.01, np.float32), 0.9, 1e-4)
+    step = TrainStep(FCOSWithLoss(network, build_loss(cfg)), optimizer)
+    step.set_train(True)
+    return step
+
+
+def test_a_non_finite_step_changes_nothing(train_step, mode):
+    before = _state(train_step)
+    *losses, finite = train_step(*_batch(nan_pixel=True))
+    assert not bool(finite.asnumpy())
+    after = _state(train_step)
+    for name, value in before.items():
+        np.testing.assert_array_equal(after[name], value, err_msg=name)
+
+    *losses, finite = train_step(*_batch())
+    assert bool(finite.asnumpy()) and all(np.isfinite(x.asnumpy()) for x in losses)
+    updated = _state(train_step)
+    assert int(updated["global_step"][0]) == int(before["global_step"][0]) + 1
+    assert not np.array_equal(updated["head.cls_logits.weight"], before["head.cls_logits.weight"])
+    assert not np.array_equal(updated["backbone.bn1.moving_mean"], before["backbone.bn1.moving_mean"])
+
+
+def test_non_finite_gt_rows_get_no_location(train_step, mode):
+    """GT rows with inf/NaN/huge coordinates that reach the loss (the data pipeline drops them)
+    are assigned to no location: the step stays finite and the update is applied."""
+    rows = [[0, 0, np.inf, np.inf], [np.nan, 8, 40, 40], [-np.inf, 8, 40, 40]]
+    step_before = int(_state(train_step)["global_step"][0])
+    *losses, finite = train_step(*_batch(boxes=rows))
+    assert bool(finite.asnumpy()) and all(np.isfinite(x.asnumpy()) for x in losses)
+    assert int(_state(train_step)["global_step"][0]) == step_before + 1
+
+
+def _trainer(train_step, out_dir, max_bad_steps):
+    return Trainer(train_step, steps_per_epoch=4, epochs=1, global_batch=2, lr_schedule=np.full(STEPS, 0.01),
+                   output_dir=str(out_dir), log_interval=1, save_ckpt_steps=1, keep_ckpt_max=10,
+                   max_bad_steps=max_bad_steps)
+
+
+def _run(trainer, pattern):
+    """Train one epoch of batches, 'n' a batch with a NaN pixel, '.' a clean one."""
+    return trainer.run(lambda epoch, start: [_batch(nan_pixel=c == "n") for c in pattern[start:]])
+
+
+def test_bad_steps_are_logged_and_only_a_streak_stops(train_step, tmp_path, caplog):
+    with caplog.at_level(logging.WARNING, logger="fcos"):
+        trainer = _trainer(train_step, tmp_path / "apart", max_bad_steps=2)
+        assert _run(trainer, "n.n.") is True
+    skipped = [m for m in caplog.messages if "update skipped" in m]
+    assert len(skipped) == 2
+    assert skipped[0].startswith("step 1: non-finite loss or gradient") and skipped[0].endswith("(1 in a row)")
+    assert skipped[1].startswith("step 3: non-finite loss or gradient") and skipped[1].endswith("(1 in a row)")
+    assert trainer.bad_total == 2
+
+    trainer = _trainer(train_step, tmp_path / "streak", max_bad_steps=2)
+    with pytest.raises(TrainingStopped) as stop:
+        _run(trainer, ".nn.")
+    last = os.path.join(str(tmp_path / "streak"), "checkpoints", "fcos-0_2.ckpt")
+    assert str(stop.value).startswith(f"2 non-finite steps in a row at step 3; last good checkpoint: {last}")
+    # Step 2 was skipped, so its checkpoint holds the weights step 1 left, finite and loadable.
+    after_1, _ = split_meta(load_checkpoint_file(last.replace("_2.ckpt", "_1.ckpt")))
+    after_2, meta = split_meta(load_checkpoint_file(last))
+    assert meta == {"epoch": 0, "step_in_epoch": 2, "global_step": 2}
+    for name, value in after_1.items():
+        np.testing.assert_array_equal(after_2[name].asnumpy(), value.asnumpy(), err_msg=name)
+    assert not glob.glob(os.path.join(str(tmp_path / "streak"), "checkpoints", "fcos-0_3.ckpt"))
+
+
+@pytest.mark.slow
+def test_train_py_stops_after_a_streak_with_its_checkpoints_intact(tmp_path):
+    """A learning rate 1e12 times higher from epoch 2 on blows the weights up: every later step is
+    non-finite, skipped and logged, and after max_bad_steps of them train.py exits with code 1."""
+    ann = make_synthetic_coco(str(tmp_path / "shapes"), 8, 64, 64, seed=3, max_objects=2)
+    out = tmp_path / "out"
+    result = subprocess.run(
+        [sys.executable, "train.py", *MODEL_ARGS, f"--train_img_dir={tmp_path / 'shapes' / 'images'}",
+         f"--train_ann_file={ann}", f"--output_dir={out}", "--batch_size=2", "--epochs=3",
+         "--num_parallel_workers=1", "--warmup_iters=0", "--lr_steps=[1]", "--lr_gamma=1e12",
+         "--max_bad_steps=3", "--save_ckpt_steps=1", "--keep_ckpt_max=20", "--log_interval=1"],
+        cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 1, result.stdout[-3000:] + result.stderr[-3000:]
+    assert "Traceback" not in result.stdout + result.stderr
+    log = (out / "train.log").read_text()
+    skipped = [(int(s), int(k)) for s, k in
+               re.findall(r"step (\d+): non-finite loss or gradient \(loss \S+\), update skipped \((\d+) in a row\)", log)]
+    first = skipped[0][0]
+    assert first > 4, "epoch 1 (normal learning rate) has no bad step"
+    assert skipped == [(first, 1), (first + 1, 2), (first + 2, 3)]
+    stop = re.search(r"ERROR 3 non-finite steps in a row at step (\d+); last good checkpoint: (\S+) ", log)
+    assert stop and int(stop.group(1)) == first + 2
+    named = stop.group(2)
+    assert named == _checkpoint(out, first + 1)
+    assert not glob.glob(str(out / "checkpoints" / f"fcos-*_{first + 2}.ckpt"))
+
+    # The skipped steps left the state of the last good step untouched in their checkpoints.
+    good, _ = split_meta(load_checkpoint_file(_checkpoint(out, first - 1)))
+    for step in (first, first + 1):
+        params, meta = split_meta(load_checkpoint_file(_checkpoint(out, step)))
+        assert meta["global_step"] == step
+        for name, value in good.items():
+            np.testing.assert_array_equal(params[name].asnumpy(), value.asnumpy(), err_msg=name)
+    # The named checkpoint and the end-of-epoch-1 one load into a network, every value finite.
+    for path in (named, _checkpoint(out, 4)):
+        assert load_weights(build_model(load_config(MODEL_ARGS)), path, strict_prefixes=("",)) == []
