@@ -196,18 +196,18 @@ def test_deepforest_train_and_eval():
     ann = os.path.join(DEEPFOREST, "annotations", "{}.json")
     dataset, info = create_train_dataset(img.format("train"), ann.format("train"), batch_size=2,
                                          num_parallel_workers=1,
-                                         **{**TRAIN_ARGS, "min_size": [320], "max_size": 416,
+                                         **{**TRAIN_ARGS, "min_size": [320], "max_size": 352,
                                             "pad_buckets": [[352, 352]], "max_gt_boxes": 100})
-    assert info["num_images"] == 17 and info["class_names"] == ["Tree"]
-    assert info["cleaning"]["crowd"] > 0 and info["cleaning"]["kept_boxes"] == 400
+    assert info["num_images"] == 18 and info["class_names"] == ["Tree"]
+    assert info["cleaning"]["crowd"] > 0 and info["cleaning"]["kept_boxes"] == 421
     images, boxes, labels, mask = _collect(dataset)[0][0]
     assert images.shape == (2, 3, 352, 352) and boxes.shape == (2, 100, 4)
     assert mask.sum() > 10 and (labels[mask] == 0).all()
     dataset, info = create_eval_dataset(img.format("val"), ann.format("val"), batch_size=2,
-                                        min_size=[320], max_size=416, pad_buckets=[[352, 352]],
+                                        min_size=[320], max_size=352, pad_buckets=[[352, 352]],
                                         num_parallel_workers=1)
-    assert info["num_images"] == 4
+    assert info["num_images"] == 5
     batches = _collect(dataset)[0]
-    assert len(batches) == 2 and all(b[0].shape == (2, 3, 352, 352) for b in batches)
+    assert len(batches) == 3 and all(b[0].shape == (2, 3, 352, 352) for b in batches)
     sizes = {tuple(s) for b in batches for s in b[2]}
-    assert sizes == {(345, 320), (320, 320)}  # 345x320 tiles unscaled, 400x400 shrunk to 320
+    assert sizes == {(345, 320), (352, 140)}  # 345x320 tiles unscaled, 400x160 strips shrunk to fit 352

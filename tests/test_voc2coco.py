@@ -118,15 +118,14 @@ def test_shipped_deepforest_is_reproducible_and_split_cleanly(deepforest_voc, tm
                                                              f"{split}.json")))
         for img in rebuilt[split]["images"]:
             assert os.path.isfile(os.path.join(shipped, split, img["file_name"]))
-    assert len(rebuilt["train"]["images"]) == 17 and len(rebuilt["val"]["images"]) == 4
-    # No pixel in both splits: the large image's train tiles end where its val strip starts,
-    # and each small image is in one split only.
-    train_names = {img["file_name"] for img in rebuilt["train"]["images"]}
-    val_names = {img["file_name"] for img in rebuilt["val"]["images"]}
-    assert "SOAP_061.jpg" in train_names and "OSBS_029.jpg" in val_names
-    train_right = max(int(n[6:10]) + 320 for n in train_names if n.startswith("YELL"))
-    val_left = min(int(n[6:10]) for n in val_names if n.startswith("YELL"))
-    assert train_right <= val_left
+    assert len(rebuilt["train"]["images"]) == 18 and len(rebuilt["val"]["images"]) == 5
+    # No pixel in both splits: in every source image the train tiles end where validation starts.
+    train = {img["file_name"]: img["width"] for img in rebuilt["train"]["images"]}
+    val = {img["file_name"] for img in rebuilt["val"]["images"]}
+    for site in ("YELL", "SOAP_061", "OSBS_029"):
+        train_right = max(int(n.split("_x")[1][:4]) + w for n, w in train.items() if n.startswith(site))
+        val_left = min(int(n.split("_x")[1][:4]) for n in val if n.startswith(site))
+        assert train_right <= val_left, site
     for split in ("train", "val"):
         boxes = np.array([a["bbox"] for a in rebuilt[split]["annotations"]])
         assert (boxes[:, 2:] > 0).all()

@@ -5,8 +5,10 @@
 One class, "Tree": the sample's Tree, Alive and Dead labels all mark tree crowns. The large
 1249x1035 image is split at x = 929: the 320 px strip to the right is validation (three
 non-overlapping 320x345 tiles), the rest is cut into 4x4 overlapping 320x320 training tiles.
-OSBS_029 (400x400) is validation and SOAP_061 (400x400) training, both whole, so no pixel is in
-both splits. A box cut by a tile edge is clipped to the tile; it stays a normal box when at least
+The two 400x400 images (OSBS_029 and SOAP_061, two other sites) are split at x = 240: the left
+240x400 part is training, the right 160x400 part validation - so every site is in both splits
+(with one site held out entirely, 17 images from scratch cannot learn its look) and no pixel is
+in both. A box cut by a tile edge is clipped to the tile; it stays a normal box when at least
 half its area is inside, and becomes an ignore region (iscrowd=1: not a training target, not
 counted by COCO scoring) when less is. Tiles are JPEG quality 95. The output is deterministic.
 """
@@ -26,6 +28,8 @@ VAL_STRIP_X = 929   # the large image's columns from here on are validation
 TRAIN_TILE = 320
 TRAIN_TILES_PER_AXIS = 4
 VAL_TILES = 3       # stacked vertically in the validation strip
+SMALL = ("SOAP_061", "OSBS_029")
+SMALL_SPLIT_X = 240  # the small images' columns from here on are validation
 MIN_VISIBLE = 0.5
 CLASS_NAME = "Tree"
 
@@ -106,9 +110,12 @@ def make_deepforest(voc_dir, out_dir):
         for x0, y0, x1, y1 in windows:
             tile, tile_boxes, crowd = cut(image, boxes, (x0, y0, x1, y1))
             writers[split].add(f"YELL_x{x0:04d}_y{y0:04d}", tile, tile_boxes, crowd)
-    for split, stem in (("train", "SOAP_061"), ("val", "OSBS_029")):
+    for stem in SMALL:
         image, boxes = _read_sample(voc_dir, stem)
-        writers[split].add(stem, image, boxes, np.zeros(len(boxes), bool))
+        height, width = image.shape[:2]
+        for split, x0, x1 in (("train", 0, SMALL_SPLIT_X), ("val", SMALL_SPLIT_X, width)):
+            tile, tile_boxes, crowd = cut(image, boxes, (x0, 0, x1, height))
+            writers[split].add(f"{stem}_x{x0:04d}", tile, tile_boxes, crowd)
     ann_dir = os.path.join(out_dir, "annotations")
     os.makedirs(ann_dir, exist_ok=True)
     result = {}
