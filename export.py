@@ -91,8 +91,6 @@ def main(argv=None):
     if cfg.file_format == "AIR" and cfg.device_target != "Ascend":
         raise ConfigError(f"--file_format=AIR: AIR export needs --device_target=Ascend (got {cfg.device_target}); "
                           f"use MINDIR or ONNX here")
-    if not cfg.min_size:
-        raise ConfigError("--min_size: required, but empty")
     init_context(cfg.device_target, cfg.mode, cfg.device_id, distributed=False)
     setup_logging()
     infer_cell = FCOSInference(load_network(cfg), build_decoder(cfg))

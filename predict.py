@@ -136,8 +136,6 @@ def detection_records(boxes, scores, labels, names, label_to_cat_id):
 def main(argv=None):
     inputs, names, draw_threshold, cfg = parse_args(argv)
     files = expand_inputs(inputs)
-    if not cfg.min_size:
-        raise ConfigError("--min_size: required, but empty")
     init_context(cfg.device_target, cfg.mode, cfg.device_id, distributed=False)
     setup_logging(cfg.output_dir, 0, "predict")
     names, label_to_cat_id = class_info(cfg, names)

@@ -41,8 +41,6 @@ def parse_args(argv):
 def resize_settings(cfg, export_info_path):
     """-> (min_size, max_size, (H, W)) from the export info file, else from the configuration."""
     if not export_info_path:
-        if not cfg.min_size:
-            raise ConfigError("--min_size: required, but empty")
         min_size, max_size, pad_hw = cfg.min_size[0], cfg.max_size, (cfg.export_height, cfg.export_width)
     else:
         require_files({"export_info": export_info_path}, "export_info")

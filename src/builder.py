@@ -12,21 +12,33 @@ from src.model_utils.config import ConfigError
 from src.postprocess import FCOSDecoder
 
 
+@contextlib.contextmanager
+def model_errors():
+    """The constructors' own checks of keys that do not fit together (strides and limit_range,
+    channels and GroupNorm groups, ...) -> ConfigError."""
+    try:
+        yield
+    except ValueError as err:
+        raise ConfigError(f"model configuration: {err}") from None
+
+
 def build_model(cfg):
     """FCOS network from the configuration."""
-    return FCOS(backbone=cfg.backbone, class_num=cfg.class_num, fpn_out_channels=cfg.fpn_out_channels,
-                use_p5=cfg.use_p5, use_GN_head=cfg.use_GN_head, num_head_convs=cfg.num_head_convs,
-                prior=cfg.prior, add_centerness=cfg.add_centerness, cnt_on_reg=cfg.cnt_on_reg,
-                norm_reg_targets=cfg.norm_reg_targets, freeze_bn=cfg.freeze_bn,
-                freeze_stage_1=cfg.freeze_stage_1, strides=cfg.strides)
+    with model_errors():
+        return FCOS(backbone=cfg.backbone, class_num=cfg.class_num, fpn_out_channels=cfg.fpn_out_channels,
+                    use_p5=cfg.use_p5, use_GN_head=cfg.use_GN_head, num_head_convs=cfg.num_head_convs,
+                    prior=cfg.prior, add_centerness=cfg.add_centerness, cnt_on_reg=cfg.cnt_on_reg,
+                    norm_reg_targets=cfg.norm_reg_targets, freeze_bn=cfg.freeze_bn,
+                    freeze_stage_1=cfg.freeze_stage_1, strides=cfg.strides)
 
 
 def build_loss(cfg, distributed=False):
-    return FCOSLoss(strides=cfg.strides, limit_range=cfg.limit_range, point_offset=cfg.point_offset,
-                    center_sampling_radius=cfg.center_sampling_radius, norm_reg_targets=cfg.norm_reg_targets,
-                    focal_alpha=cfg.focal_alpha, focal_gamma=cfg.focal_gamma, reg_loss=cfg.reg_loss,
-                    centerness_weighted_reg=cfg.centerness_weighted_reg, add_centerness=cfg.add_centerness,
-                    distributed=distributed)
+    with model_errors():
+        return FCOSLoss(strides=cfg.strides, limit_range=cfg.limit_range, point_offset=cfg.point_offset,
+                        center_sampling_radius=cfg.center_sampling_radius, norm_reg_targets=cfg.norm_reg_targets,
+                        focal_alpha=cfg.focal_alpha, focal_gamma=cfg.focal_gamma, reg_loss=cfg.reg_loss,
+                        centerness_weighted_reg=cfg.centerness_weighted_reg, add_centerness=cfg.add_centerness,
+                        distributed=distributed)
 
 
 def build_decoder(cfg):

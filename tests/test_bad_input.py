@@ -23,7 +23,7 @@ from src.engine.checkpoint import fitting_params, load_checkpoint_file, save_che
 from src.engine.coco_eval import coco_evaluate, load_coco
 from src.engine.train_step import FCOSWithLoss, TrainStep, build_optimizer
 from src.engine.trainer import Trainer
-from src.model_utils.config import load_config
+from src.model_utils.config import VALUE_RULES, ConfigError, load_config
 from src.tools.synthetic import make_synthetic_coco
 
 import export
@@ -120,6 +120,37 @@ def ckpt(tmp_path_factory):
     train_ckpt = save_checkpoint_atomic(step, str(folder / "fcos-1_2.ckpt"),
                                         {"epoch": 1, "step_in_epoch": 0, "global_step": 2})
     return {"path": path, "network": network, "train_4_classes": train_ckpt, "cfg": cfg}
+
+
+# ---- configuration values ----
+
+@pytest.mark.parametrize("flag, message", [
+    ("--min_size=[]", "--min_size=[]: must be a non-empty list of sizes > 0"),
+    ("--min_size=[64,0]", "--min_size=[64, 0]: must be a non-empty list of sizes > 0"),
+    ("--batch_size=0", "--batch_size=0: must be > 0"),
+    ("--size_divisor=0", "--size_divisor=0: must be > 0"),
+    ("--crop_min_scale=0", "--crop_min_scale=0.0: must be in (0, 1]"),
+    ("--nms_iou_threshold=1.5", "--nms_iou_threshold=1.5: must be in [0, 1]"),
+    ("--momentum=1", "--momentum=1.0: must be in [0, 1)"),
+])
+def test_out_of_range_values_name_the_key(flag, message):
+    assert set(VALUE_RULES) <= set(load_config([]))  # no rule for a key that does not exist
+    with pytest.raises(ConfigError) as err:
+        load_config(MODEL_ARGS + [flag])
+    assert str(err.value) == message
+
+
+@pytest.mark.parametrize("flag, message", [
+    ("--strides=[8,16]", "model configuration: strides must be the first 3 to 5 of [8, 16, 32, 64, 128]"),
+    ("--fpn_out_channels=48", "model configuration: GroupNorm: 48 channels do not split into 32 groups"),
+    ("--limit_range=[[0,64]]", "model configuration: limit_range has 1 levels, strides 5"),
+])
+def test_keys_that_make_no_network_name_themselves(flag, message):
+    cfg = load_config(MODEL_ARGS + [flag])
+    with pytest.raises(ConfigError) as err:
+        build_model(cfg)
+        build_loss(cfg)
+    assert str(err.value).startswith(message)
 
 
 # ---- images ----

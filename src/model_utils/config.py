@@ -21,6 +21,29 @@ class ConfigError(ValueError):
     """A configuration or command-line problem a user must fix; the message is one line."""
 
 
+_POSITIVE = (lambda v: v > 0, "> 0")
+_NON_NEGATIVE = (lambda v: v >= 0, ">= 0")
+_FRACTION = (lambda v: 0 <= v <= 1, "in [0, 1]")
+# Values outside these would fail deep inside numpy or MindSpore with a traceback, or quietly do
+# something else; the check names the key instead.
+VALUE_RULES = {
+    "min_size": (lambda v: len(v) > 0 and all(s > 0 for s in v), "a non-empty list of sizes > 0"),
+    "max_size": _POSITIVE, "size_divisor": _POSITIVE, "max_gt_boxes": _POSITIVE,
+    "flip_prob": _FRACTION, "color_jitter": _NON_NEGATIVE, "crop_prob": _FRACTION,
+    "crop_min_scale": (lambda v: 0 < v <= 1, "in (0, 1]"), "rotate_degrees": _NON_NEGATIVE,
+    "num_parallel_workers": _POSITIVE, "fpn_out_channels": _POSITIVE, "class_num": _POSITIVE,
+    "num_head_convs": _NON_NEGATIVE, "prior": (lambda v: 0 < v < 1, "in (0, 1)"),
+    "center_sampling_radius": _NON_NEGATIVE, "focal_alpha": _FRACTION, "focal_gamma": _NON_NEGATIVE,
+    "score_threshold": _FRACTION, "nms_iou_threshold": _FRACTION, "max_detection_boxes_num": _POSITIVE,
+    "detections_per_img": _POSITIVE, "batch_size": _POSITIVE, "epochs": _POSITIVE, "base_lr": _NON_NEGATIVE,
+    "lr_base_batch": _POSITIVE, "momentum": (lambda v: 0 <= v < 1, "in [0, 1)"),
+    "weight_decay": _NON_NEGATIVE, "lr_gamma": _POSITIVE, "warmup_iters": _NON_NEGATIVE,
+    "warmup_ratio": _FRACTION, "grad_clip_norm": _NON_NEGATIVE, "max_bad_steps": _POSITIVE,
+    "save_ckpt_epochs": _NON_NEGATIVE, "save_ckpt_steps": _NON_NEGATIVE, "keep_ckpt_max": _POSITIVE,
+    "log_interval": _POSITIVE, "eval_interval": _NON_NEGATIVE,
+}
+
+
 class Config(dict):
     """A dict with attribute access (``cfg.batch_size``)."""
 
@@ -173,6 +196,9 @@ def load_config(argv=None, description="FCOS"):
     for key, allowed in choices.items():
         if key in cfg and cfg[key] not in allowed:
             raise ConfigError(f"--{key}: '{cfg[key]}' is not one of {allowed}")
+    for key, (test, text) in VALUE_RULES.items():
+        if key in cfg and not test(cfg[key]):
+            raise ConfigError(f"--{key}={cfg[key]}: must be {text}")
     return cfg
 
 
