@@ -49,6 +49,8 @@ def main(argv=None):
     logger.info("evaluating %s on %d images", cfg.ckpt_file, info["num_images"])
     metrics = evaluate(infer_cell, dataset, info, cfg.val_ann_file, selection_kwargs(cfg), cfg.output_dir,
                        batch_size=cfg.batch_size)
+    if metrics is None:
+        raise ConfigError(f"--val_img_dir: none of the images of {cfg.val_ann_file} could be read")
     print(json.dumps({k: round(v, 4) for k, v in metrics.items()}))
 
 

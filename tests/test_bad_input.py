@@ -360,13 +360,18 @@ def bad_files(messy, ckpt, tmp_path_factory):
     data = read_coco_json(messy["ann"])
     data["images"].append(dict(data["images"][0]))
     write_json(folder / "duplicate_ids.json", data)
-    undecodable = folder / "undecodable"
+    undecodable = folder / "undecodable"  # 3 of 4 images
     ann = make_synthetic_coco(str(undecodable), 4, 64, 64, seed=2)
     for name in ("000001.jpg", "000002.jpg", "000003.jpg"):
         (undecodable / "images" / name).write_bytes(b"not a jpeg")
+    unreadable = folder / "unreadable"  # every image
+    unreadable_ann = make_synthetic_coco(str(unreadable), 2, 64, 64, seed=2)
+    for name in ("000001.jpg", "000002.jpg"):
+        (unreadable / "images" / name).write_bytes(b"\xff\xd8\xff\xe0")
     cfg = load_config(MODEL_ARGS + ["--export_height=64", "--export_width=64", f"--ckpt_file={ckpt['path']}"])
     write_json(folder / "fcos.json", export.export_info(cfg, "fcos.mindir"))
-    return {"dir": str(folder), "undecodable": (str(undecodable / "images"), ann)}
+    return {"dir": str(folder), "undecodable": (str(undecodable / "images"), ann),
+            "unreadable": (str(unreadable / "images"), unreadable_ann)}
 
 
 CASES = {
@@ -385,6 +390,10 @@ CASES = {
                                                 f"--val_img_dir={m['img_dir']}", f"--val_ann_file={m['ann']}"],
         ["--ckpt_file:", "does not fit the network: head.cls_logits.weight is (3, 32, 3, 3) there, "
                          "(5, 32, 3, 3) here"]),
+    "eval, not a single readable image": (
+        "eval.py", lambda m, c, b: MODEL_ARGS + [f"--ckpt_file={c['path']}", f"--val_img_dir={b['unreadable'][0]}",
+                                                f"--val_ann_file={b['unreadable'][1]}"],
+        ["--val_img_dir: none of the images of", "unreadable/annotations.json could be read"]),
     "train, annotation file that is a list": (
         "train.py", lambda m, c, b: MODEL_ARGS + [f"--train_img_dir={m['img_dir']}",
                                                  f"--train_ann_file={b['dir']}/list.json"],

@@ -37,18 +37,21 @@ def detect_dataset(infer_cell, dataset, num_batches, batch_size, selection, labe
 
 def evaluate(infer_cell, dataset, info, ann_file, selection, output_dir=None, batch_size=1):
     """Detect every image of ``dataset`` and return the COCO metrics dict (see coco_eval), scored
-    over the images actually run (``info`` from create_eval_dataset counts those skipped)."""
+    over the images actually run (``info`` from create_eval_dataset counts those skipped); None,
+    with an error logged, when not a single image could be read."""
     was_training = infer_cell.training
     infer_cell.set_train(False)
     start = time.perf_counter()
     results, image_ids = detect_dataset(infer_cell, dataset, info["batches"], batch_size, selection,
                                         info["label_to_cat_id"])
+    infer_cell.set_train(was_training)
     logger.info("detected %d boxes on %d images in %.1f s", len(results), len(image_ids),
                 time.perf_counter() - start)
     failed = info["failed_images"]
     if info["skipped_missing"] or len(failed):
         logger.warning("COCO metrics cover the %d images run; not run: %d missing image files, %d undecodable %s",
                        len(image_ids), info["skipped_missing"], len(failed), failed.paths()[:3] or "")
-    metrics = coco_evaluate(load_coco(ann_file), results, output_dir, image_ids=image_ids)
-    infer_cell.set_train(was_training)
-    return metrics
+    if not image_ids:
+        logger.error("no image of %s could be read: nothing to score", ann_file)
+        return None
+    return coco_evaluate(load_coco(ann_file), results, output_dir, image_ids=image_ids)
