@@ -16,7 +16,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from src.builder import build_decoder, build_loss, build_model
+from src.builder import build_loss, build_model
 from src.data.coco import CocoDataset, DatasetError, clean_box, load_image_rgb, read_coco_json
 from src.data.pipeline import PAD_IMAGE_ID, PadBucketError, create_eval_dataset, resolve_pad_buckets
 from src.engine.checkpoint import fitting_params, load_checkpoint_file, save_checkpoint_atomic, split_meta
