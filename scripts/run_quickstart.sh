@@ -18,7 +18,7 @@ echo "== 2/3 evaluating $CKPT"
 python eval.py --config_path="$CONFIG" --ckpt_file="$CKPT" --output_dir="$OUTPUT_DIR/eval" "$@"
 
 echo "== 3/3 drawing predictions on a validation image"
-python predict.py --config_path="$CONFIG" --ckpt_file="$CKPT" --input data/deepforest/val/OSBS_029.jpg \
+python predict.py --config_path="$CONFIG" --ckpt_file="$CKPT" --input data/deepforest/val/YELL_x0929_y0345.jpg --draw_score_threshold=0.6 \
   --val_ann_file=data/deepforest/annotations/val.json --output_dir="$OUTPUT_DIR/predictions" "$@"
 
-echo "done in $(( $(date +%s) - start )) s: metrics $OUTPUT_DIR/eval/eval_result.json, picture $OUTPUT_DIR/predictions/OSBS_029_pred.png"
+echo "done in $(( $(date +%s) - start )) s: metrics $OUTPUT_DIR/eval/eval_result.json, picture $OUTPUT_DIR/predictions/YELL_x0929_y0345_pred.png"
