@@ -23,6 +23,21 @@ def parity_dir():
     return SHARED_PARITY if os.path.isdir(SHARED_PARITY) else VENDORED_PARITY
 
 
+@pytest.fixture(autouse=True)
+def _reset_fcos_logger():
+    """Entry points run in-process configure the 'fcos' logger (own handlers, no propagation);
+    restore it after each test so later tests' caplog still sees its records."""
+    import logging
+
+    yield
+    log = logging.getLogger("fcos")
+    for handler in list(log.handlers):
+        log.removeHandler(handler)
+        handler.close()
+    log.propagate = True
+    log.setLevel(logging.NOTSET)
+
+
 @pytest.fixture(params=["graph", "pynative"])
 def mode(request):
     """Run the test in GRAPH_MODE and in PYNATIVE_MODE (which must agree)."""
