@@ -9,6 +9,10 @@ optionally side by side with torchvision's FCOS.
 Every configuration key is accepted as --key=value (--backbone, --fpn_out_channels, --class_num,
 --batch_size, --config_path, ...); the configuration's own ``mode`` (GRAPH/PYNATIVE) is
 --execution_mode here. --height/--width default to the first pad shape of the configuration.
+--threads N pins both frameworks to N CPUs: on cores shared with other processes, --threads 1
+compares per-core speed, which multi-threaded timings (threads waiting for a descheduled peer)
+then do not. Thread-count settings alone are not enough: MindSpore's oneDNN convolutions use
+every CPU of the process's affinity whatever threads_num says.
 
 One step is:
   infer: FCOSInference (network + in-graph top-k decoding) on a fixed random batch, outputs copied
@@ -77,6 +81,9 @@ def parse_args(argv=None):
     parser.add_argument("--steps", type=int, default=10, help="timed steps")
     parser.add_argument("--warmup", type=int, default=2, help="untimed steps after the first call")
     parser.add_argument("--num_gt_boxes", type=int, default=8, help="real boxes per image (train)")
+    parser.add_argument("--threads", type=int, default=0,
+                        help="pin the benchmark (and the torchvision process) to this many CPUs and "
+                             "use as many kernel threads in both frameworks (0: all CPUs, defaults)")
     parser.add_argument("--execution_mode", choices=("GRAPH", "PYNATIVE"),
                         help="the configuration's mode key (default: the configuration's)")
     parser.add_argument("--compare_torchvision", action="store_true",
@@ -94,11 +101,22 @@ def parse_args(argv=None):
     if args.height % cfg.size_divisor or args.width % cfg.size_divisor:
         raise ConfigError(f"--height/--width: {args.height}x{args.width} is not a multiple of "
                           f"size_divisor={cfg.size_divisor}")
+    if args.threads < 0 or (args.threads and not hasattr(os, "sched_setaffinity")):
+        raise ConfigError("--threads: must be 0 (default) or positive, and needs Linux CPU affinity")
     if args.steps < 1 or args.warmup < 0:
         raise ConfigError("--steps must be at least 1 and --warmup at least 0")
     if args.compare_torchvision and args.mode == "data":
         raise ConfigError("--compare_torchvision: only for --mode infer or train")
     return args, cfg
+
+
+def pin_cpus(count):
+    """Restrict every thread of this process, and so the threads and processes it starts later,
+    to the first ``count`` CPUs it may run on -> those CPUs."""
+    cpus = sorted(os.sched_getaffinity(0))[:count]
+    for thread_id in os.listdir("/proc/self/task"):
+        os.sched_setaffinity(int(thread_id), cpus)
+    return cpus
 
 
 def fixed_batch(args, cfg):
@@ -177,6 +195,8 @@ def time_cell(step, args, cell=None):
 def run_mindspore(args, cfg):
     """Time our side -> result dict (see the module docstring)."""
     init_context(cfg.device_target, cfg.mode, cfg.device_id, distributed=False)
+    if args.threads and cfg.device_target == "CPU":
+        ms.device_context.cpu.op_tuning.threads_num(args.threads)
     ms.set_seed(cfg.seed)
     extra = {}
     if args.mode == "data":
@@ -200,7 +220,8 @@ def torchvision_spec(args, cfg):
     spec = {key: cfg[key] for key in MODEL_KEYS}
     spec.update({"mode": args.mode, "height": args.height, "width": args.width,
                  "batch_size": cfg.batch_size, "steps": args.steps, "warmup": args.warmup,
-                 "num_gt_boxes": args.num_gt_boxes, "lr": scaled_lr(cfg.base_lr, cfg.lr_base_batch, cfg.batch_size)})
+                 "num_gt_boxes": args.num_gt_boxes, "threads": args.threads,
+                 "lr": scaled_lr(cfg.base_lr, cfg.lr_base_batch, cfg.batch_size)})
     return spec
 
 
@@ -231,7 +252,7 @@ def report_config(args, cfg):
     config.update({"config_path": os.path.relpath(cfg.config_path, ROOT), "device_target": cfg.device_target,
                    "execution_mode": cfg.mode, "height": args.height, "width": args.width,
                    "batch_size": cfg.batch_size, "num_parallel_workers": cfg.num_parallel_workers,
-                   "num_gt_boxes": args.num_gt_boxes,
+                   "num_gt_boxes": args.num_gt_boxes, "threads": args.threads,
                    "ONEDNN_MAX_CPU_ISA": os.environ.get("ONEDNN_MAX_CPU_ISA", "")})
     return config
 
@@ -239,9 +260,11 @@ def report_config(args, cfg):
 @guard_main
 def main(argv=None):
     args, cfg = parse_args(argv)
+    cpus = pin_cpus(args.threads) if args.threads else None  # None: not pinned
     theirs = run_torchvision(args, cfg) if args.compare_torchvision else None
     result = run_mindspore(args, cfg)
     result["config"] = report_config(args, cfg)
+    result["config"]["cpus"] = cpus
     rows = [result]
     if theirs is not None:
         result["torchvision"] = theirs

@@ -184,6 +184,8 @@ def train_step(model, images, targets, spec):
 def run(spec):
     """Build, time, summarise -> result dict (see src.tools.benchmark_common.summarise)."""
     torchvision, compiled_nms = import_torchvision()
+    if spec["threads"]:
+        torch.set_num_threads(spec["threads"])
     torch.manual_seed(spec["seed"])
     model = build_fcos(spec, torchvision)
     images, targets = _inputs(spec)
