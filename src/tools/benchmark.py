@@ -37,7 +37,6 @@ same keys, measured by src.tools.benchmark_torchvision in --torch_python) and ``
 theirs seconds per step: above 1 means slower than torchvision).
 """
 import argparse
-import importlib.util
 import json
 import os
 import subprocess
