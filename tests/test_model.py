@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 
 import mindspore as ms
-from mindspore import nn
+from mindspore import nn, ops
 
-from src.model.backbone import ARCHITECTURES, ResNet
+from src.model.backbone import ARCHITECTURES, ResNet, StemMaxPool
 from src.model.fcos import FCOS
 from src.model.fpn import _upsample_like
 from src.model.norm import FrozenBatchNorm2d, GroupNorm
@@ -201,6 +201,62 @@ def test_group_norm_matches_numpy(mode):
     out = norm(ms.Tensor(x.astype(np.float32))).asnumpy()
     np.testing.assert_allclose(out, expected, rtol=1e-4, atol=1e-5)
     assert [p.name for p in norm.get_parameters()] == ["gamma", "beta"]
+
+
+def _group_norm_numpy(x, gamma, beta, groups):
+    """float64 reference: x (B, C, H, W)."""
+    grouped = x.reshape(x.shape[0], groups, -1)
+    normed = (grouped - grouped.mean(-1, keepdims=True)) / np.sqrt(grouped.var(-1, keepdims=True) + 1e-5)
+    return normed.reshape(x.shape) * gamma[:, None, None] + beta[:, None, None]
+
+
+@pytest.mark.parametrize("mode", [ms.GRAPH_MODE, ms.PYNATIVE_MODE])
+def test_group_norm_gradients_match_finite_differences(mode):
+    """GroupNorm's hand-written backward against central differences of the float64 reference,
+    for every input element, gamma and beta (batch 2, a mean far from 0)."""
+    ms.set_context(mode=mode)
+    rng = np.random.RandomState(4)
+    groups, channels, shape = 4, 8, (2, 8, 3, 5)
+    x = rng.randn(*shape) * 2 + 6
+    gamma, beta, dy = rng.randn(channels), rng.randn(channels), rng.randn(*shape)
+    norm = GroupNorm(groups, channels)
+    norm.gamma.set_data(ms.Tensor(gamma.astype(np.float32)))
+    norm.beta.set_data(ms.Tensor(beta.astype(np.float32)))
+    grad = ops.GradOperation(get_all=True, get_by_list=True, sens_param=True)(norm, norm.trainable_params())
+    (dx,), (dgamma, dbeta) = grad(ms.Tensor(x.astype(np.float32)), ms.Tensor(dy.astype(np.float32)))
+
+    def numeric(values, index_of):
+        out, step = np.zeros_like(values), 1e-6
+        for index in np.ndindex(values.shape):
+            plus, minus = values.copy(), values.copy()
+            plus[index] += step
+            minus[index] -= step
+            out[index] = (np.sum(index_of(plus) * dy) - np.sum(index_of(minus) * dy)) / (2 * step)
+        return out
+
+    expected_dx = numeric(x, lambda v: _group_norm_numpy(v, gamma, beta, groups))
+    expected_dgamma = numeric(gamma, lambda v: _group_norm_numpy(x, v, beta, groups))
+    expected_dbeta = numeric(beta, lambda v: _group_norm_numpy(x, gamma, v, groups))
+    np.testing.assert_allclose(dx.asnumpy(), expected_dx, rtol=1e-3, atol=1e-4)
+    np.testing.assert_allclose(dgamma.asnumpy(), expected_dgamma, rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(dbeta.asnumpy(), expected_dbeta, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("height,width", [(8, 12), (7, 9), (6, 5)])
+def test_stem_max_pool_is_torch_max_pool(height, width):
+    """MaxPool2d(3, 2, padding=1) with -inf padding, on non-negative input (the stem's ReLU)."""
+    x = np.abs(np.random.RandomState(5).randn(1, 2, height, width)).astype(np.float32)
+    padded = np.pad(x, ((0, 0), (0, 0), (1, 1), (1, 1)), constant_values=-np.inf)
+    out_h, out_w = (height - 1) // 2 + 1, (width - 1) // 2 + 1
+    expected = np.array([[[[padded[b, c, 2 * i:2 * i + 3, 2 * j:2 * j + 3].max() for j in range(out_w)]
+                           for i in range(out_h)] for c in range(2)] for b in range(1)])
+    np.testing.assert_array_equal(StemMaxPool()(ms.Tensor(x)).asnumpy(), expected)
+
+
+def test_fpn_upsampling_doubles_by_repeating_pixels():
+    x = np.random.RandomState(2).randn(2, 3, 4, 5).astype(np.float32)
+    out = _upsample_like(ms.Tensor(x), ms.Tensor(np.zeros((1, 1, 8, 10), np.float32))).asnumpy()
+    np.testing.assert_array_equal(out, x.repeat(2, axis=2).repeat(2, axis=3))
 
 
 def test_bad_arguments_are_refused():
