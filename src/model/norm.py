@@ -39,12 +39,13 @@ class _GroupNormFunction(nn.Cell):
     """GroupNorm as a function with its own backward: construct(x, gamma, beta) -> y.
 
     x (B, C, H, W) is viewed as R = B*C rows: per-row sums and dot products are matrix products
-    (MindSpore's CPU reductions are ~10x slower than its sgemm), every per-row scale and shift is
+    (MindSpore's CPU reductions are ~10x slower than its sgemm), every per-row shift and scale is
     one BatchNorm-kernel call, and the backward pass is written out (bprop) instead of being
     differentiated through reductions and broadcasting element-wise ops, which are slow on
-    MindSpore's CPU backend (they made GroupNorm ~25% of an R50 FCOS training step). Each group's
-    variance is taken about its mean (two passes), so large means do not cancel digits.
-    Primitives are made once here: functional ops fail inside a bprop graph.
+    MindSpore's CPU backend (they made GroupNorm ~25% of an R50 FCOS training step) and keep an
+    index workspace of several activations. Each group's variance is taken about its mean (two
+    passes), so large means do not cancel digits. Primitives are made once here: functional ops
+    fail inside a bprop graph.
     """
 
     def __init__(self, num_groups, eps):
@@ -53,10 +54,10 @@ class _GroupNormFunction(nn.Cell):
         self.eps = eps
         self.matmul = ops.MatMul()
         self.bmm = ops.BatchMatMul()
-        self.bias_add = ops.BiasAdd()
-        self.scale_shift = ops.BatchNorm(is_training=False, epsilon=eps)
+        self.normalize = ops.BatchNorm(is_training=False, epsilon=eps)
         self.tile = ops.Tile()
         self.zeros_like = ops.ZerosLike()
+        self.ones_like = ops.OnesLike()
         self.ones = ops.Ones()
         self.rsqrt = ops.Rsqrt()
 
@@ -70,30 +71,34 @@ class _GroupNormFunction(nn.Cell):
         return self.bmm(a.reshape(count, 1, length), b.reshape(count, length, 1)).reshape(-1)
 
     def _group_means(self, row_values, shape):
-        """(B*C,) per-channel totals -> (B*C,) the mean over each channel's group, per element."""
+        """(B*C,) per-channel totals -> (B*C,) the mean over each channel's group, per channel."""
         b, c, h, w = shape
         per_group = c // self.num_groups
         group = row_values.reshape(b, self.num_groups, per_group).sum(axis=2, keepdims=True)
-        group = group / (per_group * h * w)
-        return self.tile(group, (1, 1, per_group)).reshape(-1)
+        return self.tile(group / (per_group * h * w), (1, 1, per_group)).reshape(-1)
+
+    def _affine(self, x, mean, var, scale, shift):
+        """x (1, R, H, W) -> (x - mean) / sqrt(var + eps) * scale + shift per row, on the
+        BatchNorm kernel; the other arguments are (R,)."""
+        return self.normalize(x, scale, shift, mean, var)[0]
 
     def _centre(self, x):
-        """x (B, C, H, W) -> (x - mean as (1, B*C, H, W), var (B*C,)): group statistics per channel,
-        biased variance as torch."""
+        """x (B, C, H, W) -> (x - mean as (1, B*C, H, W), var (B*C,)): group statistics per
+        channel, biased variance as torch."""
         b, c, h, w = x.shape
-        rows = x.reshape(b * c, h * w)
-        centred = self.bias_add(x.reshape(1, b * c, h, w), -self._group_means(self._row_sums(rows), x.shape))
+        mean = self._group_means(self._row_sums(x.reshape(b * c, h * w)), x.shape)
+        ones = self.ones_like(mean)
+        # var = 1 - eps makes the kernel's scale 1. Not BiasAdd: MindSpore exports it to ONNX as
+        # an Add broadcasting over the wrong axis.
+        centred = self._affine(x.reshape(1, b * c, h, w), mean, ones - self.eps, ones, self.zeros_like(mean))
         centred_rows = centred.reshape(b * c, h * w)
         return centred, self._group_means(self._row_dots(centred_rows, centred_rows), x.shape)
-
-    def _affine(self, x, var, scale, shift):
-        """x (1, R, H, W) -> x / sqrt(var + eps) * scale + shift per row, on the BatchNorm kernel."""
-        return self.scale_shift(x, scale, shift, self.zeros_like(var), var)[0]
 
     def construct(self, x, gamma, beta):
         b = x.shape[0]
         centred, var = self._centre(x)
-        return self._affine(centred, var, self.tile(gamma, (b,)), self.tile(beta, (b,))).reshape(x.shape)
+        y = self._affine(centred, self.zeros_like(var), var, self.tile(gamma, (b,)), self.tile(beta, (b,)))
+        return y.reshape(x.shape)
 
     def bprop(self, x, gamma, beta, out, dout):
         """With xhat = (x - mean) * rstd per group:
@@ -108,8 +113,9 @@ class _GroupNormFunction(nn.Cell):
         gamma_rows = self.tile(gamma, (b,))
         mean_dy = self._group_means(gamma_rows * sum_dy, x.shape)
         mean_dy_xhat = self._group_means(gamma_rows * sum_dy_xhat, x.shape)
-        dx = (self._affine(dout.reshape(1, b * c, h, w), var, gamma_rows, -rstd * mean_dy)
-              + self._affine(centred, var, -rstd * mean_dy_xhat, self.zeros_like(var)))
+        zeros = self.zeros_like(var)
+        dx = (self._affine(dout.reshape(1, b * c, h, w), zeros, var, gamma_rows, -rstd * mean_dy)
+              + self._affine(centred, zeros, var, -rstd * mean_dy_xhat, zeros))
         return dx.reshape(x.shape), sum_dy_xhat.reshape(b, c).sum(axis=0), sum_dy.reshape(b, c).sum(axis=0)
 
 
@@ -117,7 +123,7 @@ class GroupNorm(nn.Cell):
     """GroupNorm over (C/G, H, W) per group with biased variance, as torch.nn.GroupNorm.
 
     Not nn.GroupNorm: that does not export to ONNX and is no faster on CPU; this one is built
-    from MatMul, BiasAdd and BatchNorm (inference) kernels, which export, with an explicit
+    from MatMul and BatchNorm (inference) kernels, which export, with an explicit
     backward pass (_GroupNormFunction). Needs static shapes (true in GRAPH_MODE and for export).
     Input and output (B, C, H, W).
     """
