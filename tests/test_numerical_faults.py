@@ -147,3 +147,24 @@ def test_train_py_stops_after_a_streak_with_its_checkpoint_intact(tmp_path):
     assert meta == {"epoch": 1, "step_in_epoch": 0, "global_step": 4}
     # Loads into a network with every parameter present, of its shape and finite.
     assert load_weights(build_model(load_config(MODEL_ARGS)), epoch_1, strict_prefixes=("",)) == []
+
+
+@pytest.mark.parametrize("bad", [None, np.nan, np.inf, -np.inf])
+def test_squared_global_norm_flags_non_finite_and_clipping_scales(bad):
+    """The one squared norm behind the finiteness guard and clipping, against NumPy."""
+    from src.engine.train_step import clip_by_global_norm, squared_global_norm
+    rng = np.random.default_rng(1)
+    grads = [rng.standard_normal(shape).astype(np.float32) for shape in [(8, 3, 3, 3), (8,), ()]]
+    if bad is not None:
+        grads[0][1, 2, 0, 1] = bad
+    squared = squared_global_norm(tuple(Tensor(g) for g in grads)).asnumpy()
+    expected = sum(float(np.sum(g.astype(np.float64) ** 2)) for g in grads)
+    if bad is None:
+        np.testing.assert_allclose(squared, expected, rtol=1e-5)
+        clipped = clip_by_global_norm(tuple(Tensor(g) for g in grads), 1.0, Tensor(squared))
+        scale = 1.0 / (np.sqrt(expected) + 1e-6)
+        for before, after in zip(grads, clipped):
+            assert after.shape == before.shape
+            np.testing.assert_allclose(after.asnumpy(), before * scale, rtol=1e-5, atol=1e-7)
+    else:
+        assert not np.isfinite(squared)
