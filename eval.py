@@ -10,26 +10,14 @@ import logging
 
 import src  # noqa: F401  (sets the oneDNN ISA before mindspore loads)
 
-from src.builder import build_decoder, build_eval_dataset, build_model, selection_kwargs
+from src.builder import build_decoder, build_eval_dataset, load_network, selection_kwargs
 from src.detector import FCOSInference
-from src.engine.checkpoint import load_weights
+from src.engine.coco_eval import check_category_count
 from src.engine.context import init_context, setup_logging
 from src.engine.evaluate import evaluate
 from src.model_utils.config import ConfigError, guard_main, load_config, require_files
 
 logger = logging.getLogger("fcos")
-
-
-def load_network(cfg):
-    """FCOS with every parameter loaded from --ckpt_file (one-line ConfigError otherwise)."""
-    require_files(cfg, "ckpt_file")
-    network = build_model(cfg)
-    try:
-        load_weights(network, cfg.ckpt_file, strict_prefixes=("",))
-    except (FileNotFoundError, ValueError) as err:
-        raise ConfigError(f"--ckpt_file: {err}") from None
-    network.set_train(False)
-    return network
 
 
 @guard_main
@@ -39,12 +27,7 @@ def main(argv=None):
     init_context(cfg.device_target, cfg.mode, cfg.device_id, distributed=False)
     setup_logging(cfg.output_dir, 0, "eval")
     dataset, info = build_eval_dataset(cfg, batch_size=cfg.batch_size)
-    found = len(info["label_to_cat_id"])
-    if found > cfg.class_num:
-        raise ConfigError(f"--class_num={cfg.class_num}, but {cfg.val_ann_file} has {found} categories")
-    if found < cfg.class_num:
-        logger.warning("%s has %d categories for --class_num=%d: detections of labels %d..%d have no category "
-                       "and are not scored", cfg.val_ann_file, found, cfg.class_num, found, cfg.class_num - 1)
+    check_category_count(len(info["label_to_cat_id"]), cfg.class_num, cfg.val_ann_file)
     infer_cell = FCOSInference(load_network(cfg), build_decoder(cfg))
     logger.info("evaluating %s on %d images", cfg.ckpt_file, info["num_images"])
     metrics = evaluate(infer_cell, dataset, info, cfg.val_ann_file, selection_kwargs(cfg), cfg.output_dir,

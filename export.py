@@ -18,9 +18,8 @@ import mindspore as ms
 import numpy as np
 from mindspore import Tensor
 
-from eval import load_network
 from src.box_coder import level_sizes
-from src.builder import build_decoder, selection_kwargs
+from src.builder import build_decoder, load_network, selection_kwargs
 from src.detector import FCOSInference
 from src.engine.coco_eval import write_json_atomic
 from src.engine.context import init_context, setup_logging

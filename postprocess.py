@@ -15,7 +15,7 @@ import os
 
 import src  # noqa: F401  (sets the oneDNN ISA before mindspore loads)
 from src.data.coco import DatasetError, label_maps
-from src.engine.coco_eval import coco_evaluate, load_coco, to_coco_results
+from src.engine.coco_eval import check_category_count, coco_evaluate, load_coco, to_coco_results
 from src.engine.context import setup_logging
 from src.infer_mindir import TIME_FILE, read_export_info, read_result
 from src.model_utils.config import ConfigError, guard_main, load_config, require_files
@@ -64,9 +64,6 @@ def detect_from_results(result_dir, images, num_candidates, selection, label_to_
         except ValueError as err:
             raise ConfigError(f"--result_dir: {err}") from None
         boxes, scores, labels = select_detections(boxes, scores, labels, entry["resized_hw"], **selection)
-        if labels.size and labels.max() >= len(label_to_cat_id):
-            raise ConfigError(f"--val_ann_file: the model predicts label {labels.max()} but the file has "
-                              f"{len(label_to_cat_id)} categories (was it trained with another --class_num?)")
         boxes = rescale_boxes(boxes, entry["resized_hw"], entry["orig_hw"])
         results += to_coco_results(entry["image_id"], boxes, scores, labels, label_to_cat_id)
     return results
@@ -86,9 +83,7 @@ def main(argv=None):
     except DatasetError as err:
         raise ConfigError(f"--val_ann_file: {err}") from None
     label_to_cat_id, _, _ = label_maps(coco.dataset["categories"])
-    if len(label_to_cat_id) > export["model"]["class_num"]:
-        raise ConfigError(f"--val_ann_file: {len(label_to_cat_id)} categories, but the exported model has "
-                          f"class_num={export['model']['class_num']}")
+    check_category_count(len(label_to_cat_id), export["model"]["class_num"], cfg.val_ann_file)
     unknown = [e["image_id"] for e in info["images"] if e["image_id"] not in coco.imgs]
     if unknown:
         raise ConfigError(f"--info_file: {len(unknown)} images (e.g. id {unknown[0]}) are not in {cfg.val_ann_file}")

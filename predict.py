@@ -17,8 +17,7 @@ import os
 import src  # noqa: F401  (sets the oneDNN ISA before mindspore loads)
 from mindspore import Tensor
 
-from eval import load_network
-from src.builder import build_decoder, selection_kwargs
+from src.builder import build_decoder, load_network, selection_kwargs
 from src.data.coco import DatasetError, label_maps, load_image_rgb, read_coco_json
 from src.data.pipeline import resolve_pad_buckets
 from src.data.transforms import choose_pad_shape, keep_ratio_size, preprocess_image

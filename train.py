@@ -10,15 +10,13 @@ import os
 import src  # noqa: F401  (sets the oneDNN ISA before mindspore loads)
 import mindspore as ms
 
-from src.builder import (build_decoder, build_eval_dataset, build_loss, build_model, build_train_dataset,
+from src.builder import (build_decoder, build_eval_dataset, build_model, build_train_dataset, build_train_step,
                          selection_kwargs)
 from src.data.pipeline import loader_error
 from src.detector import FCOSInference
 from src.engine.checkpoint import load_checkpoint_file, load_weights, split_meta
 from src.engine.context import init_context, setup_logging
 from src.engine.evaluate import evaluate
-from src.engine.lr_schedule import build_lr_schedule, scaled_lr
-from src.engine.train_step import FCOSWithLoss, TrainStep, build_optimizer
 from src.engine.trainer import Trainer, TrainingStopped
 from src.model_utils.config import ConfigError, guard_main, load_config, require_files
 
@@ -98,24 +96,6 @@ def load_initial_weights(cfg, network):
         logger.info("backbone initialised from %s", cfg.pretrained_backbone)
     else:
         logger.info("training from scratch (--pretrained=False)")
-
-
-def build_train_step(cfg, network, steps_per_epoch, group_size):
-    global_batch = cfg.batch_size * group_size
-    lr = scaled_lr(cfg.base_lr, cfg.lr_base_batch, global_batch)
-    schedule = build_lr_schedule(lr, steps_per_epoch, cfg.epochs, cfg.lr_schedule, cfg.lr_steps, cfg.lr_gamma,
-                                 cfg.warmup_iters, cfg.warmup_ratio)
-    optimizer = build_optimizer(network.trainable_params(), schedule, cfg.momentum, cfg.weight_decay,
-                                cfg.weight_decay_norm_bias)
-    scaler = None
-    if cfg.amp_level != "O0":
-        network = ms.amp.auto_mixed_precision(network, cfg.amp_level)
-        scaler = ms.amp.DynamicLossScaler(2.0 ** 16, 2, 1000)
-    net_with_loss = FCOSWithLoss(network, build_loss(cfg, distributed=group_size > 1))
-    step = TrainStep(net_with_loss, optimizer, cfg.grad_clip_norm, distributed=group_size > 1, loss_scaler=scaler)
-    step.set_train(True)
-    logger.info("global batch %d, peak lr %.5f, %d steps", global_batch, lr, len(schedule))
-    return step, schedule
 
 
 @guard_main

@@ -3,12 +3,18 @@
 Deep modules take plain values; entry points call these builders with the parsed config.
 """
 import contextlib
+import logging
+
+import mindspore as ms
 
 from src.data.coco import DatasetError
 from src.data.pipeline import PadBucketError, create_eval_dataset, create_train_dataset
+from src.engine.checkpoint import load_weights
+from src.engine.lr_schedule import build_lr_schedule, scaled_lr
+from src.engine.train_step import FCOSWithLoss, TrainStep, build_optimizer
 from src.losses import FCOSLoss
 from src.model.fcos import FCOS
-from src.model_utils.config import ConfigError
+from src.model_utils.config import ConfigError, require_files
 from src.postprocess import FCOSDecoder
 
 
@@ -30,6 +36,19 @@ def build_model(cfg):
                     prior=cfg.prior, add_centerness=cfg.add_centerness, cnt_on_reg=cfg.cnt_on_reg,
                     norm_reg_targets=cfg.norm_reg_targets, freeze_bn=cfg.freeze_bn,
                     freeze_stage_1=cfg.freeze_stage_1, strides=cfg.strides)
+
+
+def load_network(cfg):
+    """FCOS in inference mode with every parameter loaded from --ckpt_file (one-line ConfigError
+    otherwise): what eval, export and predict run."""
+    require_files(cfg, "ckpt_file")
+    network = build_model(cfg)
+    try:
+        load_weights(network, cfg.ckpt_file, strict_prefixes=("",))
+    except (FileNotFoundError, ValueError) as err:
+        raise ConfigError(f"--ckpt_file: {err}") from None
+    network.set_train(False)
+    return network
 
 
 def build_loss(cfg, distributed=False):
@@ -84,3 +103,24 @@ def build_eval_dataset(cfg, batch_size=1, rank=0, group_size=1):
             cfg.val_img_dir, cfg.val_ann_file, batch_size=batch_size, min_size=cfg.min_size,
             max_size=cfg.max_size, pad_buckets=cfg.pad_buckets, num_parallel_workers=cfg.num_parallel_workers,
             rank=rank, group_size=group_size, size_divisor=cfg.size_divisor)
+
+
+def build_train_step(cfg, network, steps_per_epoch, group_size):
+    """-> (TrainStep in training mode, per-step lr schedule): the optimiser with the lr scaled to
+    the global batch, mixed precision (amp_level) with a dynamic loss scale, the loss, gradient
+    clipping and reduction across group_size devices. Used by train.py and the benchmark."""
+    global_batch = cfg.batch_size * group_size
+    lr = scaled_lr(cfg.base_lr, cfg.lr_base_batch, global_batch)
+    schedule = build_lr_schedule(lr, steps_per_epoch, cfg.epochs, cfg.lr_schedule, cfg.lr_steps, cfg.lr_gamma,
+                                 cfg.warmup_iters, cfg.warmup_ratio)
+    optimizer = build_optimizer(network.trainable_params(), schedule, cfg.momentum, cfg.weight_decay,
+                                cfg.weight_decay_norm_bias)
+    scaler = None
+    if cfg.amp_level != "O0":
+        network = ms.amp.auto_mixed_precision(network, cfg.amp_level)
+        scaler = ms.amp.DynamicLossScaler(2.0 ** 16, 2, 1000)
+    net_with_loss = FCOSWithLoss(network, build_loss(cfg, distributed=group_size > 1))
+    step = TrainStep(net_with_loss, optimizer, cfg.grad_clip_norm, distributed=group_size > 1, loss_scaler=scaler)
+    step.set_train(True)
+    logging.getLogger("fcos").info("global batch %d, peak lr %.5f, %d steps", global_batch, lr, len(schedule))
+    return step, schedule

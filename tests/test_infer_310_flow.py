@@ -118,22 +118,45 @@ def test_postprocess_names_a_missing_result(flow, tmp_path, capsys):
     assert not (tmp_path / "eval_result.json").exists()
 
 
-@pytest.mark.parametrize("num_categories, message", [
-    (1, "but the file has 1 categories (was it trained with another --class_num?)"),
-    (4, "4 categories, but the exported model has class_num=3"),
-])
-def test_postprocess_rejects_other_categories(flow, tmp_path, capsys, num_categories, message):
+def _annotations_with_categories(flow, tmp_path, num_categories):
+    """The flow's annotation file cut to its first num_categories categories -> path."""
     data = read_json(flow["ann_file"])
     data["categories"] = [{"id": i + 1, "name": f"c{i}"} for i in range(num_categories)]
     data["annotations"] = [a for a in data["annotations"] if a["category_id"] <= num_categories]
     ann_file = tmp_path / "ann.json"
     ann_file.write_text(json.dumps(data))
+    return ann_file
+
+
+def _postprocess_args(flow, ann_file, output_dir):
+    return [f"--result_dir={flow['infer'] / 'result_Files'}", f"--export_info={flow['export_info']}",
+            f"--info_file={flow['infer'] / 'preprocess_Result' / INFO_FILE}",
+            f"--val_ann_file={ann_file}", f"--output_dir={output_dir}"]
+
+
+def test_postprocess_rejects_more_categories_than_classes(flow, tmp_path, capsys):
+    ann_file = _annotations_with_categories(flow, tmp_path, 4)
     with pytest.raises(SystemExit) as exit_info:
-        postprocess.main([f"--result_dir={flow['infer'] / 'result_Files'}", f"--export_info={flow['export_info']}",
-                          f"--info_file={flow['infer'] / 'preprocess_Result' / INFO_FILE}",
-                          f"--val_ann_file={ann_file}", f"--output_dir={tmp_path}"])
+        postprocess.main(_postprocess_args(flow, ann_file, tmp_path))
     assert exit_info.value.code == 2
-    assert message in capsys.readouterr().err
+    assert "has 4 categories, more than the model's class_num=3" in capsys.readouterr().err
+    assert not (tmp_path / "eval_result.json").exists()
+
+
+def test_fewer_categories_are_scored_alike_by_eval_and_postprocess(flow, tmp_path, capsys):
+    """One policy: detections of labels without a category are left out, with a warning."""
+    ann_file = _annotations_with_categories(flow, tmp_path, 1)
+    postprocess.main(_postprocess_args(flow, ann_file, tmp_path / "post"))
+    assert "detections of labels 1..2 have no category and are not scored" in capsys.readouterr().out
+    got = read_json(tmp_path / "post" / "eval_result.json")
+    ckpt = flow["root"] / "train" / "checkpoints" / "fcos-20_40.ckpt"
+    result = run_ok([sys.executable, "eval.py", *MODEL_ARGS, f"--ckpt_file={ckpt}", f"--val_img_dir={flow['img_dir']}",
+                     f"--val_ann_file={ann_file}", f"--output_dir={tmp_path / 'eval'}"])
+    assert "detections of labels 1..2 have no category and are not scored" in result.stdout + result.stderr
+    expected = read_json(tmp_path / "eval" / "eval_result.json")
+    assert {d["category_id"] for d in got["detections"]} == {1}
+    for key in ("AP", "AP50", "AR100"):
+        assert got[key] == pytest.approx(expected[key], abs=0.002), key
 
 
 def test_preprocess_skips_bad_images_and_shrinks_other_orientation(tmp_path):

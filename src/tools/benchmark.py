@@ -49,7 +49,7 @@ import numpy as np
 import src  # noqa: F401  (sets the oneDNN ISA before mindspore loads)
 import mindspore as ms
 
-from src.builder import build_decoder, build_model, build_train_dataset, selection_kwargs
+from src.builder import build_decoder, build_model, build_train_dataset, build_train_step, selection_kwargs
 from src.data.pipeline import resolve_pad_buckets
 from src.detector import FCOSInference
 from src.engine.context import init_context
@@ -147,8 +147,6 @@ def infer_step(args, cfg):
 
 def train_step(args, cfg):
     """-> (compiled cell, step) for one training step exactly as train.py builds it."""
-    from train import build_train_step  # the entry point owns how a training step is assembled
-
     calls = 1 + args.warmup + args.steps
     cell, _ = build_train_step(cfg, build_model(cfg), steps_per_epoch=calls, group_size=1)
     inputs = [ms.Tensor(x) for x in fixed_batch(args, cfg)]
