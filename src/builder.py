@@ -14,6 +14,7 @@ from src.engine.lr_schedule import build_lr_schedule, scaled_lr
 from src.engine.train_step import FCOSWithLoss, TrainStep, build_optimizer
 from src.losses import FCOSLoss
 from src.model.fcos import FCOS
+from src.model.norm import GroupNorm
 from src.model_utils.config import ConfigError, require_files
 from src.postprocess import FCOSDecoder
 
@@ -118,6 +119,10 @@ def build_train_step(cfg, network, steps_per_epoch, group_size):
     scaler = None
     if cfg.amp_level != "O0":
         network = ms.amp.auto_mixed_precision(network, cfg.amp_level)
+        # As MindSpore does for its own norm layers: statistics and their backward in float32.
+        for _, cell in network.cells_and_names():
+            if isinstance(cell, GroupNorm):
+                cell.to_float(ms.float32)
         scaler = ms.amp.DynamicLossScaler(2.0 ** 16, 2, 1000)
     net_with_loss = FCOSWithLoss(network, build_loss(cfg, distributed=group_size > 1))
     step = TrainStep(net_with_loss, optimizer, cfg.grad_clip_norm, distributed=group_size > 1, loss_scaler=scaler)

@@ -11,8 +11,8 @@ def squared_global_norm(grads):
     One dot product per gradient: it serves both the finiteness guard and clipping, and
     MindSpore's CPU reductions (ReduceSum, ReduceAll) are several times slower than its sgemm.
     """
-    return ops.addn([ops.matmul(g.reshape(1, -1), g.reshape(-1, 1)).reshape(()).astype(ms.float32)
-                     for g in grads])
+    flat = [ops.cast(g, ms.float32).reshape(1, -1) for g in grads]
+    return ops.addn([ops.matmul(g, g.reshape(-1, 1)).reshape(()) for g in flat])
 
 
 def clip_by_global_norm(grads, max_norm, squared_norm):

@@ -3,6 +3,7 @@
 Both keep MindSpore's parameter names (gamma, beta, moving_mean, moving_variance) so that a
 checkpoint saved with frozen BatchNorm loads into a network with nn.BatchNorm2d and back.
 """
+import mindspore as ms
 import numpy as np
 from mindspore import nn, ops, Parameter, Tensor
 
@@ -44,8 +45,9 @@ class _GroupNormFunction(nn.Cell):
     differentiated through reductions and broadcasting element-wise ops, which are slow on
     MindSpore's CPU backend (they made GroupNorm ~25% of an R50 FCOS training step) and keep an
     index workspace of several activations. Each group's variance is taken about its mean (two
-    passes), so large means do not cancel digits. Primitives are made once here: functional ops
-    fail inside a bprop graph.
+    passes), so large means do not cancel digits. It computes in float32 whatever the input type
+    (mixed precision keeps normalisation in float32). Primitives are made once here: functional
+    ops fail inside a bprop graph.
     """
 
     def __init__(self, num_groups, eps):
@@ -96,33 +98,36 @@ class _GroupNormFunction(nn.Cell):
 
     def construct(self, x, gamma, beta):
         b = x.shape[0]
-        centred, var = self._centre(x)
-        y = self._affine(centred, self.zeros_like(var), var, self.tile(gamma, (b,)), self.tile(beta, (b,)))
-        return y.reshape(x.shape)
+        centred, var = self._centre(x.astype(ms.float32))
+        y = self._affine(centred, self.zeros_like(var), var, self.tile(gamma.astype(ms.float32), (b,)),
+                         self.tile(beta.astype(ms.float32), (b,)))
+        return y.reshape(x.shape).astype(x.dtype)
 
     def bprop(self, x, gamma, beta, out, dout):
         """With xhat = (x - mean) * rstd per group:
         dx = rstd * (gamma * dy - mean_g(gamma * dy) - xhat * mean_g(gamma * dy * xhat)),
         dgamma = sum over B, H, W of dy * xhat, dbeta = sum of dy."""
         b, c, h, w = x.shape
-        centred, var = self._centre(x)
+        centred, var = self._centre(x.astype(ms.float32))
         rstd = self.rsqrt(var + self.eps)
+        dout = dout.astype(ms.float32)
         dy_rows = dout.reshape(b * c, h * w)
         sum_dy = self._row_sums(dy_rows)
         sum_dy_xhat = self._row_dots(dy_rows, centred.reshape(b * c, h * w)) * rstd
-        gamma_rows = self.tile(gamma, (b,))
+        gamma_rows = self.tile(gamma.astype(ms.float32), (b,))
         mean_dy = self._group_means(gamma_rows * sum_dy, x.shape)
         mean_dy_xhat = self._group_means(gamma_rows * sum_dy_xhat, x.shape)
         zeros = self.zeros_like(var)
         dx = (self._affine(dout.reshape(1, b * c, h, w), zeros, var, gamma_rows, -rstd * mean_dy)
               + self._affine(centred, zeros, var, -rstd * mean_dy_xhat, zeros))
-        return dx.reshape(x.shape), sum_dy_xhat.reshape(b, c).sum(axis=0), sum_dy.reshape(b, c).sum(axis=0)
+        return (dx.reshape(x.shape).astype(x.dtype), sum_dy_xhat.reshape(b, c).sum(axis=0).astype(gamma.dtype),
+                sum_dy.reshape(b, c).sum(axis=0).astype(beta.dtype))
 
 
 class GroupNorm(nn.Cell):
     """GroupNorm over (C/G, H, W) per group with biased variance, as torch.nn.GroupNorm.
 
-    Not nn.GroupNorm: that does not export to ONNX and is no faster on CPU; this one is built
+    Not nn.GroupNorm: that does not export to ONNX and is ~4x slower on CPU; this one is built
     from MatMul and BatchNorm (inference) kernels, which export, with an explicit
     backward pass (_GroupNormFunction). Needs static shapes (true in GRAPH_MODE and for export).
     Input and output (B, C, H, W).
