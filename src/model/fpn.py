@@ -50,15 +50,12 @@ class FPN(nn.Cell):
 
 
 def _upsample_like(x, reference):
-    """Nearest-upsample x (B, C, h, w) to reference's (H, W), as torch's 'nearest'.
+    """Nearest-upsample x (B, C, h, w) to reference's (H, W).
 
-    Exact doubling (every level of an input padded to a multiple of 32) repeats each pixel 2x2
-    by a broadcast, ~6x faster than MindSpore's CPU ResizeNearestNeighbor; other sizes use
-    ResizeNearestNeighbor (align_corners False: source index floor(dst * h / H)). Both export to
-    ONNX, unlike ops.interpolate.
+    ResizeNearestNeighbor (align_corners False) reads source index floor(dst * h / H), as torch's
+    'nearest', also for odd sizes; unlike ops.interpolate it exports to ONNX.
     """
-    b, c, h, w = x.shape
-    height, width = reference.shape[2:]
-    if (height, width) == (2 * h, 2 * w):
-        return ops.broadcast_to(x.reshape(b, c, h, 1, w, 1), (b, c, h, 2, w, 2)).reshape(b, c, height, width)
-    return ops.ResizeNearestNeighbor((height, width))(x)
+    # Not the ~6x faster broadcast of (B,C,h,1,w,1) to (B,C,h,2,w,2): its values and gradients
+    # are right in one process, but a 2-rank data-parallel run then drifted from the
+    # single-process one (0.056 max weight difference after 8 steps; tests/test_distributed.py).
+    return ops.ResizeNearestNeighbor(reference.shape[2:])(x)
