@@ -118,6 +118,7 @@ def build_train_step(cfg, network, steps_per_epoch, group_size):
                                 cfg.weight_decay_norm_bias)
     scaler = None
     if cfg.amp_level != "O0":
+        network.head.set_stacking(False)
         network = ms.amp.auto_mixed_precision(network, cfg.amp_level)
         # As MindSpore does for its own norm layers: statistics and their backward in float32.
         for _, cell in network.cells_and_names():

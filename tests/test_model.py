@@ -10,6 +10,7 @@ from mindspore import nn, ops
 
 from src.model.backbone import ARCHITECTURES, ResNet, StemMaxPool
 from src.model.fcos import FCOS
+from src.model.head import FCOSHead
 from src.model.fpn import _upsample_like
 from src.model.norm import FrozenBatchNorm2d, GroupNorm
 
@@ -119,6 +120,35 @@ def test_centerness_branch_reads_the_chosen_tower(cnt_on_reg):
     np.testing.assert_array_equal(net(x)[2].asnumpy(), before)
     read[0].weight.set_data(read[0].weight * 3)
     assert not np.allclose(net(x)[2].asnumpy(), before)
+
+
+@pytest.mark.parametrize("use_gn, cnt_on_reg, add_centerness, stacking", [
+    (True, True, True, True), (False, True, True, True), (True, False, True, True), (True, True, False, True),
+    (True, True, True, False)])
+def test_stacked_head_convs_match_the_layers_run_one_by_one(use_gn, cnt_on_reg, add_centerness, stacking):
+    """The head stacks convs that share an input (unless set_stacking(False)); the towers and
+    outputs run cell by cell must agree."""
+    rng = np.random.RandomState(4)
+    head = FCOSHead(32, 3, num_levels=2, use_gn=use_gn, cnt_on_reg=cnt_on_reg, add_centerness=add_centerness)
+    head.set_stacking(stacking)
+    for p in head.get_parameters():  # away from the init (zero biases, unit gammas) so mix-ups show
+        p.set_data(ms.Tensor(rng.uniform(0.5, 1.5, p.shape).astype(np.float32)))
+    features = [ms.Tensor(rng.randn(2, 32, size, size).astype(np.float32)) for size in (6, 3)]
+    cls_logits, bbox_reg, centerness = (o.asnumpy() for o in head(features))
+    cls_ref, reg_ref, ctr_ref = [], [], []
+    for feature, scale in zip(features, head.scales):
+        cls_feat, reg_feat = feature, feature
+        for cls_layer, reg_layer in zip(head.cls_tower, head.reg_tower):
+            cls_feat, reg_feat = cls_layer(cls_feat), reg_layer(reg_feat)
+        flat = lambda x: x.asnumpy().transpose(0, 2, 3, 1).reshape(2, -1, x.shape[1])
+        cls_ref.append(flat(head.cls_logits(cls_feat)))
+        reg_ref.append(np.maximum(flat(head.bbox_reg(reg_feat)) * scale.scale.asnumpy(), 0))
+        if add_centerness:
+            ctr_ref.append(flat(head.centerness(reg_feat if cnt_on_reg else cls_feat)))
+    np.testing.assert_allclose(cls_logits, np.concatenate(cls_ref, 1), rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(bbox_reg, np.concatenate(reg_ref, 1), rtol=1e-4, atol=1e-4)
+    expected_ctr = np.concatenate(ctr_ref, 1) if add_centerness else np.zeros_like(centerness)
+    np.testing.assert_allclose(centerness, expected_ctr, rtol=1e-4, atol=1e-4)
 
 
 def test_pynative_matches_graph_for_the_paper_options():

@@ -36,7 +36,7 @@ class FrozenBatchNorm2d(nn.Cell):
                               training=False, eps=self.eps)
 
 
-class _GroupNormFunction(nn.Cell):
+class GroupNormFunction(nn.Cell):
     """GroupNorm as a function with its own backward: construct(x, gamma, beta) -> y.
 
     x (B, C, H, W) is viewed as R = B*C rows: per-row sums and dot products are matrix products
@@ -129,7 +129,7 @@ class GroupNorm(nn.Cell):
 
     Not nn.GroupNorm: that does not export to ONNX and is ~4x slower on CPU; this one is built
     from MatMul and BatchNorm (inference) kernels, which export, with an explicit
-    backward pass (_GroupNormFunction). Needs static shapes (true in GRAPH_MODE and for export).
+    backward pass (GroupNormFunction). Needs static shapes (true in GRAPH_MODE and for export).
     Input and output (B, C, H, W).
     """
 
@@ -139,7 +139,7 @@ class GroupNorm(nn.Cell):
             raise ValueError(f"GroupNorm: {num_channels} channels do not split into {num_groups} groups")
         self.gamma = Parameter(Tensor(np.ones(num_channels, np.float32)), name="gamma")
         self.beta = Parameter(Tensor(np.zeros(num_channels, np.float32)), name="beta")
-        self.function = _GroupNormFunction(num_groups, eps)
+        self.function = GroupNormFunction(num_groups, eps)
 
     def construct(self, x):
         return self.function(x, self.gamma, self.beta)
