@@ -55,7 +55,10 @@ def _upsample_like(x, reference):
     ResizeNearestNeighbor (align_corners False) reads source index floor(dst * h / H), as torch's
     'nearest', also for odd sizes; unlike ops.interpolate it exports to ONNX.
     """
-    # Not the ~6x faster broadcast of (B,C,h,1,w,1) to (B,C,h,2,w,2): its values and gradients
-    # are right in one process, but a 2-rank data-parallel run then drifted from the
-    # single-process one (0.056 max weight difference after 8 steps; tests/test_distributed.py).
+    # Faster forms were exact in one process (tested against NumPy, values and gradients) but a
+    # 2-rank data-parallel run then drifted from the single-process one by the same 0.056 max
+    # weight difference after 8 steps (tests/test_distributed.py) with each of: a broadcast or
+    # a stack of (B,C,h,1,w,1) to (B,C,h,2,w,2) (8-10 ms vs 46 forward on 256x50x76), two matmuls
+    # with 0/1 selection matrices (6.5 ms). A depthwise stride-2 transposed conv kept parity
+    # (3 ms) but MindSpore exports it to ONNX with an output_shape onnxruntime rejects.
     return ops.ResizeNearestNeighbor(reference.shape[2:])(x)
