@@ -69,9 +69,7 @@ def stack_params(convs, norms=()):
     """The stacked weight, bias (and GroupNorm gamma, beta, else None) of StackedConv.
 
     Called once per forward pass, not per pyramid level: a parameter read at every level for a
-    concatenation makes MindSpore insert TensorMove copies, which do not export to ONNX. The
-    explicit float32 reads keep the gradients float32 under mixed precision (amp O2/O3 would
-    otherwise hand the optimiser float16 gradients of these float32 parameters).
+    concatenation makes MindSpore insert TensorMove copies, which do not export to ONNX.
     """
     gamma = ops.concat([norm.gamma for norm in norms], 0) if norms else None
     beta = ops.concat([norm.beta for norm in norms], 0) if norms else None
@@ -123,7 +121,7 @@ class FCOSHead(nn.Cell):
         # tower. set_stacking(False) runs them one by one (same values).
         self.tower_layer = 3 if use_gn else 2
         self.tower_start = StackedConv(*self._tower_start_cells()) if num_convs else None
-        self.box_outputs = StackedConv((self.bbox_reg, self.centerness)) if add_centerness and cnt_on_reg else None
+        self.box_outputs = StackedConv(self._box_convs()) if add_centerness and cnt_on_reg else None
         self.set_stacking(True)
 
     def set_stacking(self, enabled):
@@ -137,6 +135,10 @@ class FCOSHead(nn.Cell):
         """-> (the towers' first convs, their GroupNorms or ())."""
         convs = (self.cls_tower[0], self.reg_tower[0])
         return convs, ((self.cls_tower[1], self.reg_tower[1]) if self.tower_layer == 3 else ())
+
+    def _box_convs(self):
+        """-> the convs on the regression tower's output, in stacking order."""
+        return self.bbox_reg, self.centerness
 
     def _towers(self, feature, start_params):
         """(B, C, H, W) -> (cls_feat, reg_feat), each (B, C, H, W)."""
@@ -152,7 +154,7 @@ class FCOSHead(nn.Cell):
 
     def construct(self, features):
         start_params = stack_params(*self._tower_start_cells()) if self.stack_towers else None
-        box_params = stack_params((self.bbox_reg, self.centerness)) if self.stack_box else None
+        box_params = stack_params(self._box_convs()) if self.stack_box else None
         cls_out, reg_out, ctr_out = (), (), ()
         for feature, scale in zip(features, self.scales):
             cls_feat, reg_feat = self._towers(feature, start_params)
