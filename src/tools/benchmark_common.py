@@ -51,6 +51,12 @@ def peak_rss_mb():
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
 
+def _seconds(value):
+    """4 significant digits: a prefetched data batch takes microseconds, which fixed decimals
+    would report as 0."""
+    return float(f"{value:.4g}")
+
+
 def summarise(first, times, parts, batch_size, steady_state_compiles=None, throughput="median"):
     """Timing lists from time_steps -> the result dict (RESULT_KEYS plus 'parts': medians).
 
@@ -63,16 +69,16 @@ def summarise(first, times, parts, batch_size, steady_state_compiles=None, throu
     median = statistics.median(times)
     per_step = median if throughput == "median" else statistics.fmean(times)
     return {
-        "median_s": round(median, 4),
-        "min_s": round(min(times), 4),
-        "max_s": round(max(times), 4),
+        "median_s": _seconds(median),
+        "min_s": _seconds(min(times)),
+        "max_s": _seconds(max(times)),
         "images_per_s": round(batch_size / per_step, 3),
         "compile_s": round(first, 3),
         "peak_rss_mb": round(peak_rss_mb(), 1),
         "steady_state_compiles": steady_state_compiles,
         "slow_steps": sum(t > SLOW_FACTOR * median for t in times),
         "load_1min": round(os.getloadavg()[0], 2),
-        "parts": {name: round(statistics.median(values), 4) for name, values in parts.items()},
+        "parts": {name: _seconds(statistics.median(values)) for name, values in parts.items()},
     }
 
 
