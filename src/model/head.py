@@ -119,7 +119,7 @@ class FCOSHead(nn.Cell):
         # Convs that read the same input run stacked: the towers' first layers (with their
         # GroupNorms), and the box regression with centreness when that sits on the regression
         # tower. set_stacking(False) runs them one by one (same values).
-        self.tower_layer = 3 if use_gn else 2
+        self.cells_per_layer = 3 if use_gn else 2  # conv, [GroupNorm,] ReLU
         self.tower_start = StackedConv(*self._tower_start_cells()) if num_convs else None
         self.box_outputs = StackedConv(self._box_convs()) if add_centerness and cnt_on_reg else None
         self.set_stacking(True)
@@ -134,7 +134,7 @@ class FCOSHead(nn.Cell):
     def _tower_start_cells(self):
         """-> (the towers' first convs, their GroupNorms or ())."""
         convs = (self.cls_tower[0], self.reg_tower[0])
-        return convs, ((self.cls_tower[1], self.reg_tower[1]) if self.tower_layer == 3 else ())
+        return convs, ((self.cls_tower[1], self.reg_tower[1]) if self.cells_per_layer == 3 else ())
 
     def _box_convs(self):
         """-> the convs on the regression tower's output, in stacking order."""
@@ -146,7 +146,7 @@ class FCOSHead(nn.Cell):
         if self.stack_towers:
             cls_feat, reg_feat = self.tower_start(feature, start_params)
             cls_feat, reg_feat = self.relu(cls_feat), self.relu(reg_feat)
-            first = self.tower_layer
+            first = self.cells_per_layer
         for index in range(first, len(self.cls_tower)):
             cls_feat = self.cls_tower[index](cls_feat)
             reg_feat = self.reg_tower[index](reg_feat)
