@@ -59,6 +59,12 @@ def _upsample_like(x, reference):
     # 2-rank data-parallel run then drifted from the single-process one by the same 0.056 max
     # weight difference after 8 steps (tests/test_distributed.py) with each of: a broadcast or
     # a stack of (B,C,h,1,w,1) to (B,C,h,2,w,2) (8-10 ms vs 46 forward on 256x50x76), two matmuls
-    # with 0/1 selection matrices (6.5 ms). A depthwise stride-2 transposed conv kept parity
-    # (3 ms) but MindSpore exports it to ONNX with an output_shape onnxruntime rejects.
+    # with 0/1 selection matrices (6.5 ms). Traced for the matmul form with a checkpoint per step:
+    # one process is identical (<= 1.2e-7) with either upsampling; the 2-rank run matches it for
+    # two steps (1.5e-8), then step 3's update differs (7e-5 in head.cls_tower.3.weight) while
+    # both ranks' step-3 losses are unchanged, with gradient-allreduce fusion on or off: the
+    # data-parallel graph's backward or update differs (MindSpore's data-parallel compilation, or
+    # its interplay with the loss's in-graph AllReduce), not this arithmetic. A depthwise stride-2
+    # transposed conv kept parity (3 ms) but MindSpore exports it to ONNX with an output_shape
+    # onnxruntime rejects; ResizeNearestNeighborV2 and ops.interpolate do not export at all.
     return ops.ResizeNearestNeighbor(reference.shape[2:])(x)
