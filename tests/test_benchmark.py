@@ -14,8 +14,11 @@ import mindspore as ms
 from mindspore import nn
 
 from conftest import ROOT
+from src.builder import build_model
+from src.model_utils.config import load_config
 from src.tools.benchmark import time_cell
 from src.tools.benchmark_common import RESULT_KEYS, summarise, synthetic_ground_truth
+from src.tools.benchmark_convs import layer_spec
 
 SMALL = ["--config_path=configs/synthetic_cpu.yaml", "--backbone=resnet18", "--fpn_out_channels=32",
          "--num_head_convs=1", "--batch_size=2", "--height=64", "--width=96", "--steps=2", "--warmup=1"]
@@ -65,7 +68,43 @@ def test_bad_arguments_end_with_one_line_and_exit_code_2():
     assert done.returncode == 2 and "--no_such_key" in done.stderr
     done = subprocess.run([sys.executable, "-m", "src.tools.benchmark", "--mode=data", "--compare_torchvision"],
                           cwd=ROOT, text=True, capture_output=True, timeout=60)
-    assert done.returncode == 2 and "only for --mode infer or train" in done.stderr
+    assert done.returncode == 2 and "only for --mode infer, train or convs" in done.stderr
+
+
+def _conv_calls_per_forward(argv):
+    """How many nn.Conv2d calls one forward makes, counted from the network's cells: the head's
+    layers run once per pyramid level, every other conv once."""
+    cfg = load_config(argv)
+    network = build_model(cfg)
+    convs = [name for name, cell in network.cells_and_names() if isinstance(cell, nn.Conv2d)]
+    return sum(len(cfg.strides) if name.startswith("head.") else 1 for name in convs)
+
+
+def test_convs_mode_lists_every_convolution_once_with_its_input_shape_and_times_it():
+    lines, result = run_benchmark(*SMALL, "--mode=convs", "--threads=1")
+    assert lines[0].split()[:4] == ["count", "input", "out", "kernel"] and lines[-2].startswith("total")
+    layers = result["layers"]
+    assert sum(layer["count"] for layer in layers) == _conv_calls_per_forward(SMALL[:5])
+    keys = [json.dumps({k: v for k, v in layer.items() if not k.endswith("_ms") and k != "count"}, sort_keys=True)
+            for layer in layers]
+    assert len(set(keys)) == len(keys)  # distinct layers, each counted
+    stem = layers[0]
+    assert (stem["input"], stem["out_channels"], stem["kernel"], stem["stride"], stem["padding"], stem["count"]) == (
+        [2, 3, 64, 96], 64, [7, 7], [2, 2], [3, 3], 1)
+    # 32-channel head convs on P3 (64x96 / 8): each of the two towers' layer and the three predictors
+    p3 = [layer for layer in layers if layer["input"] == [2, 32, 8, 12]]
+    assert sorted((layer["out_channels"], layer["count"]) for layer in p3) == [
+        (1, 1), (3, 1), (4, 1), (32, 3)]  # FPN output conv of P3 + the two tower layers; centreness, classes, box
+    for layer in layers:
+        assert 0 < layer["fwd_ms"] and 0 < layer["fwd_bwd_ms"]
+    assert result["totals"]["fwd_bwd_ms"] == pytest.approx(sum(l["count"] * l["fwd_bwd_ms"] for l in layers), abs=0.2)
+
+
+def test_a_convolution_the_side_by_side_cannot_describe_is_refused():
+    with pytest.raises(ValueError, match="symmetric pad_mode='pad'"):
+        layer_spec(nn.Conv2d(3, 4, 3, pad_mode="same"), (1, 3, 8, 8))
+    spec = layer_spec(nn.Conv2d(3, 4, (3, 1), stride=2, pad_mode="pad", padding=(1, 1, 0, 0)), (1, 3, 8, 8))
+    assert (spec["kernel"], spec["stride"], spec["padding"]) == ([3, 1], [2, 2], [1, 0])
 
 
 @pytest.mark.skipif(not os.environ.get("TORCH_PYTHON"), reason="set TORCH_PYTHON to a Python with torch + torchvision")
@@ -76,6 +115,16 @@ def test_compare_torchvision_reports_both_sides_and_the_ratio():
     assert theirs["threads"] == 1
     assert set(theirs["parts"]) == {"forward", "postprocess"}
     assert result["ratio"]["median_s"] == pytest.approx(result["median_s"] / theirs["median_s"], rel=1e-2)
+
+
+@pytest.mark.skipif(not os.environ.get("TORCH_PYTHON"), reason="set TORCH_PYTHON to a Python with torch + torchvision")
+def test_convs_mode_times_the_same_layers_in_torch():
+    _, result = run_benchmark(*SMALL, "--mode=convs", "--compare_torchvision", "--threads=1")
+    assert all(layer["torch_fwd_ms"] > 0 and layer["torch_fwd_bwd_ms"] > 0 for layer in result["layers"])
+    theirs = result["torchvision"]
+    assert theirs["framework"] == "torch" and theirs["threads"] == 1
+    assert result["ratio"]["fwd_bwd_ms"] == pytest.approx(
+        result["totals"]["fwd_bwd_ms"] / theirs["totals"]["fwd_bwd_ms"], rel=1e-2)
 
 
 def test_compile_count_sees_a_graph_compiled_during_the_timed_steps():

@@ -5,6 +5,7 @@ optionally side by side with torchvision's FCOS.
     python -m src.tools.benchmark --mode train --config_path configs/synthetic_cpu.yaml
     python -m src.tools.benchmark --mode data --config_path configs/deepforest_cpu.yaml
     python -m src.tools.benchmark --mode train --compare_torchvision --torch_python /path/venv/bin/python
+    python -m src.tools.benchmark --mode convs --compare_torchvision --config_path configs/synthetic_cpu.yaml
 
 Every configuration key is accepted as --key=value (--backbone, --fpn_out_channels, --class_num,
 --batch_size, --config_path, ...); the configuration's own ``mode`` (GRAPH/PYNATIVE) is
@@ -24,6 +25,8 @@ One step is:
   data:  one batch of create_train_dataset (decode, augment, resize, normalise, pad; the
          configured workers, augmentation, min_size/max_size and pad shapes) over synthetic JPEGs
          of --height x --width, generated first into a temporary folder.
+  convs: each distinct convolution layer of the network alone, forward and forward + backward
+         (src/tools/benchmark_convs.py): whether a gap is in the convolution kernels or elsewhere.
 The first call (graph compilation in GRAPH_MODE) and --warmup calls are not timed.
 
 Output: a table, then, as the last line, one JSON object: median_s, min_s, max_s (seconds per
@@ -35,6 +38,10 @@ end: the cores may be shared), parts, steps, warmup,
 framework, mode, batch_size, input, config. With --compare_torchvision also ``torchvision`` (the
 same keys, measured by src.tools.benchmark_torchvision in --torch_python) and ``ratio`` (ours /
 theirs seconds per step: above 1 means slower than torchvision).
+--mode convs prints a table of layers instead and its JSON holds ``layers`` (each: input shape,
+out_channels, kernel, stride, padding, dilation, groups, bias, count, fwd_ms, fwd_bwd_ms and, with
+--compare_torchvision, torch_fwd_ms and torch_fwd_bwd_ms), ``totals`` (count-weighted sums),
+``torchvision`` (its totals, versions, threads) and ``ratio`` (of the fwd_bwd_ms totals).
 """
 import argparse
 import json
@@ -56,8 +63,9 @@ from src.engine.context import init_context
 from src.engine.lr_schedule import scaled_lr
 from src.model_utils.config import ConfigError, guard_main, load_config
 from src.postprocess import postprocess_batch
-from src.tools.benchmark_common import (format_table, json_line, summarise, synthetic_ground_truth,
-                                        time_steps)
+from src.tools.benchmark_common import (CONV_TIME_KEYS, format_table, json_line, peak_rss_mb, summarise,
+                                        synthetic_ground_truth, time_steps)
+from src.tools.benchmark_convs import format_layers, time_layer, totals, trace_layers
 from src.tools.synthetic import make_synthetic_coco
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -74,7 +82,7 @@ def parse_args(argv=None):
     parser = argparse.ArgumentParser(
         description="Benchmark FCOS (inference, training step, data pipeline); every configuration "
                     "key is also accepted as --key=value.", allow_abbrev=False)
-    parser.add_argument("--mode", choices=("infer", "train", "data"), default="infer")
+    parser.add_argument("--mode", choices=("infer", "train", "data", "convs"), default="infer")
     parser.add_argument("--height", type=int, help="input height (default: the first pad shape)")
     parser.add_argument("--width", type=int, help="input width (default: the first pad shape)")
     parser.add_argument("--steps", type=int, default=10, help="timed steps")
@@ -86,7 +94,8 @@ def parse_args(argv=None):
     parser.add_argument("--execution_mode", choices=("GRAPH", "PYNATIVE"),
                         help="the configuration's mode key (default: the configuration's)")
     parser.add_argument("--compare_torchvision", action="store_true",
-                        help="also time torchvision's FCOS (infer or train) in --torch_python")
+                        help="also time torchvision's FCOS (infer, train) or torch's convolutions "
+                             "(convs) in --torch_python")
     parser.add_argument("--torch_python", default=os.environ.get("TORCH_PYTHON", sys.executable),
                         help="Python with torch and torchvision (default: $TORCH_PYTHON, else this one)")
     args, rest = parser.parse_known_args(argv)
@@ -105,7 +114,7 @@ def parse_args(argv=None):
     if args.steps < 1 or args.warmup < 0:
         raise ConfigError("--steps must be at least 1 and --warmup at least 0")
     if args.compare_torchvision and args.mode == "data":
-        raise ConfigError("--compare_torchvision: only for --mode infer or train")
+        raise ConfigError("--compare_torchvision: only for --mode infer, train or convs")
     return args, cfg
 
 
@@ -189,12 +198,17 @@ def time_cell(step, args, cell=None):
     return first, times, parts, compiles
 
 
-def run_mindspore(args, cfg):
-    """Time our side -> result dict (see the module docstring)."""
+def init_mindspore(args, cfg):
+    """Context, kernel threads and seed of our side."""
     init_context(cfg.device_target, cfg.mode, cfg.device_id, distributed=False)
     if args.threads and cfg.device_target == "CPU":
         ms.device_context.cpu.op_tuning.threads_num(args.threads)
     ms.set_seed(cfg.seed)
+
+
+def run_mindspore(args, cfg):
+    """Time our side -> result dict (see the module docstring)."""
+    init_mindspore(args, cfg)
     extra = {}
     if args.mode == "data":
         with tempfile.TemporaryDirectory(prefix="fcos_bench_") as workdir:
@@ -212,6 +226,29 @@ def run_mindspore(args, cfg):
     return result
 
 
+def run_convs(args, cfg):
+    """--mode convs: trace the layers, time them on both sides -> (result dict, table text)."""
+    init_mindspore(args, cfg)
+    layers = trace_layers(cfg, args.height, args.width)
+    result = {"framework": "mindspore", "mode": args.mode, "batch_size": cfg.batch_size,
+              "input": f"{args.height}x{args.width}", "steps": args.steps, "warmup": args.warmup,
+              "versions": {"mindspore": ms.__version__}}
+    if args.compare_torchvision:
+        theirs = run_torchvision(args, cfg, layers)
+        for layer, timing in zip(layers, theirs.pop("layers")):
+            layer.update({"torch_" + key: timing[key] for key in CONV_TIME_KEYS})
+        result["torchvision"] = dict(theirs, totals=totals(layers, "torch_"))
+    for index, layer in enumerate(layers, 1):
+        print(f"layer {index}/{len(layers)}: {layer['input']} -> {layer['out_channels']} channels, "
+              f"kernel {layer['kernel']}, stride {layer['stride']}", file=sys.stderr, flush=True)
+        layer.update(time_layer(layer, args.steps, args.warmup))
+    result.update({"layers": layers, "totals": totals(layers), "peak_rss_mb": round(peak_rss_mb(), 1)})
+    if args.compare_torchvision:
+        result["ratio"] = {"fwd_bwd_ms": round(result["totals"]["fwd_bwd_ms"] /
+                                               result["torchvision"]["totals"]["fwd_bwd_ms"], 3)}
+    return result, format_layers(layers, args.compare_torchvision)
+
+
 def torchvision_spec(args, cfg):
     """What src.tools.benchmark_torchvision needs to build and time the same model and input."""
     spec = {key: cfg[key] for key in MODEL_KEYS}
@@ -222,8 +259,9 @@ def torchvision_spec(args, cfg):
     return spec
 
 
-def run_torchvision(args, cfg):
-    """Time torchvision's FCOS in a separate process of --torch_python -> its result dict.
+def run_torchvision(args, cfg, layers=None):
+    """Time torchvision's FCOS (or, given ``layers``, torch's convolutions) in a separate process
+    of --torch_python -> its result dict.
 
     It runs before our side so that the two never hold memory at the same time, with oneDNN at
     its default ISA (the AVX2 cap is for MindSpore's NCHW convolutions, see src/__init__.py).
@@ -235,8 +273,10 @@ def run_torchvision(args, cfg):
         raise ConfigError(f"--torch_python: {args.torch_python} cannot import torch and torchvision "
                           "(make a separate environment for them: they are not dependencies of this project)")
     env = dict(os.environ, ONEDNN_MAX_CPU_ISA="ALL")
-    command = [args.torch_python, "-m", "src.tools.benchmark_torchvision",
-               "--spec", json.dumps(torchvision_spec(args, cfg))]
+    spec = torchvision_spec(args, cfg)
+    if layers is not None:
+        spec["layers"] = layers
+    command = [args.torch_python, "-m", "src.tools.benchmark_torchvision", "--spec", json.dumps(spec)]
     done = subprocess.run(command, cwd=ROOT, env=env, stdout=subprocess.PIPE, text=True, check=False)
     if done.returncode:
         raise RuntimeError(f"the torchvision benchmark failed (exit code {done.returncode})")
@@ -258,6 +298,12 @@ def report_config(args, cfg):
 def main(argv=None):
     args, cfg = parse_args(argv)
     cpus = pin_cpus(args.threads) if args.threads else None  # None: not pinned
+    if args.mode == "convs":
+        result, table = run_convs(args, cfg)
+        result["config"] = dict(report_config(args, cfg), cpus=cpus)
+        print(table)
+        print(json_line(result), flush=True)
+        return
     theirs = run_torchvision(args, cfg) if args.compare_torchvision else None
     result = run_mindspore(args, cfg)
     result["config"] = report_config(args, cfg)

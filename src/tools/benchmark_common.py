@@ -17,6 +17,8 @@ import numpy as np
 RESULT_KEYS = ("median_s", "min_s", "max_s", "images_per_s", "compile_s", "peak_rss_mb",
                "steady_state_compiles", "slow_steps", "load_1min")
 SLOW_FACTOR = 1.5  # a timed step this many times the median is counted in slow_steps
+# What --mode convs measures of each convolution layer, in milliseconds (see best_ms).
+CONV_TIME_KEYS = ("fwd_ms", "fwd_bwd_ms")
 
 
 def time_steps(step, steps, warmup, before_timed=None):
@@ -44,6 +46,12 @@ def time_steps(step, steps, warmup, before_timed=None):
         for name, seconds in split.items():
             parts.setdefault(name, []).append(seconds)
     return first, times, parts
+
+
+def best_ms(step, steps, warmup):
+    """time_steps -> the fastest timed call in milliseconds: a kernel's own speed, as far as
+    other load on the machine lets it show."""
+    return round(min(time_steps(step, steps, warmup)[1]) * 1e3, 3)
 
 
 def peak_rss_mb():

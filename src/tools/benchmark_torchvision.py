@@ -13,6 +13,9 @@ What one step is:
          ``postprocess`` (the rest), timed by hooks on the head.
   train: ``model(images, targets)`` in train mode (the resize is skipped), the sum of the three
          losses, backward, and an SGD (momentum, weight decay) step.
+  convs: no model; each convolution layer of the spec's ``layers`` (traced from the MindSpore
+         network by src.tools.benchmark_convs) as torch.nn.Conv2d alone: forward under no_grad,
+         and forward + backward (input and weight gradients, none accumulated).
 The oneDNN ISA is left at its default here (the MindSpore side caps it at AVX2; torch uses
 blocked-layout AVX-512 kernels and is not slowed by the NCHW problem MindSpore has).
 """
@@ -26,7 +29,7 @@ import time
 import numpy as np
 import torch
 
-from src.tools.benchmark_common import json_line, summarise, synthetic_ground_truth, time_steps
+from src.tools.benchmark_common import CONV_TIME_KEYS, best_ms, json_line, summarise, synthetic_ground_truth, time_steps
 
 _FALLBACK_OPS = []  # torch.library objects of the stand-in NMS: the op lives as long as they do
 
@@ -181,12 +184,36 @@ def train_step(model, images, targets, spec):
     return step
 
 
+def time_layer(layer, steps, warmup):
+    """One convolution layer (a src.tools.benchmark_convs spec) -> {'fwd_ms', 'fwd_bwd_ms'}."""
+    conv = torch.nn.Conv2d(layer["input"][1], layer["out_channels"], layer["kernel"], stride=layer["stride"],
+                           padding=layer["padding"], dilation=layer["dilation"], groups=layer["groups"],
+                           bias=layer["bias"])
+    x = torch.randn(layer["input"], requires_grad=True)
+    dy = torch.randn_like(conv(x))
+
+    def forward():
+        with torch.no_grad():
+            conv(x)
+
+    def forward_backward():
+        x.grad = None
+        conv.zero_grad(set_to_none=True)
+        conv(x).backward(dy)
+
+    return {key: best_ms(fn, steps, warmup) for key, fn in zip(CONV_TIME_KEYS, (forward, forward_backward))}
+
+
 def run(spec):
     """Build, time, summarise -> result dict (see src.tools.benchmark_common.summarise)."""
-    torchvision, compiled_nms = import_torchvision()
     if spec["threads"]:
         torch.set_num_threads(spec["threads"])
     torch.manual_seed(spec["seed"])
+    if spec["mode"] == "convs":
+        return {"framework": "torch", "mode": "convs", "versions": {"torch": torch.__version__},
+                "threads": torch.get_num_threads(),
+                "layers": [time_layer(layer, spec["steps"], spec["warmup"]) for layer in spec["layers"]]}
+    torchvision, compiled_nms = import_torchvision()
     model = build_fcos(spec, torchvision)
     images, targets = _inputs(spec)
     step = infer_step(model, images) if spec["mode"] == "infer" else train_step(model, images, targets, spec)
