@@ -206,6 +206,13 @@ def init_mindspore(args, cfg):
     ms.set_seed(cfg.seed)
 
 
+def describe_run(args, cfg):
+    """The keys of our result that say what was timed."""
+    return {"framework": "mindspore", "mode": args.mode, "batch_size": cfg.batch_size,
+            "input": f"{args.height}x{args.width}", "steps": args.steps, "warmup": args.warmup,
+            "versions": {"mindspore": ms.__version__}}
+
+
 def run_mindspore(args, cfg):
     """Time our side -> result dict (see the module docstring)."""
     init_mindspore(args, cfg)
@@ -220,9 +227,7 @@ def run_mindspore(args, cfg):
         first, times, parts, compiles = time_cell(step, args, cell)
         result = summarise(first, times, parts, cfg.batch_size, compiles)
     result.update(extra)
-    result.update({"framework": "mindspore", "mode": args.mode, "batch_size": cfg.batch_size,
-                   "input": f"{args.height}x{args.width}", "steps": args.steps, "warmup": args.warmup,
-                   "versions": {"mindspore": ms.__version__}})
+    result.update(describe_run(args, cfg))
     return result
 
 
@@ -230,9 +235,7 @@ def run_convs(args, cfg):
     """--mode convs: trace the layers, time them on both sides -> (result dict, table text)."""
     init_mindspore(args, cfg)
     layers = trace_layers(cfg, args.height, args.width)
-    result = {"framework": "mindspore", "mode": args.mode, "batch_size": cfg.batch_size,
-              "input": f"{args.height}x{args.width}", "steps": args.steps, "warmup": args.warmup,
-              "versions": {"mindspore": ms.__version__}}
+    result = describe_run(args, cfg)
     if args.compare_torchvision:
         theirs = run_torchvision(args, cfg, layers)
         for layer, timing in zip(layers, theirs.pop("layers")):

@@ -114,6 +114,12 @@ def synthetic_ground_truth(batch_size, height, width, num_boxes, max_gt_boxes, n
     return boxes, labels, mask
 
 
+def aligned(rows):
+    """Rows of strings (the first is the header) -> lines with the columns left-aligned."""
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    return ["  ".join(cell.ljust(width) for cell, width in zip(row, widths)) for row in rows]
+
+
 def format_table(results):
     """Rows of result dicts (with 'framework', 'mode', 'batch_size', 'input') -> aligned text."""
     columns = [("framework", "framework"), ("mode", "mode"), ("batch", "batch_size"),
@@ -124,8 +130,7 @@ def format_table(results):
     rows = [[title for title, _ in columns]]
     for result in results:
         rows.append(["-" if result.get(key) is None else str(result[key]) for _, key in columns])
-    widths = [max(len(row[i]) for row in rows) for i in range(len(columns))]
-    lines = ["  ".join(cell.ljust(width) for cell, width in zip(row, widths)) for row in rows]
+    lines = aligned(rows)
     for result in results:
         if result.get("parts"):
             parts = ", ".join(f"{name} {seconds} s" for name, seconds in result["parts"].items())

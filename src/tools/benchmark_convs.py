@@ -21,7 +21,7 @@ import mindspore as ms
 from mindspore import nn, ops
 
 from src.builder import build_model
-from src.tools.benchmark_common import CONV_TIME_KEYS, best_ms
+from src.tools.benchmark_common import CONV_TIME_KEYS, aligned, best_ms
 
 
 def layer_spec(cell, input_shape):
@@ -137,5 +137,4 @@ def format_layers(rows, compared):
         theirs = totals(rows, "torch_")
         line += [str(theirs["fwd_ms"]), str(theirs["fwd_bwd_ms"]), f"{ours['fwd_bwd_ms'] / theirs['fwd_bwd_ms']:.2f}"]
     lines.append(line)
-    widths = [max(len(line[i]) for line in lines) for i in range(len(head))]
-    return "\n".join("  ".join(cell.ljust(width) for cell, width in zip(line, widths)) for line in lines)
+    return "\n".join(aligned(lines))
