@@ -5,9 +5,15 @@ import json
 import logging
 import math
 import os
+import time
 
 import numpy as np
 from pycocotools.cocoeval import COCOeval
+
+try:  # same statistics as pycocotools, computed in C++ (about 10x faster evaluate + accumulate)
+    import faster_coco_eval
+except ImportError:
+    faster_coco_eval = None
 
 from src.data.coco import clean_box, coco_index, read_coco_json
 from src.model_utils.config import ConfigError
@@ -83,24 +89,49 @@ def to_coco_results(image_id, boxes, scores, labels, label_to_cat_id):
     return results
 
 
-def coco_evaluate(coco_gt, results, output_dir=None, image_ids=None):
+BACKENDS = ("faster_coco_eval", "pycocotools")
+
+
+def default_backend():
+    """faster_coco_eval when it is installed, else pycocotools."""
+    return BACKENDS[0] if faster_coco_eval is not None else BACKENDS[1]
+
+
+def _evaluator(coco_gt, results, backend):
+    """A bbox COCOeval of ``backend`` over coco_gt (a pycocotools COCO) and results."""
+    if backend == "faster_coco_eval":
+        if faster_coco_eval is None:
+            raise ImportError("coco_eval backend faster_coco_eval: the package is not installed "
+                              "(pip install faster-coco-eval)")
+        gt = faster_coco_eval.COCO(coco_gt.dataset)
+        return faster_coco_eval.COCOeval_faster(gt, gt.loadRes(results), "bbox", print_function=print)
+    with contextlib.redirect_stdout(io.StringIO()):
+        coco_dt = coco_gt.loadRes(results)
+    return COCOeval(coco_gt, coco_dt, "bbox")
+
+
+def coco_evaluate(coco_gt, results, output_dir=None, image_ids=None, backend=None):
     """Score ``results`` (COCO results entries) against ``coco_gt`` (a COCO object).
 
     Prints the standard 12-line table and returns {key: float} for STAT_KEYS. With
     ``output_dir`` it writes eval_result.json (the stats, the number of images scored and the
     detections) atomically. ``image_ids`` restricts scoring to the images that were actually run.
+    ``backend``: one of BACKENDS, default_backend() when None; both give the same statistics
+    (tests/test_coco_eval.py).
     """
     if results:
-        with contextlib.redirect_stdout(io.StringIO()):
-            coco_dt = coco_gt.loadRes(results)
-        evaluator = COCOeval(coco_gt, coco_dt, "bbox")
+        backend = backend or default_backend()
+        start = time.perf_counter()
+        # copies: both libraries add fields (area, id, ...) to the entries they load
+        evaluator = _evaluator(coco_gt, [dict(r) for r in results], backend)
         if image_ids is not None:
             evaluator.params.imgIds = sorted(int(i) for i in image_ids)
         with contextlib.redirect_stdout(io.StringIO()):
             evaluator.evaluate()
             evaluator.accumulate()
         evaluator.summarize()
-        stats = [float(s) for s in evaluator.stats]
+        stats = [float(s) for s in evaluator.stats[:len(STAT_KEYS)]]
+        logger.info("COCO scoring (%s) took %.2f s", backend, time.perf_counter() - start)
     else:
         logger.warning("no detections at all: every COCO metric is 0")
         stats = [0.0] * len(STAT_KEYS)
