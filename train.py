@@ -11,7 +11,7 @@ import src  # noqa: F401  (sets the oneDNN ISA before mindspore loads)
 import mindspore as ms
 
 from src.builder import (build_decoder, build_eval_dataset, build_model, build_train_dataset, build_train_step,
-                         selection_kwargs)
+                         eval_graphs, precompile_graphs, selection_kwargs, train_graphs)
 from src.data.pipeline import loader_error
 from src.detector import FCOSInference
 from src.engine.checkpoint import load_checkpoint_file, load_weights, split_meta
@@ -75,15 +75,19 @@ def batch_id_logger(plan, rank):
 
 
 def build_evaluator(cfg, network):
-    """Evaluation during training (rank 0) or None when not configured."""
+    """Evaluation during training -> (evaluate function, its graphs); (None, []) when not configured."""
     if not cfg.eval_interval:
-        return None
+        return None, []
     require_files(cfg, "val_img_dir", "val_ann_file")
     dataset, info = build_eval_dataset(cfg, batch_size=cfg.batch_size)
     infer_cell = FCOSInference(network, build_decoder(cfg))
     out_dir = os.path.join(cfg.output_dir, "eval")
-    return lambda: evaluate(infer_cell, dataset, info, cfg.val_ann_file, selection_kwargs(cfg), out_dir,
-                            batch_size=cfg.batch_size)
+
+    def run():
+        return evaluate(infer_cell, dataset, info, cfg.val_ann_file, selection_kwargs(cfg), out_dir,
+                        batch_size=cfg.batch_size)
+
+    return run, eval_graphs(infer_cell, info["pad_shapes"], cfg.batch_size)
 
 
 def load_initial_weights(cfg, network):
@@ -123,17 +127,19 @@ def main(argv=None):
     # Ranks other than 0 write checkpoints only on request, each into its own folder.
     ckpt_root = cfg.output_dir if rank == 0 else os.path.join(cfg.output_dir, f"rank_{rank}")
     train_step, schedule = build_train_step(cfg, network, steps_per_epoch, group_size)
+    evaluator, evaluator_graphs = build_evaluator(cfg, network) if rank == 0 else (None, [])
     trainer = Trainer(train_step, steps_per_epoch=steps_per_epoch, epochs=cfg.epochs,
                       global_batch=cfg.batch_size * group_size, lr_schedule=schedule, output_dir=ckpt_root,
                       save_checkpoints=rank == 0 or cfg.save_ckpt_all_ranks, log_interval=cfg.log_interval,
                       save_ckpt_epochs=cfg.save_ckpt_epochs, save_ckpt_steps=cfg.save_ckpt_steps,
                       keep_ckpt_max=cfg.keep_ckpt_max, max_bad_steps=cfg.max_bad_steps, eval_interval=cfg.eval_interval,
-                      evaluate=build_evaluator(cfg, network) if rank == 0 else None)
+                      evaluate=evaluator)
     if resume_params is not None:
         try:
             trainer.resume_from(cfg.resume, resume_params, resume_meta)
         except ValueError as err:
             raise ConfigError(f"--resume: {err}") from None
+    precompile_graphs(cfg, train_graphs(cfg, train_step, info["pad_shapes"]) + evaluator_graphs, group_size > 1)
     on_epoch_start = batch_id_logger(info["plan"], rank) if cfg.log_batch_ids else None
     batches = epoch_batches(dataset, trainer.epoch, cfg.epochs, on_epoch_start,
                             failed_image_reporter(info["failed_images"]))

@@ -4,12 +4,15 @@ Deep modules take plain values; entry points call these builders with the parsed
 """
 import contextlib
 import logging
+import os
 
 import mindspore as ms
+import numpy as np
 
 from src.data.coco import DatasetError
 from src.data.pipeline import PadBucketError, create_eval_dataset, create_train_dataset
 from src.engine.checkpoint import load_weights
+from src.engine.compile_cache import PlannedGraph, precompile
 from src.engine.lr_schedule import build_lr_schedule, scaled_lr
 from src.engine.train_step import FCOSWithLoss, TrainStep, build_optimizer
 from src.losses import FCOSLoss
@@ -130,3 +133,23 @@ def build_train_step(cfg, network, steps_per_epoch, group_size):
     step.set_train(True)
     logging.getLogger("fcos").info("global batch %d, peak lr %.5f, %d steps", global_batch, lr, len(schedule))
     return step, schedule
+
+
+def train_graphs(cfg, train_step, pad_shapes):
+    """The training-step graphs of a run: one per (H, W) pad shape, inputs as the training
+    dataset gives them (images, gt_boxes, gt_labels, gt_mask)."""
+    b, m = cfg.batch_size, cfg.max_gt_boxes
+    return [PlannedGraph(train_step, [((b, 3, h, w), np.float32), ((b, m, 4), np.float32), ((b, m), np.int32),
+                                      ((b, m), np.bool_)], training=True) for h, w in pad_shapes]
+
+
+def eval_graphs(infer_cell, pad_shapes, batch_size):
+    """The inference graphs of an evaluation: one per (H, W) pad shape of its batches."""
+    return [PlannedGraph(infer_cell, [((batch_size, 3, h, w), np.float32)], training=False) for h, w in pad_shapes]
+
+
+def precompile_graphs(cfg, graphs, distributed=False):
+    """precompile with the configured cache folder (<output_dir>/compile_cache; none for
+    --compile_cache=False or data-parallel runs)."""
+    use_cache = cfg.compile_cache and not distributed
+    return precompile(graphs, cfg, os.path.join(cfg.output_dir, "compile_cache") if use_cache else None)

@@ -322,7 +322,7 @@ def create_train_dataset(img_dir, ann_file, *, batch_size, min_size, max_size, p
     with the epoch); ``start_epoch`` continues the epoch sequence when resuming.
 
     info: num_images, skipped_missing, skipped_empty, batches_per_epoch (per rank), buckets,
-    plan (epoch -> this rank's [(bucket, [image ids])] of that epoch), failed_images
+    pad_shapes (the buckets that batches use, in bucket order: the same in every epoch), plan (epoch -> this rank's [(bucket, [image ids])] of that epoch), failed_images
     (FailedImages: live count and paths of undecodable files), cleaning (the CocoDataset stats),
     label_to_cat_id, class_names.
     """
@@ -350,7 +350,8 @@ def create_train_dataset(img_dir, ann_file, *, batch_size, min_size, max_size, p
                                  sampler=EpochSampler(source.num_batches, start_epoch))
     info = {"num_images": len(present), "skipped_missing": missing,
             "skipped_empty": coco.stats["skipped_empty_images"],
-            "batches_per_epoch": source.num_batches, "buckets": buckets, "plan": source.plan,
+            "batches_per_epoch": source.num_batches, "buckets": buckets,
+            "pad_shapes": [buckets[b] for b in sorted({b for b, _ in source.plan(start_epoch)})], "plan": source.plan,
             "failed_images": failed, "cleaning": dict(coco.stats),
             "label_to_cat_id": coco.label_to_cat_id, "class_names": coco.class_names}
     return dataset, info
@@ -367,7 +368,8 @@ def create_eval_dataset(img_dir, ann_file, *, batch_size, min_size, max_size, pa
     missing are left out up front, undecodable ones while iterating; both are counted, and the
     images actually run are those whose ids come out (scoring must be restricted to them).
 
-    info: num_images (this rank's images with a file), batches (this rank's), buckets, image_ids
+    info: num_images (this rank's images with a file), batches (this rank's), buckets, pad_shapes
+    (the buckets that this rank's batches use, in bucket order), image_ids
     (this rank's ids with a file), skipped_missing, failed_images (FailedImages: live count and
     paths of undecodable files), label_to_cat_id, class_names.
     """
@@ -386,7 +388,8 @@ def create_eval_dataset(img_dir, ann_file, *, batch_size, min_size, max_size, pa
     source = EvalBatches(coco, batches, buckets, eval_size, max_size, failed)
     dataset = _generator_dataset(source, EVAL_COLUMNS, num_parallel_workers, shuffle=False)
     ids = [i for _, chunk, real in batches for i, r in zip(chunk, real) if r]
-    info = {"num_images": len(ids), "batches": len(batches), "buckets": buckets, "image_ids": ids,
+    info = {"num_images": len(ids), "batches": len(batches), "buckets": buckets,
+            "pad_shapes": [buckets[b] for b in sorted({b for b, _, _ in batches})], "image_ids": ids,
             "skipped_missing": len(coco.image_ids) - len(present), "failed_images": failed,
             "label_to_cat_id": coco.label_to_cat_id, "class_names": coco.class_names}
     return dataset, info
