@@ -14,13 +14,12 @@ import os
 import time
 
 import src  # noqa: F401  (sets the oneDNN ISA before mindspore loads)
-import mindspore as ms
 import numpy as np
 from mindspore import Tensor
 
 from src.box_coder import level_sizes
 from src.builder import build_decoder, load_network, selection_kwargs
-from src.detector import FCOSInference
+from src.detector import FCOSInference, export_model
 from src.engine.coco_eval import write_json_atomic
 from src.engine.context import init_context, setup_logging
 from src.infer_mindir import check_export_shape
@@ -61,22 +60,6 @@ def export_info(cfg, model_file):
         "model": {"backbone": cfg.backbone, "class_num": cfg.class_num, "strides": cfg.strides,
                   "max_detection_boxes_num": cfg.max_detection_boxes_num},
     }
-
-
-def export_model(infer_cell, inputs, path, file_format):
-    """Export to ``path`` through a temporary file, so that a failure never leaves half a model."""
-    root, ext = os.path.splitext(path)
-    tmp = f"{root}.tmp{os.getpid()}{ext}"
-    try:
-        if file_format == "ONNX":
-            ms.onnx.export(infer_cell, inputs, file_name=tmp, input_names=["images"],
-                           output_names=["boxes", "scores", "labels"])
-        else:
-            ms.export(infer_cell, inputs, file_name=tmp, file_format=file_format)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
 
 
 @guard_main

@@ -21,7 +21,8 @@ from src.tools.benchmark_common import RESULT_KEYS, summarise, synthetic_ground_
 from src.tools.benchmark_convs import layer_spec
 
 SMALL = ["--config_path=configs/synthetic_cpu.yaml", "--backbone=resnet18", "--fpn_out_channels=32",
-         "--num_head_convs=1", "--batch_size=2", "--height=64", "--width=96", "--steps=2", "--warmup=1"]
+         "--num_head_convs=1", "--batch_size=2", "--height=64", "--width=96", "--steps=2", "--warmup=1",
+         "--compile_cache=False"]
 REPORT_KEYS = set(RESULT_KEYS) | {"parts", "framework", "mode", "batch_size", "input", "steps", "warmup",
                                   "config", "versions"}
 
@@ -57,6 +58,15 @@ def test_each_mode_prints_a_table_and_the_json_line_last(mode, parts):
     else:
         assert result["steady_state_compiles"] == 0  # fixed shapes: nothing compiles after the first call
         assert result["compile_s"] > result["median_s"]
+
+
+def test_onnxruntime_runs_the_exported_inference_cell():
+    pytest.importorskip("onnxruntime")
+    lines, result = run_benchmark(*SMALL, "--mode=infer", "--runtime=onnxruntime", "--threads=1")
+    assert lines[1].split()[:4] == ["onnxruntime", "infer", "2", "64x96"]
+    assert (result["framework"], result["compile_cache"]) == ("onnxruntime", "skipped")
+    assert set(result["parts"]) == {"graph", "select"} and result["steady_state_compiles"] is None
+    assert "onnxruntime" in result["versions"] and result["median_s"] > 0
 
 
 def test_bad_arguments_end_with_one_line_and_exit_code_2():

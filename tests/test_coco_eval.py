@@ -92,3 +92,15 @@ def test_faster_coco_eval_gives_pycocotools_statistics():
             assert 0.05 < theirs["AP"] < 0.95  # not a trivial all-or-nothing case
             for key in STAT_KEYS:
                 assert ours[key] == pytest.approx(theirs[key], abs=1e-12), (split, key)
+
+
+def test_scoring_benchmark_reports_both_backends_agreeing(capsys):
+    pytest.importorskip("faster_coco_eval")
+    from src.tools.benchmark_coco import main
+
+    main(["--num_images", "40"])
+    report = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert report["num_images"] == 40 and report["num_gt"] == 280
+    assert set(report["seconds"]) == {"pycocotools", "faster_coco_eval"}
+    assert report["max_stat_difference"] <= 1e-12
+    assert 0.05 < report["AP"] < 0.95

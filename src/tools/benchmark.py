@@ -2,6 +2,7 @@
 optionally side by side with torchvision's FCOS.
 
     python -m src.tools.benchmark --mode infer --height 800 --width 1216 --batch_size 1
+    python -m src.tools.benchmark --mode infer --height 800 --width 1216 --batch_size 1 --runtime onnxruntime
     python -m src.tools.benchmark --mode train --config_path configs/synthetic_cpu.yaml
     python -m src.tools.benchmark --mode data --config_path configs/deepforest_cpu.yaml
     python -m src.tools.benchmark --mode train --compare_torchvision --torch_python /path/venv/bin/python
@@ -18,7 +19,8 @@ every CPU of the process's affinity whatever threads_num says.
 One step is:
   infer: FCOSInference (network + in-graph top-k decoding) on a fixed random batch, outputs copied
          to NumPy, then the NumPy selection (threshold, clip, class-aware NMS) of every image, as
-         evaluation runs it. parts: ``graph`` and ``select``.
+         evaluation runs it. parts: ``graph`` and ``select``. With --runtime onnxruntime the same
+         cell is exported to ONNX first and onnxruntime runs it (a CPU deployment route).
   train: one TrainStep as train.py builds it (forward, loss, backward, non-finite guard, SGD
          momentum update) on a fixed random batch with fixed synthetic ground truth
          (--num_gt_boxes real boxes, padded to max_gt_boxes).
@@ -62,7 +64,7 @@ from src.builder import (build_decoder, build_model, build_train_dataset, build_
                          selection_kwargs)
 from src.data.pipeline import resolve_pad_buckets
 from src.engine.compile_cache import PlannedGraph
-from src.detector import FCOSInference
+from src.detector import FCOSInference, export_model
 from src.engine.context import init_context
 from src.engine.lr_schedule import scaled_lr
 from src.model_utils.config import ConfigError, guard_main, load_config
@@ -95,6 +97,9 @@ def parse_args(argv=None):
     parser.add_argument("--threads", type=int, default=0,
                         help="pin the benchmark (and the torchvision process) to this many CPUs and "
                              "use as many kernel threads in both frameworks (0: all CPUs, defaults)")
+    parser.add_argument("--runtime", choices=("mindspore", "onnxruntime"), default="mindspore",
+                        help="infer: run the network in MindSpore, or export it to ONNX and run it in "
+                             "onnxruntime (CPU), the same NumPy selection after either")
     parser.add_argument("--execution_mode", choices=("GRAPH", "PYNATIVE"),
                         help="the configuration's mode key (default: the configuration's)")
     parser.add_argument("--compare_torchvision", action="store_true",
@@ -117,6 +122,8 @@ def parse_args(argv=None):
         raise ConfigError("--threads: must be 0 (default) or positive, and needs Linux CPU affinity")
     if args.steps < 1 or args.warmup < 0:
         raise ConfigError("--steps must be at least 1 and --warmup at least 0")
+    if args.runtime == "onnxruntime" and args.mode != "infer":
+        raise ConfigError("--runtime=onnxruntime: only for --mode infer")
     if args.compare_torchvision and args.mode == "data":
         raise ConfigError("--compare_torchvision: only for --mode infer, train or convs")
     return args, cfg
@@ -140,23 +147,40 @@ def fixed_batch(args, cfg):
     return (images, *targets)
 
 
-def infer_step(args, cfg):
-    """-> (compiled cell, step) for FCOSInference + NumPy selection; step returns its parts."""
+def infer_step(args, cfg, workdir):
+    """-> (compiled cell or None, step, PlannedGraph or None) for FCOSInference + the NumPy
+    selection; step returns its parts. --runtime onnxruntime exports the cell to ONNX in workdir
+    and runs that in onnxruntime instead (no MindSpore graph to compile)."""
     cell = FCOSInference(build_model(cfg), build_decoder(cfg))
     cell.set_train(False)
-    images = ms.Tensor(fixed_batch(args, cfg)[0])
-    graph = PlannedGraph(cell, [(images.shape, np.float32)], training=False)
+    images = fixed_batch(args, cfg)[0]
+    if args.runtime == "onnxruntime":
+        import onnxruntime
+
+        path = os.path.join(workdir, "fcos.onnx")
+        export_model(cell, ms.Tensor(images), path, "ONNX")
+        options = onnxruntime.SessionOptions()
+        options.intra_op_num_threads = args.threads
+        session = onnxruntime.InferenceSession(path, options, providers=["CPUExecutionProvider"])
+        return None, selecting_step(lambda: session.run(None, {"images": images}), args, cfg), None
+    tensor = ms.Tensor(images)
+    step = selecting_step(lambda: [x.asnumpy() for x in cell(tensor)], args, cfg)
+    return cell, step, PlannedGraph(cell, [(images.shape, np.float32)], training=False)
+
+
+def selecting_step(run_graph, args, cfg):
+    """step: run_graph() -> NumPy (boxes, scores, labels), then the selection of every image."""
     image_sizes = np.tile([[args.height, args.width]], (cfg.batch_size, 1))
     selection = selection_kwargs(cfg)
 
     def step():
         start = time.perf_counter()
-        boxes, scores, labels = (x.asnumpy() for x in cell(images))
+        boxes, scores, labels = run_graph()
         graph_done = time.perf_counter()
         postprocess_batch(boxes, scores, labels, image_sizes, **selection)
         return {"graph": graph_done - start, "select": time.perf_counter() - graph_done}
 
-    return cell, step, graph
+    return step
 
 
 def train_step(args, cfg):
@@ -214,9 +238,14 @@ def init_mindspore(args, cfg):
 
 def describe_run(args, cfg):
     """The keys of our result that say what was timed."""
-    return {"framework": "mindspore", "mode": args.mode, "batch_size": cfg.batch_size,
+    versions = {"mindspore": ms.__version__}
+    if args.runtime == "onnxruntime":
+        import onnxruntime
+
+        versions["onnxruntime"] = onnxruntime.__version__
+    return {"framework": args.runtime, "mode": args.mode, "batch_size": cfg.batch_size,
             "input": f"{args.height}x{args.width}", "steps": args.steps, "warmup": args.warmup,
-            "versions": {"mindspore": ms.__version__}}
+            "versions": versions}
 
 
 def run_mindspore(args, cfg):
@@ -229,12 +258,15 @@ def run_mindspore(args, cfg):
             first, times, parts, compiles = time_cell(step, args)
         result = summarise(first, times, parts, cfg.batch_size, throughput="mean")
     else:
-        cell, step, graph = infer_step(args, cfg) if args.mode == "infer" else train_step(args, cfg)
-        start = time.perf_counter()
-        extra["compile_cache"] = precompile_graphs(cfg, [graph])
-        precompiled_s = time.perf_counter() - start
-        first, times, parts, compiles = time_cell(step, args, cell)
-        result = summarise(precompiled_s + first, times, parts, cfg.batch_size, compiles)
+        with tempfile.TemporaryDirectory(prefix="fcos_bench_") as workdir:
+            start = time.perf_counter()
+            cell, step, graph = infer_step(args, cfg, workdir) if args.mode == "infer" else train_step(args, cfg)
+            ready_s = time.perf_counter() - start if graph is None else 0.0  # the ONNX export and session
+            start = time.perf_counter()
+            extra["compile_cache"] = precompile_graphs(cfg, [graph] if graph else [])
+            ready_s += time.perf_counter() - start
+            first, times, parts, compiles = time_cell(step, args, cell)
+        result = summarise(ready_s + first, times, parts, cfg.batch_size, compiles)
     result.update(extra)
     result.update(describe_run(args, cfg))
     return result

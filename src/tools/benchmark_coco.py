@@ -28,7 +28,8 @@ def synthetic_set(num_images, boxes_per_image, detections_per_image, seed):
     images, annotations, results = [], [], []
     for image_id in range(1, num_images + 1):
         images.append({"id": image_id, "file_name": f"{image_id}.jpg", "height": 480, "width": 640})
-        sizes = rng.choice([16, 48, 160], boxes_per_image) * np.exp(rng.normal(0, 0.3, (2, boxes_per_image)))
+        sizes = np.minimum(rng.choice([16, 48, 160], boxes_per_image) *
+                           np.exp(rng.normal(0, 0.3, (2, boxes_per_image))), 400)
         for w, h in sizes.T:
             x, y = rng.uniform(0, 640 - w), rng.uniform(0, 480 - h)
             cat = int(rng.integers(1, NUM_CATEGORIES + 1))
