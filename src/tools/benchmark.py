@@ -63,8 +63,8 @@ import mindspore as ms
 from src.builder import (build_decoder, build_model, build_train_dataset, build_train_step, precompile_graphs,
                          selection_kwargs)
 from src.data.pipeline import resolve_pad_buckets
-from src.engine.compile_cache import PlannedGraph
 from src.detector import FCOSInference, export_model
+from src.engine.compile_cache import PlannedGraph
 from src.engine.context import init_context
 from src.engine.lr_schedule import scaled_lr
 from src.model_utils.config import ConfigError, guard_main, load_config
@@ -184,7 +184,7 @@ def selecting_step(run_graph, args, cfg):
 
 
 def train_step(args, cfg):
-    """-> (compiled cell, step) for one training step exactly as train.py builds it."""
+    """-> (compiled cell, step, PlannedGraph) for one training step exactly as train.py builds it."""
     calls = 1 + args.warmup + args.steps
     cell, _ = build_train_step(cfg, build_model(cfg), steps_per_epoch=calls, group_size=1)
     batch = fixed_batch(args, cfg)
@@ -261,7 +261,8 @@ def run_mindspore(args, cfg):
         with tempfile.TemporaryDirectory(prefix="fcos_bench_") as workdir:
             start = time.perf_counter()
             cell, step, graph = infer_step(args, cfg, workdir) if args.mode == "infer" else train_step(args, cfg)
-            ready_s = time.perf_counter() - start if graph is None else 0.0  # the ONNX export and session
+            # with onnxruntime, the export and the session are its preparation; MindSpore's is compiling
+            ready_s = time.perf_counter() - start if graph is None else 0.0
             start = time.perf_counter()
             extra["compile_cache"] = precompile_graphs(cfg, [graph] if graph else [])
             ready_s += time.perf_counter() - start
