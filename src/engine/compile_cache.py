@@ -21,7 +21,8 @@ ran on the old graph without a word. So here:
 - a new folder is written under a temporary name and renamed when all its graphs are in, so an
   interrupted run leaves no partial cache behind;
 - data-parallel runs, and processes without an entry script file, do not use it.
-The cached graphs hold no weights: a run loads a checkpoint into the same graph (tested).
+The cached graphs hold no weights: a run loads a checkpoint into the same graph (tested). A cache
+file MindSpore cannot read is compiled anew (seen with a file overwritten by garbage).
 """
 import glob
 import hashlib
@@ -112,6 +113,10 @@ def _compile_cached(graphs, folder, rank_dir):
     os.environ[_ENABLE], os.environ[_PATH] = "1", target
     try:
         _compile_all(graphs)
+    except BaseException:
+        if not hit:
+            shutil.rmtree(target, ignore_errors=True)
+        raise
     finally:
         del os.environ[_ENABLE], os.environ[_PATH]
     if not hit:
