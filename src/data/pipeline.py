@@ -96,6 +96,12 @@ def group_by_bucket(coco, image_ids, min_size, max_size, buckets):
     return members
 
 
+def used_pad_shapes(buckets, batches):
+    """The (h, w) buckets that ``batches`` (tuples whose first item is a bucket index) use, in
+    bucket order."""
+    return [buckets[b] for b in sorted({batch[0] for batch in batches})]
+
+
 def plan_train_epoch(members, batch_size, seed, epoch, rank=0, group_size=1, shuffle=True):
     """The batches rank ``rank`` trains on in ``epoch`` -> list of (bucket, [image ids]).
 
@@ -322,7 +328,8 @@ def create_train_dataset(img_dir, ann_file, *, batch_size, min_size, max_size, p
     with the epoch); ``start_epoch`` continues the epoch sequence when resuming.
 
     info: num_images, skipped_missing, skipped_empty, batches_per_epoch (per rank), buckets,
-    pad_shapes (the buckets that batches use, in bucket order: the same in every epoch), plan (epoch -> this rank's [(bucket, [image ids])] of that epoch), failed_images
+    pad_shapes (the buckets that batches use, in bucket order: the same in every epoch), plan
+    (epoch -> this rank's [(bucket, [image ids])] of that epoch), failed_images
     (FailedImages: live count and paths of undecodable files), cleaning (the CocoDataset stats),
     label_to_cat_id, class_names.
     """
@@ -351,7 +358,7 @@ def create_train_dataset(img_dir, ann_file, *, batch_size, min_size, max_size, p
     info = {"num_images": len(present), "skipped_missing": missing,
             "skipped_empty": coco.stats["skipped_empty_images"],
             "batches_per_epoch": source.num_batches, "buckets": buckets,
-            "pad_shapes": [buckets[b] for b in sorted({b for b, _ in source.plan(start_epoch)})], "plan": source.plan,
+            "pad_shapes": used_pad_shapes(buckets, source.plan(start_epoch)), "plan": source.plan,
             "failed_images": failed, "cleaning": dict(coco.stats),
             "label_to_cat_id": coco.label_to_cat_id, "class_names": coco.class_names}
     return dataset, info
@@ -389,7 +396,7 @@ def create_eval_dataset(img_dir, ann_file, *, batch_size, min_size, max_size, pa
     dataset = _generator_dataset(source, EVAL_COLUMNS, num_parallel_workers, shuffle=False)
     ids = [i for _, chunk, real in batches for i, r in zip(chunk, real) if r]
     info = {"num_images": len(ids), "batches": len(batches), "buckets": buckets,
-            "pad_shapes": [buckets[b] for b in sorted({b for b, _, _ in batches})], "image_ids": ids,
+            "pad_shapes": used_pad_shapes(buckets, batches), "image_ids": ids,
             "skipped_missing": len(coco.image_ids) - len(present), "failed_images": failed,
             "label_to_cat_id": coco.label_to_cat_id, "class_names": coco.class_names}
     return dataset, info

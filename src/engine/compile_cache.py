@@ -49,6 +49,8 @@ RUN_ONLY_KEYS = frozenset({
     "keep_ckpt_max", "save_ckpt_all_ranks", "file_name", "compile_cache",
 })
 
+# Where MindSpore puts a single process's cache files inside the cache path.
+RANK_DIR = "rank_0"
 _state = {"used": False}
 
 
@@ -105,10 +107,10 @@ def _compile_all(graphs):
         graph.cell.set_train(mode)
 
 
-def _compile_cached(graphs, folder, rank_dir):
-    """Compile with MindSpore's cache on: load from ``folder`` when its rank_dir is complete,
+def _compile_cached(graphs, folder):
+    """Compile with MindSpore's cache on: load from ``folder`` when its RANK_DIR is complete,
     otherwise write a new one under a temporary name and rename it into place."""
-    hit = os.path.isdir(os.path.join(folder, rank_dir))
+    hit = os.path.isdir(os.path.join(folder, RANK_DIR))
     target = folder if hit else f"{folder}.tmp-{os.getpid()}"
     os.environ[_ENABLE], os.environ[_PATH] = "1", target
     try:
@@ -122,7 +124,7 @@ def _compile_cached(graphs, folder, rank_dir):
     if not hit:
         os.makedirs(folder, exist_ok=True)
         try:
-            os.rename(os.path.join(target, rank_dir), os.path.join(folder, rank_dir))
+            os.rename(os.path.join(target, RANK_DIR), os.path.join(folder, RANK_DIR))
         except OSError:  # another process put the same graphs there first
             pass
         shutil.rmtree(target, ignore_errors=True)
@@ -142,7 +144,7 @@ def precompile(graphs, cfg, cache_root=None):
     if use_cache:
         _state["used"] = True
         folder = os.path.join(cache_root, plan_digest(cfg, graphs))
-        outcome = "loaded" if _compile_cached(graphs, folder, "rank_0") else "stored"
+        outcome = "loaded" if _compile_cached(graphs, folder) else "stored"
         where = f" ({outcome} {folder})"
     else:
         _compile_all(graphs)
