@@ -9,10 +9,8 @@ import json
 import logging
 
 import src  # noqa: F401  (sets the oneDNN ISA before mindspore loads)
-
-from src.builder import (build_decoder, build_eval_dataset, eval_graphs, load_network, precompile_graphs,
+from src.builder import (build_eval_dataset, build_inference, eval_graphs, load_network, precompile_graphs,
                          selection_kwargs)
-from src.detector import FCOSInference
 from src.engine.coco_eval import check_category_count
 from src.engine.context import init_context, setup_logging
 from src.engine.evaluate import evaluate
@@ -29,7 +27,7 @@ def main(argv=None):
     setup_logging(cfg.output_dir, 0, "eval")
     dataset, info = build_eval_dataset(cfg, batch_size=cfg.batch_size)
     check_category_count(len(info["label_to_cat_id"]), cfg.class_num, cfg.val_ann_file)
-    infer_cell = FCOSInference(load_network(cfg), build_decoder(cfg))
+    infer_cell = build_inference(cfg, load_network(cfg))
     logger.info("evaluating %s on %d images", cfg.ckpt_file, info["num_images"])
     precompile_graphs(cfg, eval_graphs(infer_cell, info["pad_shapes"], cfg.batch_size))
     metrics = evaluate(infer_cell, dataset, info, cfg.val_ann_file, selection_kwargs(cfg), cfg.output_dir,

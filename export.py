@@ -7,7 +7,7 @@ preprocessing and post-processing settings, which preprocess.py and postprocess.
 the exported model is fed and decoded exactly as it was configured. The graph takes images
 (B, 3, H, W) float32 (preprocess_image's output) and returns candidates boxes (B, K, 4) float32,
 scores (B, K) float32 and labels (B, K) int32; threshold, clipping and NMS stay in NumPy
-(src.postprocess.select_detections).
+(src.inference.select.select_detections). The json's format: src/deploy/contract.py.
 """
 import logging
 import os
@@ -17,17 +17,13 @@ import src  # noqa: F401  (sets the oneDNN ISA before mindspore loads)
 import numpy as np
 from mindspore import Tensor
 
-from src.box_coder import level_sizes
-from src.builder import build_decoder, load_network, selection_kwargs
-from src.detector import FCOSInference, export_model
-from src.engine.coco_eval import write_json_atomic
+from src.builder import build_inference, load_network, selection_kwargs
+from src.deploy.contract import check_export_shape, export_info, write_export_info
+from src.deploy.export import EXTENSIONS, export_model
 from src.engine.context import init_context, setup_logging
-from src.infer_mindir import check_export_shape
 from src.model_utils.config import ConfigError, guard_main, load_config, require_files
 
 logger = logging.getLogger("fcos")
-
-EXTENSIONS = {"MINDIR": ".mindir", "AIR": ".air", "ONNX": ".onnx"}
 
 
 def output_base(file_name, file_format):
@@ -36,30 +32,16 @@ def output_base(file_name, file_format):
     return file_name[:-len(ext)] if file_name.lower().endswith(ext) else file_name
 
 
-def num_candidates(cfg):
-    """K of FCOSDecoder at the export shape: per level min(max_detection_boxes_num, H_l*W_l*C)."""
-    sizes = level_sizes(cfg.export_height, cfg.export_width, cfg.strides)
-    return sum(min(cfg.max_detection_boxes_num, h * w * cfg.class_num) for h, w in sizes)
-
-
-def export_info(cfg, model_file):
-    """Contents of <file_name>.json: what preprocess.py and postprocess.py need to know."""
-    batch, k = cfg.export_batch_size, num_candidates(cfg)
-    return {
-        "model_file": os.path.basename(model_file),
-        "file_format": cfg.file_format,
-        "ckpt_file": os.path.abspath(cfg.ckpt_file),
-        "input": {"name": "images", "shape": [batch, 3, cfg.export_height, cfg.export_width],
-                  "dtype": "float32"},
-        "outputs": [{"name": "boxes", "shape": [batch, k, 4], "dtype": "float32"},
-                    {"name": "scores", "shape": [batch, k], "dtype": "float32"},
-                    {"name": "labels", "shape": [batch, k], "dtype": "int32"}],
-        "preprocess": {"min_size": cfg.min_size[0], "max_size": cfg.max_size,
-                       "height": cfg.export_height, "width": cfg.export_width},
-        "postprocess": selection_kwargs(cfg),
-        "model": {"backbone": cfg.backbone, "class_num": cfg.class_num, "strides": cfg.strides,
-                  "max_detection_boxes_num": cfg.max_detection_boxes_num},
-    }
+def model_export_info(cfg, infer_cell, model_file):
+    """The export info (src/deploy/contract.py) of this configuration's export."""
+    shape = (cfg.export_batch_size, 3, cfg.export_height, cfg.export_width)
+    k = infer_cell.decoder.num_candidates(cfg.export_height, cfg.export_width, cfg.class_num)
+    preprocess = {"min_size": cfg.min_size[0], "max_size": cfg.max_size,
+                  "height": cfg.export_height, "width": cfg.export_width}
+    model = {"backbone": cfg.backbone, "class_num": cfg.class_num, "strides": cfg.strides,
+             "point_strides": cfg.point_strides, "max_detection_boxes_num": cfg.max_detection_boxes_num}
+    return export_info(model_file, cfg.file_format, cfg.ckpt_file, shape, k, preprocess, selection_kwargs(cfg),
+                       model)
 
 
 @guard_main
@@ -75,17 +57,16 @@ def main(argv=None):
                           f"use MINDIR or ONNX here")
     init_context(cfg.device_target, cfg.mode, cfg.device_id, distributed=False)
     setup_logging()
-    infer_cell = FCOSInference(load_network(cfg), build_decoder(cfg))
+    infer_cell = build_inference(cfg, load_network(cfg))
     infer_cell.set_train(False)
     base = output_base(cfg.file_name, cfg.file_format)
     path = base + EXTENSIONS[cfg.file_format]
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     inputs = Tensor(np.zeros((cfg.export_batch_size, 3, cfg.export_height, cfg.export_width), np.float32))
     start = time.perf_counter()
     export_model(infer_cell, inputs, path, cfg.file_format)
     logger.info("exported %s (%.1f MB) in %.1f s", path, os.path.getsize(path) / 2 ** 20,
                 time.perf_counter() - start)
-    write_json_atomic(base + ".json", export_info(cfg, path))
+    write_export_info(base + ".json", model_export_info(cfg, infer_cell, path))
     logger.info("wrote %s", base + ".json")
 
 

@@ -2,8 +2,8 @@
 python postprocess.py --result_dir=RESULT --info_file=DATA/preprocess_info.json
                       --export_info=fcos.json --val_ann_file=... [--output_dir=...]
 
-Reads every image's output bins (boxes, scores, labels; see src/infer_mindir.py), applies the
-same selection as eval.py (src.postprocess.select_detections with the export's score threshold,
+Reads every image's output bins (boxes, scores, labels; see src/deploy/contract.py), applies the
+same selection as eval.py (src.inference.select.select_detections with the export's score threshold,
 NMS IoU and detections per image, then rescale_boxes to the original image), maps labels to the
 annotation file's category ids, prints the COCO table and writes <output_dir>/eval_result.json
 with the same keys as eval.py.
@@ -11,15 +11,14 @@ with the same keys as eval.py.
 import argparse
 import json
 import logging
-import os
 
 import src  # noqa: F401  (sets the oneDNN ISA before mindspore loads)
 from src.data.coco import DatasetError, label_maps
+from src.deploy.contract import export_candidates, read_export_info, read_infer_time, read_preprocess_info, read_result
 from src.engine.coco_eval import check_category_count, coco_evaluate, load_coco, to_coco_results
 from src.engine.context import setup_logging
-from src.infer_mindir import TIME_FILE, read_export_info, read_result
+from src.inference.select import rescale_boxes, select_detections
 from src.model_utils.config import ConfigError, guard_main, load_config, require_files
-from src.postprocess import rescale_boxes, select_detections
 
 logger = logging.getLogger("fcos")
 
@@ -39,14 +38,6 @@ def parse_args(argv):
     require_files(vars(known), "result_dir", "info_file", "export_info")
     require_files(cfg, "val_ann_file")
     return known, cfg
-
-
-def read_json(path, flag):
-    try:
-        with open(path, encoding="utf-8") as f:
-            return json.load(f)
-    except (OSError, ValueError) as err:
-        raise ConfigError(f"--{flag}: cannot read {path} ({err})") from None
 
 
 def detect_from_results(result_dir, images, num_candidates, selection, label_to_cat_id):
@@ -77,7 +68,10 @@ def main(argv=None):
         export = read_export_info(args.export_info)
     except ValueError as err:
         raise ConfigError(f"--export_info: {err}") from None
-    info = read_json(args.info_file, "info_file")
+    try:
+        info = read_preprocess_info(args.info_file)
+    except ValueError as err:
+        raise ConfigError(f"--info_file: {err}") from None
     try:
         coco = load_coco(cfg.val_ann_file)
     except DatasetError as err:
@@ -90,15 +84,17 @@ def main(argv=None):
     if info["num_skipped"]:
         logger.warning("%d images were skipped by preprocess.py and are not scored (see %s)",
                        info["num_skipped"], args.info_file)
-    num_candidates = export["outputs"][1]["shape"][1]
-    results = detect_from_results(args.result_dir, info["images"], num_candidates, export["postprocess"],
+    results = detect_from_results(args.result_dir, info["images"], export_candidates(export), export["postprocess"],
                                   label_to_cat_id)
     logger.info("%d detections on %d images, selection %s", len(results), len(info["images"]),
                 export["postprocess"])
     metrics = coco_evaluate(coco, results, cfg.output_dir, image_ids=[e["image_id"] for e in info["images"]])
-    time_file = os.path.join(args.result_dir, TIME_FILE)
-    if os.path.isfile(time_file):
-        logger.info("inference time: %s", read_json(time_file, "result_dir"))
+    try:
+        timing = read_infer_time(args.result_dir)
+    except ValueError as err:
+        raise ConfigError(f"--result_dir: {err}") from None
+    if timing:
+        logger.info("inference time: %s", timing)
     print(json.dumps({k: round(v, 4) for k, v in metrics.items()}))
 
 

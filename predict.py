@@ -17,16 +17,15 @@ import os
 import src  # noqa: F401  (sets the oneDNN ISA before mindspore loads)
 from mindspore import Tensor
 
-from src.builder import build_decoder, load_network, selection_kwargs
+from src.builder import build_inference, load_network, selection_kwargs
 from src.data.coco import DatasetError, label_maps, load_image_rgb, read_coco_json
 from src.data.pipeline import resolve_pad_buckets
 from src.data.transforms import choose_pad_shape, keep_ratio_size, preprocess_image
-from src.detector import FCOSInference
-from src.engine.coco_eval import write_json_atomic
 from src.engine.context import init_context, setup_logging
+from src.inference.select import rescale_boxes, select_detections
 from src.model_utils.config import ConfigError, guard_main, load_config
-from src.postprocess import rescale_boxes, select_detections
-from src.tools.draw import draw_detections, save_image
+from src.utils.io import write_json_atomic
+from src.utils.visualize import draw_detections, save_image
 
 logger = logging.getLogger("fcos")
 
@@ -142,7 +141,7 @@ def main(argv=None):
         buckets = resolve_pad_buckets(cfg.pad_buckets, [cfg.min_size[0]], cfg.max_size, cfg.size_divisor)
     except ValueError as err:
         raise ConfigError(f"--pad_buckets: {err}") from None
-    predictor = Predictor(FCOSInference(load_network(cfg), build_decoder(cfg)), cfg.min_size[0], cfg.max_size,
+    predictor = Predictor(build_inference(cfg, load_network(cfg)), cfg.min_size[0], cfg.max_size,
                           buckets, selection_kwargs(cfg))
     images, skipped, used = [], [], set()
     for path in files:

@@ -18,9 +18,9 @@ import os
 import src  # noqa: F401  (sets the oneDNN ISA before mindspore loads)
 from src.data.coco import CocoDataset, DatasetError
 from src.data.transforms import keep_ratio_size, preprocess_image
-from src.engine.coco_eval import write_json_atomic
+from src.deploy.contract import (IMAGES_DIR, bin_names, check_export_shape, read_export_info, write_input_bin,
+                                 write_preprocess_info)
 from src.engine.context import setup_logging
-from src.infer_mindir import IMAGES_DIR, INFO_FILE, bin_names, check_export_shape, read_export_info
 from src.model_utils.config import ConfigError, guard_main, load_config, require_files
 
 logger = logging.getLogger("fcos")
@@ -80,7 +80,7 @@ def preprocess_dataset(coco, out_dir, min_size, max_size, pad_hw):
         chw, meta = preprocess_image(image, min_size, max_size, pad_hw)
         shrunk += meta.resized_hw != keep_ratio_size(*meta.orig_hw, min_size, max_size)
         name = next(names)
-        chw.tofile(os.path.join(img_dir, f"{name}.bin"))
+        write_input_bin(out_dir, name, chw)
         images.append({"name": name, "image_id": image_id, "file_name": coco.image_info(image_id)["file_name"],
                        "orig_hw": list(meta.orig_hw), "resized_hw": list(meta.resized_hw)})
     return {"ann_file": os.path.abspath(coco.ann_file), "img_dir": os.path.abspath(coco.img_dir),
@@ -102,7 +102,7 @@ def main(argv=None):
     except DatasetError as err:
         raise ConfigError(f"--val_ann_file: {err}") from None
     info = preprocess_dataset(coco, cfg.output_dir, min_size, max_size, pad_hw)
-    write_json_atomic(os.path.join(cfg.output_dir, INFO_FILE), info)
+    write_preprocess_info(cfg.output_dir, info)
     logger.info("wrote %d inputs of 3x%dx%d to %s (%d skipped, %d shrunk to fit the export shape)",
                 info["num_images"], pad_hw[0], pad_hw[1], os.path.join(cfg.output_dir, IMAGES_DIR),
                 info["num_skipped"], info["num_shrunk_to_fit"])

@@ -10,10 +10,9 @@ import os
 import src  # noqa: F401  (sets the oneDNN ISA before mindspore loads)
 import mindspore as ms
 
-from src.builder import (build_decoder, build_eval_dataset, build_model, build_train_dataset, build_train_step,
+from src.builder import (build_eval_dataset, build_inference, build_model, build_train_dataset, build_train_step,
                          eval_graphs, precompile_graphs, selection_kwargs, train_graphs)
 from src.data.pipeline import loader_error
-from src.detector import FCOSInference
 from src.engine.checkpoint import load_checkpoint_file, load_weights, split_meta
 from src.engine.context import init_context, setup_logging
 from src.engine.evaluate import evaluate
@@ -80,7 +79,7 @@ def build_evaluator(cfg, network):
         return None, []
     require_files(cfg, "val_img_dir", "val_ann_file")
     dataset, info = build_eval_dataset(cfg, batch_size=cfg.batch_size)
-    infer_cell = FCOSInference(network, build_decoder(cfg))
+    infer_cell = build_inference(cfg, network)
     out_dir = os.path.join(cfg.output_dir, "eval")
 
     def run():

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Benchmark inference, a training step or the data pipeline (python -m src.tools.benchmark) and
+# Benchmark inference, a training step or the data pipeline (python -m tools.benchmark) and
 # append its JSON line to OUTPUT_FILE, so that repeated runs can be compared.
 usage() {
   echo "Usage: bash scripts/run_benchmark.sh [MODE infer|train|data] [OUTPUT_FILE] [CONFIG_PATH(optional)] [extra --key=value ...]"
@@ -17,4 +17,4 @@ need_file CONFIG_PATH "$CONFIG_PATH"
 mkdir -p "$(dirname "$OUTPUT_FILE")"
 cd "$REPO_DIR" || exit 1
 set -o pipefail
-python -m src.tools.benchmark --mode="$MODE" --config_path="$CONFIG_PATH" "$@" | tee /dev/stderr | tail -n 1 >> "$OUTPUT_FILE"
+python -m tools.benchmark --mode="$MODE" --config_path="$CONFIG_PATH" "$@" | tee /dev/stderr | tail -n 1 >> "$OUTPUT_FILE"

@@ -15,11 +15,11 @@ from src.engine.checkpoint import load_weights
 from src.engine.compile_cache import PlannedGraph, precompile
 from src.engine.lr_schedule import build_lr_schedule, scaled_lr
 from src.engine.train_step import FCOSWithLoss, TrainStep, build_optimizer
-from src.losses import FCOSLoss
+from src.inference.decoder import FCOSDecoder
+from src.inference.detector import FCOSInference
 from src.model.fcos import FCOS
-from src.model.norm import GroupNorm
+from src.model.loss import FCOSLoss
 from src.model_utils.config import ConfigError, require_files
-from src.postprocess import FCOSDecoder
 
 
 @contextlib.contextmanager
@@ -39,7 +39,8 @@ def build_model(cfg):
                     use_p5=cfg.use_p5, use_GN_head=cfg.use_GN_head, num_head_convs=cfg.num_head_convs,
                     prior=cfg.prior, add_centerness=cfg.add_centerness, cnt_on_reg=cfg.cnt_on_reg,
                     norm_reg_targets=cfg.norm_reg_targets, freeze_bn=cfg.freeze_bn,
-                    freeze_stage_1=cfg.freeze_stage_1, strides=cfg.strides)
+                    freeze_stage_1=cfg.freeze_stage_1, strides=cfg.strides, point_offset=cfg.point_offset,
+                    point_strides=cfg.point_strides)
 
 
 def load_network(cfg):
@@ -55,18 +56,21 @@ def load_network(cfg):
     return network
 
 
-def build_loss(cfg, distributed=False):
+def build_loss(cfg, network, distributed=False):
+    """FCOSLoss on the network's points and box coding."""
     with model_errors():
-        return FCOSLoss(strides=cfg.strides, limit_range=cfg.limit_range, point_offset=cfg.point_offset,
-                        center_sampling_radius=cfg.center_sampling_radius, norm_reg_targets=cfg.norm_reg_targets,
-                        focal_alpha=cfg.focal_alpha, focal_gamma=cfg.focal_gamma, reg_loss=cfg.reg_loss,
+        return FCOSLoss(network.point_coder, limit_range=cfg.limit_range,
+                        center_sampling_radius=cfg.center_sampling_radius, focal_alpha=cfg.focal_alpha,
+                        focal_gamma=cfg.focal_gamma, reg_loss=cfg.reg_loss,
                         centerness_weighted_reg=cfg.centerness_weighted_reg, add_centerness=cfg.add_centerness,
                         distributed=distributed)
 
 
-def build_decoder(cfg):
-    return FCOSDecoder(strides=cfg.strides, point_offset=cfg.point_offset, norm_reg_targets=cfg.norm_reg_targets,
-                       add_centerness=cfg.add_centerness, max_detection_boxes_num=cfg.max_detection_boxes_num)
+def build_inference(cfg, network):
+    """FCOSInference: the network and its decoder (the network's points and box coding)."""
+    decoder = FCOSDecoder(network.point_coder, add_centerness=cfg.add_centerness,
+                          max_detection_boxes_num=cfg.max_detection_boxes_num)
+    return FCOSInference(network, decoder)
 
 
 def selection_kwargs(cfg):
@@ -119,16 +123,12 @@ def build_train_step(cfg, network, steps_per_epoch, group_size):
                                  cfg.warmup_iters, cfg.warmup_ratio)
     optimizer = build_optimizer(network.trainable_params(), schedule, cfg.momentum, cfg.weight_decay,
                                 cfg.weight_decay_norm_bias)
+    loss = build_loss(cfg, network, distributed=group_size > 1)
     scaler = None
     if cfg.amp_level != "O0":
-        network.head.set_stacking(False)
-        network = ms.amp.auto_mixed_precision(network, cfg.amp_level)
-        # As MindSpore does for its own norm layers: statistics and their backward in float32.
-        for _, cell in network.cells_and_names():
-            if isinstance(cell, GroupNorm):
-                cell.to_float(ms.float32)
+        network = network.mixed_precision(cfg.amp_level)
         scaler = ms.amp.DynamicLossScaler(2.0 ** 16, 2, 1000)
-    net_with_loss = FCOSWithLoss(network, build_loss(cfg, distributed=group_size > 1))
+    net_with_loss = FCOSWithLoss(network, loss)
     step = TrainStep(net_with_loss, optimizer, cfg.grad_clip_norm, distributed=group_size > 1, loss_scaler=scaler)
     step.set_train(True)
     logging.getLogger("fcos").info("global batch %d, peak lr %.5f, %d steps", global_batch, lr, len(schedule))

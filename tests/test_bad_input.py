@@ -16,6 +16,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+import export
 from src.builder import build_loss, build_model
 from src.data.coco import CocoDataset, DatasetError, clean_box, load_image_rgb, read_coco_json
 from src.data.pipeline import PAD_IMAGE_ID, PadBucketError, create_eval_dataset, resolve_pad_buckets
@@ -24,9 +25,7 @@ from src.engine.coco_eval import coco_evaluate, load_coco
 from src.engine.train_step import FCOSWithLoss, TrainStep, build_optimizer
 from src.engine.trainer import Trainer
 from src.model_utils.config import VALUE_RULES, ConfigError, load_config
-from src.tools.synthetic import make_synthetic_coco
-
-import export
+from tools.synthetic import make_synthetic_coco
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MODEL_ARGS = ["--config_path=configs/synthetic_cpu.yaml", "--fpn_out_channels=32", "--num_head_convs=1",
@@ -115,7 +114,7 @@ def ckpt(tmp_path_factory):
     ms.save_checkpoint(network, path)
     other = load_config(MODEL_ARGS + ["--class_num=4"])
     other_network = build_model(other)
-    step = TrainStep(FCOSWithLoss(other_network, build_loss(other)),
+    step = TrainStep(FCOSWithLoss(other_network, build_loss(other, other_network)),
                      build_optimizer(other_network.trainable_params(), np.full(4, 0.01, np.float32), 0.9, 1e-4))
     train_ckpt = save_checkpoint_atomic(step, str(folder / "fcos-1_2.ckpt"),
                                         {"epoch": 1, "step_in_epoch": 0, "global_step": 2})
@@ -148,8 +147,7 @@ def test_out_of_range_values_name_the_key(flag, message):
 def test_keys_that_make_no_network_name_themselves(flag, message):
     cfg = load_config(MODEL_ARGS + [flag])
     with pytest.raises(ConfigError) as err:
-        build_model(cfg)
-        build_loss(cfg)
+        build_loss(cfg, build_model(cfg))
     assert str(err.value).startswith(message)
 
 
@@ -326,7 +324,7 @@ def test_checkpoint_checks_before_loading(ckpt, tmp_path):
 
 def _train_step(cfg, schedule):
     network = build_model(cfg)
-    return TrainStep(FCOSWithLoss(network, build_loss(cfg)),
+    return TrainStep(FCOSWithLoss(network, build_loss(cfg, network)),
                      build_optimizer(network.trainable_params(), schedule, 0.9, 1e-4))
 
 

@@ -1,4 +1,4 @@
-"""src/tools/benchmark.py: the tool runs every mode on a small config and reports the documented
+"""tools/benchmark/run.py: the tool runs every mode on a small config and reports the documented
 JSON line; its timing, compile counting and synthetic ground truth are right. No timing
 assertions: the machine is shared."""
 import json
@@ -6,19 +6,18 @@ import os
 import subprocess
 import sys
 
-import numpy as np
-import pytest
-
 import src  # noqa: F401
 import mindspore as ms
+import numpy as np
+import pytest
 from mindspore import nn
 
 from conftest import ROOT
 from src.builder import build_model
 from src.model_utils.config import load_config
-from src.tools.benchmark import time_cell
-from src.tools.benchmark_common import RESULT_KEYS, summarise, synthetic_ground_truth
-from src.tools.benchmark_convs import layer_spec
+from tools.benchmark.common import RESULT_KEYS, summarise, synthetic_ground_truth
+from tools.benchmark.convs import layer_spec
+from tools.benchmark.run import time_cell
 
 SMALL = ["--config_path=configs/synthetic_cpu.yaml", "--backbone=resnet18", "--fpn_out_channels=32",
          "--num_head_convs=1", "--batch_size=2", "--height=64", "--width=96", "--steps=2", "--warmup=1",
@@ -28,8 +27,8 @@ REPORT_KEYS = set(RESULT_KEYS) | {"parts", "framework", "mode", "batch_size", "i
 
 
 def run_benchmark(*args, timeout=240):
-    """python -m src.tools.benchmark args... -> (stdout lines, the JSON of the last one)."""
-    done = subprocess.run([sys.executable, "-m", "src.tools.benchmark", *args], cwd=ROOT, text=True,
+    """python -m tools.benchmark args... -> (stdout lines, the JSON of the last one)."""
+    done = subprocess.run([sys.executable, "-m", "tools.benchmark", *args], cwd=ROOT, text=True,
                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, timeout=timeout)
     assert done.returncode == 0, done.stderr[-3000:]
     lines = done.stdout.strip().splitlines()
@@ -70,13 +69,13 @@ def test_onnxruntime_runs_the_exported_inference_cell():
 
 
 def test_bad_arguments_end_with_one_line_and_exit_code_2():
-    done = subprocess.run([sys.executable, "-m", "src.tools.benchmark", "--height=100", "--width=96"],
+    done = subprocess.run([sys.executable, "-m", "tools.benchmark", "--height=100", "--width=96"],
                           cwd=ROOT, text=True, capture_output=True, timeout=60)
     assert done.returncode == 2 and "multiple of size_divisor=32" in done.stderr
-    done = subprocess.run([sys.executable, "-m", "src.tools.benchmark", "--no_such_key=1"],
+    done = subprocess.run([sys.executable, "-m", "tools.benchmark", "--no_such_key=1"],
                           cwd=ROOT, text=True, capture_output=True, timeout=60)
     assert done.returncode == 2 and "--no_such_key" in done.stderr
-    done = subprocess.run([sys.executable, "-m", "src.tools.benchmark", "--mode=data", "--compare_torchvision"],
+    done = subprocess.run([sys.executable, "-m", "tools.benchmark", "--mode=data", "--compare_torchvision"],
                           cwd=ROOT, text=True, capture_output=True, timeout=60)
     assert done.returncode == 2 and "only for --mode infer, train or convs" in done.stderr
 

@@ -96,7 +96,7 @@ def test_faster_coco_eval_gives_pycocotools_statistics():
 
 def test_scoring_benchmark_reports_both_backends_agreeing(capsys):
     pytest.importorskip("faster_coco_eval")
-    from src.tools.benchmark_coco import main
+    from tools.benchmark.coco import main
 
     main(["--num_images", "40"])
     report = json.loads(capsys.readouterr().out.strip().splitlines()[-1])

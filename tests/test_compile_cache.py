@@ -64,6 +64,7 @@ def graph_files(cache_root):
 def test_digest_follows_what_decides_the_graphs():
     import mindspore as ms
     from mindspore import nn
+
     from src.engine.compile_cache import PlannedGraph, plan_digest
 
     ms.set_context(mode=ms.GRAPH_MODE)
@@ -110,7 +111,7 @@ def test_second_process_loads_the_graphs_and_agrees(tmp_path):
 @pytest.fixture(scope="module")
 def shapes_set(tmp_path_factory):
     out = tmp_path_factory.mktemp("shapes")
-    subprocess.run([sys.executable, "-m", "src.tools.synthetic", "--out", str(out), "--num_images", "8",
+    subprocess.run([sys.executable, "-m", "tools.synthetic", "--out", str(out), "--num_images", "8",
                     "--size", "256", "256"], cwd=ROOT, check=True, capture_output=True, timeout=120)
     return out
 

@@ -11,7 +11,7 @@ import sys
 
 import pytest
 
-from src.tools.synthetic import make_synthetic_coco
+from tools.synthetic import make_synthetic_coco
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MIN_AP50 = 0.10

@@ -1,23 +1,21 @@
-"""src.convert on the parity fixture's torchvision weights, through real files on disk."""
+"""tools.convert_torchvision on the parity fixture's torchvision weights, through real files on disk."""
 import importlib.util
 import json
 import os
 import subprocess
 import sys
 
+import mindspore as ms
 import numpy as np
 import pytest
 
 from conftest import ROOT, parity_dir
-
-import mindspore as ms
-
 from src import convert
 from src.model.fcos import FCOS
 
 
 def run_cli(*args):
-    return subprocess.run([sys.executable, "-m", "src.convert", *args], cwd=ROOT, capture_output=True,
+    return subprocess.run([sys.executable, "-m", "tools.convert_torchvision", *args], cwd=ROOT, capture_output=True,
                           text=True, timeout=300, check=False)
 
 

@@ -3,11 +3,11 @@ import json
 import logging
 import os
 
+import src  # noqa: F401  (sets the CPU oneDNN cap before anything imports mindspore)
 import cv2
 import numpy as np
 import pytest
 
-import src  # noqa: F401  (sets the CPU oneDNN cap before anything imports mindspore)
 from src.data.coco import CocoDataset, DatasetError, label_maps, load_image_rgb
 
 # The 80 category ids of COCO 2017, scattered over 1..90.

@@ -10,12 +10,11 @@ import numpy as np
 import pytest
 from mindspore import Tensor, nn
 
-from src.builder import build_decoder, build_model
-from src.detector import FCOSInference
-from src.infer_mindir import mindir_input_shape, read_export_info
-from src.model_utils.config import load_config
-
 import export
+from src.builder import build_inference, build_model
+from src.deploy.contract import read_export_info
+from src.deploy.runner import mindir_input_shape
+from src.model_utils.config import load_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # Narrow and small, but with the real backbone, FPN, GroupNorm head and decoder; H != W so that a
@@ -33,7 +32,7 @@ def model(tmp_path_factory):
     ms.set_seed(0)
     network = build_model(cfg)
     ms.save_checkpoint(network, ckpt)
-    infer_cell = FCOSInference(network, build_decoder(cfg))
+    infer_cell = build_inference(cfg, network)
     infer_cell.set_train(False)
     images = np.random.default_rng(0).standard_normal(SHAPE).astype(np.float32)
     expected = tuple(x.asnumpy() for x in infer_cell(Tensor(images)))

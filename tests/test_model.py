@@ -2,16 +2,15 @@
 import math
 import os
 
+import mindspore as ms
 import numpy as np
 import pytest
-
-import mindspore as ms
 from mindspore import nn, ops
 
 from src.model.backbone import ARCHITECTURES, ResNet, StemMaxPool
 from src.model.fcos import FCOS
-from src.model.head import FCOSHead
 from src.model.fpn import _upsample_like
+from src.model.head import FCOSHead
 from src.model.norm import FrozenBatchNorm2d, GroupNorm
 
 STRIDES = (8, 16, 32, 64, 128)

@@ -18,7 +18,7 @@ from src.engine.checkpoint import load_checkpoint_file, load_weights, split_meta
 from src.engine.train_step import FCOSWithLoss, TrainStep, build_optimizer
 from src.engine.trainer import Trainer, TrainingStopped
 from src.model_utils.config import load_config
-from src.tools.synthetic import make_synthetic_coco
+from tools.synthetic import make_synthetic_coco
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MODEL_ARGS = ["--config_path=configs/synthetic_cpu.yaml", "--fpn_out_channels=32", "--num_head_convs=1",
@@ -52,7 +52,7 @@ def train_step():
     ms.set_seed(0)
     network = build_model(cfg)
     optimizer = build_optimizer(network.trainable_params(), np.full(STEPS, 0.01, np.float32), 0.9, 1e-4)
-    step = TrainStep(FCOSWithLoss(network, build_loss(cfg)), optimizer)
+    step = TrainStep(FCOSWithLoss(network, build_loss(cfg, network)), optimizer)
     step.set_train(True)
     return step
 

@@ -11,11 +11,11 @@ import numpy as np
 import pytest
 from mindspore import Tensor, nn
 
-from src.box_coder import make_points
-from src.losses import FCOSLoss
-from src.postprocess import FCOSDecoder, postprocess_batch
+from src.inference.decoder import FCOSDecoder
+from src.inference.select import postprocess_batch
+from src.model.loss import FCOSLoss
+from src.model.points import PointCoder
 from tests.conftest import parity_dir
-
 
 
 @pytest.fixture(scope="module")
@@ -49,37 +49,39 @@ def padded_ground_truth(arrays, extra_rows=2):
     return boxes, labels, mask
 
 
-class PointsNet(nn.Cell):
-    """make_points inside a Cell, so it runs in GRAPH_MODE too."""
+def fixture_coder(manifest):
+    """The PointCoder of the fixture's settings, with the default (torchvision) point strides."""
+    return PointCoder(manifest["strides"], manifest["point_offset"], norm_reg_targets=True)
 
-    def __init__(self, strides, point_offset):
+
+class PointsNet(nn.Cell):
+    """PointCoder.points inside a Cell, so it runs in GRAPH_MODE too."""
+
+    def __init__(self, coder):
         super().__init__()
-        self.strides = tuple(strides)
-        self.point_offset = point_offset
+        self.coder = coder
 
     def construct(self, images):
-        points, point_strides, _ = make_points(images.shape[2], images.shape[3],
-                                               self.strides, self.point_offset)
+        points, point_strides, _ = self.coder.points(images.shape[2], images.shape[3])
         return points, point_strides
 
 
 def test_points_match_fixture(fixture, mode):
     manifest, arrays = fixture
-    strides = manifest["strides"]
-    points, point_strides = PointsNet(strides, manifest["point_offset"])(Tensor(arrays["batch_input"]))
+    coder = fixture_coder(manifest)
+    points, point_strides = PointsNet(coder)(Tensor(arrays["batch_input"]))
     np.testing.assert_array_equal(points.asnumpy(), arrays["points"])
     counts = arrays["num_points_per_level"]
-    np.testing.assert_array_equal(point_strides.asnumpy(), np.repeat(strides, counts))
-    _, _, sizes = make_points(*arrays["batch_input"].shape[2:], strides, manifest["point_offset"])
+    np.testing.assert_array_equal(point_strides.asnumpy(), np.repeat(manifest["strides"], counts))
+    sizes = coder.level_sizes(*arrays["batch_input"].shape[2:])
     assert [h * w for h, w in sizes] == counts.tolist()
 
 
 def compute_losses(manifest, arrays):
     """FCOSLoss with the fixture's settings on the fixture's head outputs and GT."""
-    strides = manifest["strides"]
-    loss = FCOSLoss(strides, torchvision_limit_range(strides), manifest["point_offset"],
-                    manifest["config"]["center_sampling_radius"], norm_reg_targets=True,
-                    focal_alpha=0.25, focal_gamma=2.0, reg_loss="giou")
+    loss = FCOSLoss(fixture_coder(manifest), torchvision_limit_range(manifest["strides"]),
+                    manifest["config"]["center_sampling_radius"], focal_alpha=0.25, focal_gamma=2.0,
+                    reg_loss="giou")
     boxes, labels, mask = padded_ground_truth(arrays)
     outputs = loss(Tensor(arrays["batch_input"]), Tensor(arrays["cls_logits"]),
                    Tensor(arrays["bbox_regression"]), Tensor(arrays["bbox_ctrness"]),
@@ -131,8 +133,8 @@ def match_rows(got_boxes, got_scores, got_labels, want_boxes, want_scores, want_
 def test_detections_match_fixture(fixture, mode):
     manifest, arrays = fixture
     config = manifest["config"]
-    decoder = FCOSDecoder(manifest["strides"], manifest["point_offset"], norm_reg_targets=True,
-                          add_centerness=True, max_detection_boxes_num=config["topk_candidates"])
+    decoder = FCOSDecoder(fixture_coder(manifest), add_centerness=True,
+                          max_detection_boxes_num=config["topk_candidates"])
     boxes, scores, labels = decoder(Tensor(arrays["batch_input"]), Tensor(arrays["cls_logits"]),
                                     Tensor(arrays["bbox_regression"]), Tensor(arrays["bbox_ctrness"]))
     args = (boxes.asnumpy(), scores.asnumpy(), labels.asnumpy(), arrays["image_sizes"],

@@ -1,6 +1,6 @@
 """Our FCOS network against torchvision's, through the parity fixture.
 
-The fixture's weights.py rebuilds the reference weights (torchvision names), src.convert maps
+The fixture's weights.py rebuilds the reference weights (torchvision names), tools.convert_torchvision maps
 them, and our network must reproduce torchvision's FPN outputs and raw head outputs on the
 fixture's batch, in GRAPH_MODE and in PyNative mode. Every size comes from manifest.json.
 """
@@ -8,16 +8,14 @@ import importlib.util
 import json
 import os
 
+import mindspore as ms
 import numpy as np
 import pytest
-
-from conftest import parity_dir
-
-import mindspore as ms
 from mindspore import nn
 
-from src.convert import torchvision_to_mindspore
+from conftest import parity_dir
 from src.model.fcos import FCOS
+from tools.convert_torchvision import torchvision_to_mindspore
 
 FPN_NAMES = ("fpn_p3", "fpn_p4", "fpn_p5", "fpn_p6", "fpn_p7")
 HEAD_NAMES = ("cls_logits", "bbox_regression", "bbox_ctrness")

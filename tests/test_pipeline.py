@@ -4,16 +4,15 @@ import json
 import os
 import shutil
 
+import src  # noqa: F401
 import numpy as np
 import pytest
 
-import src  # noqa: F401
 from conftest import ROOT
 from src.data.coco import CocoDataset
-from src.data.pipeline import (PAD_IMAGE_ID, create_eval_dataset, create_train_dataset,
-                               group_by_bucket, pad_targets, plan_eval_batches, plan_train_epoch,
-                               resolve_pad_buckets)
-from src.tools.synthetic import make_synthetic_coco
+from src.data.pipeline import (PAD_IMAGE_ID, create_eval_dataset, create_train_dataset, group_by_bucket, pad_targets,
+                               plan_eval_batches, plan_train_epoch, resolve_pad_buckets)
+from tools.synthetic import make_synthetic_coco
 
 DEEPFOREST = os.path.join(ROOT, "data", "deepforest")
 TRAIN_ARGS = dict(min_size=[96, 128], max_size=160, pad_buckets=[], max_gt_boxes=8, flip_prob=0.5,

@@ -4,8 +4,9 @@ import numpy as np
 import pytest
 from mindspore import Tensor, nn
 
-from src.postprocess import (FCOSDecoder, batched_nms, clip_boxes, postprocess_batch,
-                             rescale_boxes, select_detections)
+from src.inference.decoder import FCOSDecoder
+from src.inference.select import batched_nms, clip_boxes, postprocess_batch, rescale_boxes, select_detections
+from src.model.points import PointCoder
 
 STRIDES = (8, 16, 32, 64, 128)
 IMAGE_HW = (64, 96)
@@ -120,8 +121,11 @@ def numpy_sigmoid(x):
     return 1 / (1 + np.exp(-x.astype(np.float64)))
 
 
-def numpy_decode(cls_logits, bbox_reg, centerness, topk, norm, add_centerness, point_offset=0.0):
-    """Per level top-k of the flattened (point, class) scores, with the points' decoded boxes."""
+def numpy_decode(cls_logits, bbox_reg, centerness, topk, norm, add_centerness, point_offset=0.0,
+                 point_strides="torchvision"):
+    """Per level top-k of the flattened (point, class) scores, with the points' decoded boxes.
+
+    Points step by padded size // feature map size per axis (torchvision) or by the stride."""
     scores = numpy_sigmoid(cls_logits)
     if add_centerness:
         scores = np.sqrt(scores * numpy_sigmoid(centerness))
@@ -129,8 +133,9 @@ def numpy_decode(cls_logits, bbox_reg, centerness, topk, norm, add_centerness, p
     start = 0
     for s in STRIDES:
         h, w = -(-IMAGE_HW[0] // s), -(-IMAGE_HW[1] // s)
+        step = (IMAGE_HW[1] // w, IMAGE_HW[0] // h) if point_strides == "torchvision" else (s, s)
         ys, xs = np.meshgrid(np.arange(h), np.arange(w), indexing="ij")
-        points = (np.stack([xs.ravel(), ys.ravel()], 1) + point_offset) * s
+        points = (np.stack([xs.ravel(), ys.ravel()], 1) + point_offset) * np.array(step)
         level = slice(start, start + h * w)
         flat = scores[:, level].reshape(len(scores), -1)
         k = min(topk, flat.shape[1])
@@ -153,17 +158,18 @@ def random_head(seed, batch=2):
             rng.normal(0, 1, (batch, num_points, 1)).astype(np.float32))
 
 
-@pytest.mark.parametrize("norm,add_centerness,point_offset", [(True, True, 0.0),
-                                                              (False, False, 0.5)])
-def test_decoder_keeps_topk_per_level(mode, norm, add_centerness, point_offset):
+@pytest.mark.parametrize("norm,add_centerness,point_offset,point_strides", [
+    (True, True, 0.0, "torchvision"), (False, False, 0.5, "torchvision"), (True, True, 0.5, "nominal")])
+def test_decoder_keeps_topk_per_level(mode, norm, add_centerness, point_offset, point_strides):
     topk = 10
     head = random_head(1)
-    decoder = FCOSDecoder(STRIDES, point_offset, norm, add_centerness, topk)
+    decoder = FCOSDecoder(PointCoder(STRIDES, point_offset, norm, point_strides), add_centerness, topk)
     images = Tensor(np.zeros((2, 3) + IMAGE_HW, np.float32))
     boxes, scores, labels = (o.asnumpy() for o in decoder(images, *(Tensor(a) for a in head)))
-    expected = numpy_decode(*head, topk, norm, add_centerness, point_offset)
+    expected = numpy_decode(*head, topk, norm, add_centerness, point_offset, point_strides)
     ks = [k for *_, k in expected]
     assert ks == [10, 10, 10, 6, 3]  # the 2x1 P6 and 1x1 P7 levels have fewer (point, class) pairs
+    assert decoder.num_candidates(*IMAGE_HW, NUM_CLASSES) == sum(ks)
     assert boxes.shape == (2, sum(ks), 4) and scores.shape == (2, sum(ks)) and labels.shape == (2, sum(ks))
     assert labels.dtype == np.int32
     start = 0
@@ -181,7 +187,7 @@ def test_decoder_exports_to_mindir(tmp_path):
     try:
         head = random_head(2, batch=1)
         inputs = (Tensor(np.zeros((1, 3) + IMAGE_HW, np.float32)),) + tuple(Tensor(a) for a in head)
-        decoder = FCOSDecoder(STRIDES, max_detection_boxes_num=10)
+        decoder = FCOSDecoder(PointCoder(STRIDES), max_detection_boxes_num=10)
         path = str(tmp_path / "decoder")
         ms.export(decoder, *inputs, file_name=path, file_format="MINDIR")
         loaded = nn.GraphCell(ms.load(path + ".mindir"))

@@ -1,4 +1,4 @@
-"""predict.py (detections as eval.py computes them, drawn and listed) and src/tools/draw.py."""
+"""predict.py (detections as eval.py computes them, drawn and listed) and src/utils/visualize.py."""
 import json
 import os
 import subprocess
@@ -9,12 +9,11 @@ import mindspore as ms
 import numpy as np
 import pytest
 
+import predict
 from src.builder import build_model
 from src.model_utils.config import load_config
-from src.tools.draw import caption, draw_detections, label_colour, save_image
-from src.tools.synthetic import make_synthetic_coco
-
-import predict
+from src.utils.visualize import caption, draw_detections, label_colour, save_image
+from tools.synthetic import make_synthetic_coco
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MODEL_ARGS = ["--config_path=configs/synthetic_cpu.yaml", "--fpn_out_channels=32", "--num_head_convs=1",

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from src.engine.checkpoint import load_checkpoint_file, split_meta
-from src.tools.synthetic import make_synthetic_coco
+from tools.synthetic import make_synthetic_coco
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 EPOCHS, IMAGES, BATCH = 3, 8, 2  # 4 steps per epoch, 12 in all

@@ -1,16 +1,16 @@
-"""src/tools/synthetic.py: deterministic, valid COCO, boxes tight around the drawn shapes."""
+"""tools/synthetic.py: deterministic, valid COCO, boxes tight around the drawn shapes."""
 import filecmp
 import json
 import os
 import subprocess
 import sys
 
+import src  # noqa: F401
 import numpy as np
 
-import src  # noqa: F401
 from conftest import ROOT
 from src.data.coco import CocoDataset, load_image_rgb
-from src.tools.synthetic import CLASSES, make_synthetic_coco
+from tools.synthetic import CLASSES, make_synthetic_coco
 
 
 def test_same_seed_same_files_other_seed_other_files(tmp_path):
@@ -56,7 +56,7 @@ def test_boxes_are_tight_around_the_shape_pixels(tmp_path):
 
 
 def test_cli(tmp_path):
-    result = subprocess.run([sys.executable, "-m", "src.tools.synthetic", "--out", str(tmp_path),
+    result = subprocess.run([sys.executable, "-m", "tools.synthetic", "--out", str(tmp_path),
                              "--num_images", "3", "--size", "64", "80", "--seed", "2"],
                             cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr

@@ -1,15 +1,16 @@
 """Target assignment and losses against a plain NumPy reference, plus the edge cases.
 
-Small images (64x96, five levels, 129 points) keep every graph tiny.
+Small images (64x96, five levels, 129 points) keep every graph tiny; 96 does not divide by 64,
+so P6's torchvision point step (96 // 2 = 48) differs from its stride and both point rules count.
 """
 import mindspore as ms
 import numpy as np
 import pytest
 from mindspore import Tensor, nn
 
-from src.box_coder import make_points, per_point
-from src.losses import FCOSLoss, giou_loss, iou_loss
-from src.targets import assign_targets
+from src.model.loss import FCOSLoss, giou_loss, iou_loss
+from src.model.points import PointCoder
+from src.model.targets import assign_targets
 
 STRIDES = (8, 16, 32, 64, 128)
 LIMITS = ((-1.0, 16.0), (16.0, 32.0), (32.0, 64.0), (64.0, 128.0), (128.0, float("inf")))
@@ -29,46 +30,50 @@ def pynative():
 class AssignNet(nn.Cell):
     """Points, per-point limits and assign_targets in one Cell (compiles in GRAPH_MODE)."""
 
-    def __init__(self, point_offset=0.0, radius=1.5, norm_reg_targets=True, limits=LIMITS):
+    def __init__(self, point_offset=0.0, radius=1.5, norm_reg_targets=True, limits=LIMITS,
+                 point_strides="torchvision"):
         super().__init__()
-        self.point_offset = point_offset
+        self.coder = PointCoder(STRIDES, point_offset, norm_reg_targets, point_strides)
         self.radius = radius
-        self.norm_reg_targets = norm_reg_targets
         self.limits = limits
 
     def construct(self, images, gt_boxes, gt_labels, gt_mask):
-        points, point_strides, sizes = make_points(images.shape[2], images.shape[3],
-                                                   STRIDES, self.point_offset)
-        point_limits = per_point(sizes, self.limits)
-        return assign_targets(points, point_strides, point_limits, gt_boxes, gt_labels,
-                              gt_mask, self.radius, self.norm_reg_targets)
+        points, point_strides, sizes = self.coder.points(images.shape[2], images.shape[3])
+        point_limits = self.coder.per_point(sizes, self.limits)
+        return assign_targets(self.coder, points, point_strides, point_limits, gt_boxes, gt_labels,
+                              gt_mask, self.radius)
 
 
 def images(batch=2):
     return Tensor(np.zeros((batch, 3) + IMAGE_HW, np.float32))
 
 
-def numpy_points(point_offset):
-    """(P, 2) points, (P,) strides and (P, 2) limits, written independently of box_coder."""
+def numpy_points(point_offset, point_strides="torchvision"):
+    """(P, 2) points, (P,) strides and (P, 2) limits, written independently of src.model.points.
+
+    torchvision's step of a level is, per axis, padded size // feature map size; nominal: stride.
+    """
     points, strides, limits = [], [], []
     for s, limit in zip(STRIDES, LIMITS):
         h, w = -(-IMAGE_HW[0] // s), -(-IMAGE_HW[1] // s)
+        step_y, step_x = (IMAGE_HW[0] // h, IMAGE_HW[1] // w) if point_strides == "torchvision" else (s, s)
         for i in range(h):
             for j in range(w):
-                points.append(((j + point_offset) * s, (i + point_offset) * s))
+                points.append(((j + point_offset) * step_x, (i + point_offset) * step_y))
                 strides.append(s)
                 limits.append(limit)
     return (np.asarray(points, np.float32), np.asarray(strides, np.float32),
             np.asarray(limits, np.float32))
 
 
-def reference_assign(gt_boxes, gt_labels, gt_mask, point_offset, radius, norm_reg_targets):
+def reference_assign(gt_boxes, gt_labels, gt_mask, point_offset, radius, norm_reg_targets,
+                     point_strides="torchvision"):
     """Loop-per-point FCOS assignment (smallest matching area wins).
 
     Returns:
         cls (B, P) class or -1, reg (B, P, 4), ctr (B, P), matched GT index (B, P) or -1.
     """
-    points, strides, limits = numpy_points(point_offset)
+    points, strides, limits = numpy_points(point_offset, point_strides)
     batch, num_points = len(gt_boxes), len(points)
     matched = np.full((batch, num_points), -1, np.int64)
     cls = np.full((batch, num_points), -1, np.int64)
@@ -118,15 +123,16 @@ def run_assign(net, boxes, labels, mask):
     return [o.asnumpy() for o in outputs]
 
 
-@pytest.mark.parametrize("point_offset,radius,norm", [(0.0, 1.5, True), (0.5, 0.0, False),
-                                                      (0.5, 1.5, False)])
-def test_assignment_matches_numpy_reference(mode, point_offset, radius, norm):
-    net = AssignNet(point_offset, radius, norm)
+@pytest.mark.parametrize("point_offset,radius,norm,point_strides", [
+    (0.0, 1.5, True, "torchvision"), (0.5, 0.0, False, "torchvision"), (0.5, 1.5, False, "nominal"),
+    (0.0, 1.5, True, "nominal")])
+def test_assignment_matches_numpy_reference(mode, point_offset, radius, norm, point_strides):
+    net = AssignNet(point_offset, radius, norm, point_strides=point_strides)
     for seed in range(3):
         boxes, labels, mask = random_ground_truth(seed)
         cls, reg, ctr, pos = run_assign(net, boxes, labels, mask)
         ref_cls, ref_reg, ref_ctr, _ = reference_assign(boxes, labels, mask, point_offset, radius,
-                                                        norm)
+                                                        norm, point_strides)
         assert pos.sum() > 0
         np.testing.assert_array_equal(cls, ref_cls)
         np.testing.assert_array_equal(pos, ref_cls >= 0)
@@ -205,11 +211,11 @@ def test_huge_boxes(pynative):
 
 
 def numpy_losses(cls_logits, bbox_reg, centerness, boxes, labels, mask, point_offset, radius,
-                 norm, weighted=False, alpha=0.25, gamma=2.0):
+                 norm, weighted=False, alpha=0.25, gamma=2.0, point_strides="torchvision"):
     """torchvision-style losses in float64 on corner boxes (independent of the ltrb formulas)."""
     ref_cls, _, ref_ctr, matched = reference_assign(boxes, labels, mask, point_offset, radius,
-                                                    norm)
-    points, strides, _ = numpy_points(point_offset)
+                                                    norm, point_strides)
+    points, strides, _ = numpy_points(point_offset, point_strides)
     pos = ref_cls >= 0
     num_pos = max(pos.sum(), 1)
     x = cls_logits.astype(np.float64)
@@ -248,8 +254,8 @@ def random_head_outputs(seed, norm, batch=2):
     return cls_logits, bbox_reg, centerness
 
 
-def make_loss(point_offset=0.0, radius=1.5, norm=True, **kwargs):
-    return FCOSLoss(STRIDES, LIMITS, point_offset, radius, norm, **kwargs)
+def make_loss(point_offset=0.0, radius=1.5, norm=True, point_strides="torchvision", **kwargs):
+    return FCOSLoss(PointCoder(STRIDES, point_offset, norm, point_strides), LIMITS, radius, **kwargs)
 
 
 def run_loss(loss, head, boxes, labels, mask):
@@ -258,15 +264,16 @@ def run_loss(loss, head, boxes, labels, mask):
     return [float(o.asnumpy()) for o in outputs]
 
 
-@pytest.mark.parametrize("point_offset,radius,norm,weighted", [(0.5, 1.5, False, False),
-                                                               (0.0, 1.5, True, False),
-                                                               (0.0, 0.0, True, True)])
-def test_losses_match_numpy_reference(mode, point_offset, radius, norm, weighted):
+@pytest.mark.parametrize("point_offset,radius,norm,weighted,point_strides", [
+    (0.5, 1.5, False, False, "torchvision"), (0.0, 1.5, True, False, "torchvision"),
+    (0.0, 0.0, True, True, "nominal")])
+def test_losses_match_numpy_reference(mode, point_offset, radius, norm, weighted, point_strides):
     boxes, labels, mask = random_ground_truth(4)
     head = random_head_outputs(5, norm)
-    loss = make_loss(point_offset, radius, norm, centerness_weighted_reg=weighted)
+    loss = make_loss(point_offset, radius, norm, point_strides, centerness_weighted_reg=weighted)
     total, cls, reg, ctr = run_loss(loss, head, boxes, labels, mask)
-    want = numpy_losses(*head, boxes, labels, mask, point_offset, radius, norm, weighted)
+    want = numpy_losses(*head, boxes, labels, mask, point_offset, radius, norm, weighted,
+                        point_strides=point_strides)
     np.testing.assert_allclose([cls, reg, ctr], want, rtol=1e-4)
     assert total == pytest.approx(sum(want), rel=1e-4)
 

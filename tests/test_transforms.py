@@ -4,16 +4,17 @@ import json
 import math
 import os
 
+import src  # noqa: F401
 import numpy as np
 import pytest
-from hypothesis import given, settings, strategies as st
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
-import src  # noqa: F401
 from conftest import parity_dir
 from src.data.coco import load_image_rgb
-from src.data.transforms import (IMAGENET_MEAN, IMAGENET_STD, TrainTransform, choose_pad_shape,
-                                 color_jitter, default_pad_buckets, hflip, keep_ratio_size,
-                                 normalize_and_pad, preprocess_image, random_crop, resize, rotate)
+from src.data.transforms import (IMAGENET_MEAN, IMAGENET_STD, TrainTransform, choose_pad_shape, color_jitter,
+                                 default_pad_buckets, hflip, keep_ratio_size, normalize_and_pad, preprocess_image,
+                                 random_crop, resize, rotate)
 
 PROPERTY = settings(max_examples=40, deadline=None)
 TOLERANCE = 2.0  # pixels: interpolation blurs a painted edge by about one pixel

@@ -1,19 +1,19 @@
-"""src/tools/voc2coco.py on the real DeepForest sample and on broken or special XML, and
-src/tools/make_deepforest.py: the shipped data/deepforest is what the documented command makes."""
+"""tools/voc2coco.py on the real DeepForest sample and on broken or special XML, and
+tools/make_deepforest.py: the shipped data/deepforest is what the documented command makes."""
 import glob
 import json
 import os
 import subprocess
 import sys
 
+import src  # noqa: F401
 import numpy as np
 import pytest
 
-import src  # noqa: F401
 from conftest import ROOT
 from src.data.coco import CocoDataset, DatasetError
-from src.tools.make_deepforest import make_deepforest
-from src.tools.voc2coco import parse_voc_xml, voc_box_to_coco, voc_to_coco
+from tools.make_deepforest import make_deepforest
+from tools.voc2coco import parse_voc_xml, voc_box_to_coco, voc_to_coco
 
 VOC_XML = """<annotation><filename>{filename}</filename>
 <size><width>50</width><height>40</height><depth>3</depth></size>
@@ -25,7 +25,7 @@ VOC_XML = """<annotation><filename>{filename}</filename>
 
 
 def _run_cli(*args):
-    return subprocess.run([sys.executable, "-m", "src.tools.voc2coco", *args], cwd=ROOT,
+    return subprocess.run([sys.executable, "-m", "tools.voc2coco", *args], cwd=ROOT,
                           capture_output=True, text=True, timeout=120)
 
 

@@ -19,8 +19,7 @@ import mindspore.dataset as ds
 import numpy as np
 
 from .coco import CocoDataset, DatasetError
-from .transforms import (TrainTransform, choose_pad_shape, default_pad_buckets, keep_ratio_size,
-                         preprocess_image)
+from .transforms import TrainTransform, choose_pad_shape, default_pad_buckets, keep_ratio_size, preprocess_image
 
 logger = logging.getLogger("fcos")
 

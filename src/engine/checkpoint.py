@@ -11,6 +11,8 @@ import re
 import mindspore as ms
 import numpy as np
 
+from src.utils.io import atomic_path
+
 logger = logging.getLogger("fcos")
 
 # Schedule position entries are stored as meta_<key>: the optimiser has a Parameter named
@@ -20,16 +22,9 @@ META_PREFIX = "meta_"
 
 def save_checkpoint_atomic(cell_or_params, path, meta=None):
     """ms.save_checkpoint to ``path`` via a temporary file and os.replace (atomic on POSIX)."""
-    os.makedirs(os.path.dirname(os.path.abspath(path)) or ".", exist_ok=True)
-    root, ext = os.path.splitext(path)
-    tmp = f"{root}.tmp{os.getpid()}{ext}"  # ms.save_checkpoint appends .ckpt to other names
-    try:
-        append = {META_PREFIX + key: value for key, value in (meta or {}).items()}
+    append = {META_PREFIX + key: value for key, value in (meta or {}).items()}
+    with atomic_path(path) as tmp:
         ms.save_checkpoint(cell_or_params, tmp, append_dict=append)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
     return path
 
 

@@ -1,7 +1,6 @@
 """COCO bbox scoring shared by eval.py, evaluation during training and postprocess.py (310)."""
 import contextlib
 import io
-import json
 import logging
 import math
 import os
@@ -17,6 +16,7 @@ except ImportError:
 
 from src.data.coco import clean_box, coco_index, read_coco_json
 from src.model_utils.config import ConfigError
+from src.utils.io import write_json_atomic
 
 logger = logging.getLogger("fcos")
 
@@ -143,11 +143,3 @@ def coco_evaluate(coco_gt, results, output_dir=None, image_ids=None, backend=Non
                            "detections": results})
     return metrics
 
-
-def write_json_atomic(path, obj):
-    """Write JSON so that a crash never leaves a half-written file at ``path``."""
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(obj, f)
-    os.replace(tmp, path)

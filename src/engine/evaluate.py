@@ -8,7 +8,7 @@ import time
 from src.data.pipeline import PAD_IMAGE_ID
 from src.engine.coco_eval import coco_evaluate, load_coco, to_coco_results
 from src.engine.progress import Progress
-from src.postprocess import postprocess_batch
+from src.inference.select import postprocess_batch
 
 logger = logging.getLogger("fcos")
 

@@ -4,7 +4,7 @@ Layout as torchvision.models.resnet: 7x7/2 stem conv (no bias) + BN + ReLU + 3x3
 four stages of residual blocks, the stride on the 3x3 conv of a bottleneck, downsample =
 1x1 conv with stride + BN. Parameter names follow torchvision's module paths (conv1, bn1,
 layer1.0.conv1, layer2.0.downsample.0, ...) with MindSpore's BatchNorm leaf names, so that
-src/convert.py maps torchvision checkpoints by renaming leaves only.
+tools/convert_torchvision.py maps torchvision checkpoints by renaming leaves only.
 """
 from mindspore import nn, ops
 from mindspore.common.initializer import HeNormal

@@ -1,9 +1,12 @@
 """FCOS = ResNet backbone + FPN + shared head (Tian et al. 2019)."""
+import mindspore as ms
 from mindspore import nn
 
 from .backbone import ResNet
 from .fpn import FPN
 from .head import FCOSHead
+from .norm import GroupNorm
+from .points import PointCoder
 
 DEFAULT_STRIDES = (8, 16, 32, 64, 128)
 
@@ -15,17 +18,20 @@ class FCOS(nn.Cell):
     ceil(H / stride_l) x ceil(W / stride_l) locations, flattened row-major, levels concatenated.
     Parameters are named backbone.*, fpn.* and head.* (see the modules); the arguments are the
     configuration keys of the same names. strides must be the first 3 to 5 of 8, 16, 32, 64, 128
-    (P3-P5, P3-P6 or P3-P7).
+    (P3-P5, P3-P6 or P3-P7). point_coder (src.model.points.PointCoder: where the points of each
+    level sit and how boxes are coded relative to them) is the one the loss and the decoder use.
     """
 
     def __init__(self, backbone="resnet50", class_num=80, fpn_out_channels=256, use_p5=True,
                  use_GN_head=True, num_head_convs=4, prior=0.01, add_centerness=True, cnt_on_reg=True,
-                 norm_reg_targets=True, freeze_bn=True, freeze_stage_1=True, strides=DEFAULT_STRIDES):
+                 norm_reg_targets=True, freeze_bn=True, freeze_stage_1=True, strides=DEFAULT_STRIDES,
+                 point_offset=0.0, point_strides="torchvision"):
         super().__init__()
         strides = tuple(strides)
         if strides != DEFAULT_STRIDES[:len(strides)] or len(strides) < 3:
             raise ValueError(f"strides must be the first 3 to 5 of {list(DEFAULT_STRIDES)}, got {list(strides)}")
         self.strides = strides
+        self.point_coder = PointCoder(strides, point_offset, norm_reg_targets, point_strides)
         self.backbone = ResNet(backbone, freeze_bn=freeze_bn, freeze_stage_1=freeze_stage_1)
         self.fpn = FPN(self.backbone.out_channels, fpn_out_channels, use_p5=use_p5, num_levels=len(strides))
         self.head = FCOSHead(fpn_out_channels, class_num, num_levels=len(strides), num_convs=num_head_convs,
@@ -38,3 +44,18 @@ class FCOS(nn.Cell):
 
     def construct(self, images):
         return self.head(self.features(images))
+
+    def mixed_precision(self, amp_level):
+        """This network under MindSpore's auto mixed precision amp_level (O2/O3) -> the cell to train.
+
+        Head convs run unstacked: with O2/O3 MindSpore 2.10 turns parameters read outside their
+        own cell into float16 for good on the first call (seen: the stacked parameters, which
+        ApplyMomentum then refused). GroupNorm statistics and their backward stay float32, as
+        MindSpore does for its own norm layers.
+        """
+        self.head.set_stacking(False)
+        network = ms.amp.auto_mixed_precision(self, amp_level)
+        for _, cell in network.cells_and_names():
+            if isinstance(cell, GroupNorm):
+                cell.to_float(ms.float32)
+        return network

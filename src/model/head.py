@@ -3,8 +3,8 @@ class logits, the l,t,r,b regression with a learnable scale per level, and centr
 import math
 
 import mindspore as ms
-from mindspore import nn, ops, Parameter, Tensor
-from mindspore.common.initializer import Normal, Constant
+from mindspore import Parameter, Tensor, nn, ops
+from mindspore.common.initializer import Constant, Normal
 
 from .norm import GroupNorm, GroupNormFunction
 

@@ -5,7 +5,7 @@ checkpoint saved with frozen BatchNorm loads into a network with nn.BatchNorm2d 
 """
 import mindspore as ms
 import numpy as np
-from mindspore import nn, ops, Parameter, Tensor
+from mindspore import Parameter, Tensor, nn, ops
 
 
 class FrozenBatchNorm2d(nn.Cell):

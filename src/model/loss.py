@@ -8,8 +8,7 @@ import mindspore as ms
 from mindspore import nn, ops
 from mindspore.communication import get_group_size
 
-from src.box_coder import make_points, per_point
-from src.targets import assign_targets
+from src.model.targets import assign_targets
 
 
 def sigmoid_focal_loss(logits, targets, alpha, gamma):
@@ -81,11 +80,9 @@ class FCOSLoss(nn.Cell):
     """Assigns targets to every point and computes the three FCOS losses.
 
     Args:
-        strides (tuple[int]): stride of every level.
+        coder (PointCoder): the model's points and box coding (FCOS.point_coder).
         limit_range (tuple[tuple[float, float]]): per level open range of max(l,t,r,b) in pixels.
-        point_offset (float): location of a cell, see src.box_coder.make_points.
         center_sampling_radius (float): in strides; 0 disables centre sampling.
-        norm_reg_targets (bool): bbox_reg is in stride units (True) or pixels (False).
         focal_alpha, focal_gamma (float): focal loss parameters.
         reg_loss (str): 'giou' or 'iou'.
         centerness_weighted_reg (bool): weight each positive's regression loss by its
@@ -103,19 +100,16 @@ class FCOSLoss(nn.Cell):
         loss_total, loss_cls, loss_reg, loss_ctr: float32 scalars.
     """
 
-    def __init__(self, strides, limit_range, point_offset=0.0, center_sampling_radius=1.5,
-                 norm_reg_targets=True, focal_alpha=0.25, focal_gamma=2.0, reg_loss="giou",
-                 centerness_weighted_reg=False, add_centerness=True, distributed=False):
+    def __init__(self, coder, limit_range, center_sampling_radius=1.5, focal_alpha=0.25, focal_gamma=2.0,
+                 reg_loss="giou", centerness_weighted_reg=False, add_centerness=True, distributed=False):
         super().__init__()
         if reg_loss not in ("giou", "iou"):
             raise ValueError(f"reg_loss must be 'giou' or 'iou', got {reg_loss!r}")
-        if len(limit_range) != len(strides):
-            raise ValueError(f"limit_range has {len(limit_range)} levels, strides {len(strides)}")
-        self.strides = tuple(int(s) for s in strides)
+        if len(limit_range) != len(coder.strides):
+            raise ValueError(f"limit_range has {len(limit_range)} levels, strides {len(coder.strides)}")
+        self.coder = coder
         self.limit_range = tuple((float(lo), float(hi)) for lo, hi in limit_range)
-        self.point_offset = float(point_offset)
         self.center_sampling_radius = float(center_sampling_radius)
-        self.norm_reg_targets = norm_reg_targets
         self.focal_alpha = float(focal_alpha)
         self.focal_gamma = float(focal_gamma)
         self.use_giou = reg_loss == "giou"
@@ -134,12 +128,11 @@ class FCOSLoss(nn.Cell):
         return value
 
     def construct(self, images, cls_logits, bbox_reg, centerness, gt_boxes, gt_labels, gt_mask):
-        points, point_strides, sizes = make_points(images.shape[2], images.shape[3],
-                                                   self.strides, self.point_offset)
-        point_limits = per_point(sizes, self.limit_range)
+        points, point_strides, sizes = self.coder.points(images.shape[2], images.shape[3])
+        point_limits = self.coder.per_point(sizes, self.limit_range)
         cls_targets, reg_targets, ctr_targets, pos_mask = assign_targets(
-            points, point_strides, point_limits, gt_boxes, gt_labels, gt_mask,
-            self.center_sampling_radius, self.norm_reg_targets)
+            self.coder, points, point_strides, point_limits, gt_boxes, gt_labels, gt_mask,
+            self.center_sampling_radius)
         pos = pos_mask.astype(ms.float32)
         normaliser = ops.maximum(self._mean_over_devices(pos.sum()), 1.0)
 

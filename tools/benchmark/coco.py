@@ -1,6 +1,6 @@
 """Time COCO bbox scoring with both backends of src.engine.coco_eval on a COCO-sized synthetic set:
 
-    python -m src.tools.benchmark_coco [--num_images 5000] [--boxes_per_image 7] [--detections_per_image 100]
+    python -m tools.benchmark.coco [--num_images 5000] [--boxes_per_image 7] [--detections_per_image 100]
 
 Ground truth: --boxes_per_image boxes of every COCO area range per image over 80 categories;
 detections: each box found again with jitter (some missed, some with the wrong class) plus false

@@ -1,7 +1,7 @@
-"""The torchvision side of ``python -m src.tools.benchmark --compare_torchvision``.
+"""The torchvision side of ``python -m tools.benchmark --compare_torchvision``.
 
 Run by the benchmark in a Python that has torch and torchvision (never a dependency of this
-project): ``TORCH_PYTHON -m src.tools.benchmark_torchvision --spec JSON``. It builds
+project): ``TORCH_PYTHON -m tools.benchmark.torchvision_side --spec JSON``. It builds
 torchvision.models.detection.FCOS with the backbone, FPN channels, head depth, classes,
 frozen parts and post-processing settings of the MindSpore model (randomly initialised, as
 ours), times it on the same fixed input as the MindSpore side, and prints one JSON line.
@@ -14,7 +14,7 @@ What one step is:
   train: ``model(images, targets)`` in train mode (the resize is skipped), the sum of the three
          losses, backward, and an SGD (momentum, weight decay) step.
   convs: no model; each convolution layer of the spec's ``layers`` (traced from the MindSpore
-         network by src.tools.benchmark_convs) as torch.nn.Conv2d alone: forward under no_grad,
+         network by tools.benchmark.convs) as torch.nn.Conv2d alone: forward under no_grad,
          and forward + backward (input and weight gradients, none accumulated).
 The oneDNN ISA is left at its default here (the MindSpore side caps it at AVX2; torch uses
 blocked-layout AVX-512 kernels and is not slowed by the NCHW problem MindSpore has).
@@ -29,7 +29,7 @@ import time
 import numpy as np
 import torch
 
-from src.tools.benchmark_common import CONV_TIME_KEYS, best_ms, json_line, summarise, synthetic_ground_truth, time_steps
+from tools.benchmark.common import CONV_TIME_KEYS, best_ms, json_line, summarise, synthetic_ground_truth, time_steps
 
 _FALLBACK_OPS = []  # torch.library objects of the stand-in NMS: the op lives as long as they do
 
@@ -185,7 +185,7 @@ def train_step(model, images, targets, spec):
 
 
 def time_layer(layer, steps, warmup):
-    """One convolution layer (a src.tools.benchmark_convs spec) -> {'fwd_ms', 'fwd_bwd_ms'}."""
+    """One convolution layer (a tools.benchmark.convs spec) -> {'fwd_ms', 'fwd_bwd_ms'}."""
     conv = torch.nn.Conv2d(layer["input"][1], layer["out_channels"], layer["kernel"], stride=layer["stride"],
                            padding=layer["padding"], dilation=layer["dilation"], groups=layer["groups"],
                            bias=layer["bias"])
@@ -205,7 +205,7 @@ def time_layer(layer, steps, warmup):
 
 
 def run(spec):
-    """Build, time, summarise -> result dict (see src.tools.benchmark_common.summarise)."""
+    """Build, time, summarise -> result dict (see tools.benchmark.common.summarise)."""
     if spec["threads"]:
         torch.set_num_threads(spec["threads"])
     torch.manual_seed(spec["seed"])
@@ -228,7 +228,7 @@ def run(spec):
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--spec", required=True, help="JSON object written by src.tools.benchmark")
+    parser.add_argument("--spec", required=True, help="JSON object written by tools.benchmark")
     spec = json.loads(parser.parse_args(argv).spec)
     print(json_line(run(spec)))
 

@@ -1,6 +1,6 @@
 """Build the shipped quick-start dataset data/deepforest from the raw DeepForest sample.
 
-    python -m src.tools.make_deepforest --voc_dir data/deepforest_voc --out data/deepforest
+    python -m tools.make_deepforest --voc_dir data/deepforest_voc --out data/deepforest
 
 One class, "Tree": the sample's Tree, Alive and Dead labels all mark tree crowns. The large
 1249x1035 image is split at x = 929: the 320 px strip to the right is validation (three
@@ -21,7 +21,7 @@ import cv2
 import numpy as np
 
 from src.data.coco import load_image_rgb
-from src.tools.voc2coco import parse_voc_xml, voc_box_to_coco
+from tools.voc2coco import parse_voc_xml, voc_box_to_coco
 
 LARGE = "2019_YELL_2_541000_4977000_image_crop"
 VAL_STRIP_X = 929   # the large image's columns from here on are validation

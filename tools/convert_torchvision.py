@@ -10,20 +10,20 @@ Input files: a .pth state dict (needs torch, imported only then) or an .npz of
 {torchvision_key: array}. The architecture is read off the weights, every name and shape is
 checked against our network, and the .ckpt is written atomically.
 
-    python -m src.convert --input resnet50-0676ba61.pth --output resnet50_backbone.ckpt
-    python -m src.convert --input fcos_resnet50_fpn_coco.pth --output fcos_r50.ckpt --kind fcos
+    python -m tools.convert_torchvision --input resnet50-0676ba61.pth --output resnet50_backbone.ckpt
+    python -m tools.convert_torchvision --input fcos_resnet50_fpn_coco.pth --output fcos_r50.ckpt --kind fcos
 """
 import argparse
 import os
 import re
 import sys
-import tempfile
 
 import mindspore as ms
 import numpy as np
 
-from .model.backbone import ARCHITECTURES, ResNet
-from .model.fcos import DEFAULT_STRIDES, FCOS
+from src.engine.checkpoint import save_checkpoint_atomic
+from src.model.backbone import ARCHITECTURES, ResNet
+from src.model.fcos import DEFAULT_STRIDES, FCOS
 
 KINDS = ("fcos", "backbone")
 
@@ -217,21 +217,6 @@ def check_params(params, expected):
                                   f"network {shape}")
 
 
-def save_checkpoint_atomic(params, path):
-    """Write {name: array} as a MindSpore .ckpt; readers never see a half-written file."""
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    # save_checkpoint appends .ckpt to other names, so the temporary name ends with it too.
-    fd, tmp = tempfile.mkstemp(suffix=".ckpt", prefix=".convert-", dir=folder)
-    os.close(fd)
-    try:
-        ms.save_checkpoint([{"name": name, "data": ms.Tensor(value)} for name, value in params.items()], tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-
-
 def convert(input_path, output_path, kind=None):
     """Convert one file; returns (kind, architecture description, number of parameters)."""
     state = load_torchvision_state(input_path)
@@ -239,7 +224,7 @@ def convert(input_path, output_path, kind=None):
     params = torchvision_to_mindspore(state, kind)
     check_params(params, expected_shapes(params, kind))
     architecture = infer_fcos_kwargs(params) if kind == "fcos" else {"backbone": infer_backbone(params)}
-    save_checkpoint_atomic(params, output_path)
+    save_checkpoint_atomic([{"name": name, "data": ms.Tensor(value)} for name, value in params.items()], output_path)
     return kind, architecture, len(params)
 
 

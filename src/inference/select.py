@@ -1,79 +1,8 @@
-"""The one FCOS decoding path, shared by evaluation, exported-model inference and prediction.
-
-Two stages:
-1. FCOSDecoder (a Cell, fixed shapes, exportable): per level, the top-k (point, class) pairs by
-   score, decoded to boxes in the padded-image frame. Only sigmoid/sqrt/topk/gather/concat/
-   reshape-type ops, so it can sit at the end of an exported MINDIR/ONNX graph.
-2. NumPy selection per image: score threshold, clip to the image, class-aware NMS, keep the
-   best detections_per_img; then boxes can be rescaled to the original image.
-torchvision keeps the scores above the threshold and then the top-k per level; taking the
-top-k first and thresholding afterwards keeps the same set.
+"""Stage 2 of the one FCOS decoding path: per image, in NumPy, the decoder's candidates ->
+score threshold, clip to the image, class-aware NMS, the best detections_per_img; then boxes can
+be rescaled to the original image. eval.py, predict.py and postprocess.py all end here.
 """
-import mindspore as ms
 import numpy as np
-from mindspore import nn, ops
-
-from src.box_coder import decode, make_points
-
-
-class FCOSDecoder(nn.Cell):
-    """Top-k candidates per level from raw head outputs.
-
-    Args:
-        strides (tuple[int]): stride of every level.
-        point_offset (float): location of a cell, see src.box_coder.make_points.
-        norm_reg_targets (bool): bbox_reg is in stride units (True) or pixels (False).
-        add_centerness (bool): score = sqrt(sigmoid(cls) * sigmoid(ctr)) if True, else sigmoid(cls).
-        max_detection_boxes_num (int): candidates kept per level (fewer on levels with
-            fewer than that many (point, class) pairs).
-    Inputs:
-        images: (B, 3, H, W), only its static shape is used.
-        cls_logits: (B, P, C); bbox_reg: (B, P, 4); centerness: (B, P, 1).
-    Outputs:
-        boxes: (B, K, 4) float32 x1, y1, x2, y2 in the padded-image frame (not clipped).
-        scores: (B, K) float32, sorted descending within each level.
-        labels: (B, K) int32 0-based class indices.
-        K = sum over levels of min(max_detection_boxes_num, H_l * W_l * C).
-    """
-
-    def __init__(self, strides, point_offset=0.0, norm_reg_targets=True, add_centerness=True,
-                 max_detection_boxes_num=1000):
-        super().__init__()
-        self.strides = tuple(int(s) for s in strides)
-        self.point_offset = float(point_offset)
-        self.norm_reg_targets = norm_reg_targets
-        self.add_centerness = add_centerness
-        self.max_detection_boxes_num = int(max_detection_boxes_num)
-
-    def construct(self, images, cls_logits, bbox_reg, centerness):
-        points, point_strides, sizes = make_points(images.shape[2], images.shape[3],
-                                                   self.strides, self.point_offset)
-        scale = point_strides.reshape(-1, 1) if self.norm_reg_targets else 1.0
-        all_boxes = decode(points, bbox_reg, scale)
-        scores = ops.sigmoid(cls_logits)
-        if self.add_centerness:
-            scores = ops.sqrt(scores * ops.sigmoid(centerness))
-
-        batch, _, num_classes = cls_logits.shape
-        boxes_out, scores_out, labels_out = (), (), ()
-        start = 0
-        for h, w in sizes:
-            count = h * w
-            k = min(self.max_detection_boxes_num, count * num_classes)
-            level_scores = scores[:, start:start + count].reshape(batch, count * num_classes)
-            top_scores, flat_idx = ops.topk(level_scores, k, dim=1)
-            # Lookup tables instead of // and %, which do not all export to ONNX.
-            point_of = ops.broadcast_to(ops.arange(start, start + count, dtype=ms.int32).reshape(count, 1),
-                                        (count, num_classes)).reshape(-1)
-            class_of = ops.broadcast_to(ops.arange(num_classes, dtype=ms.int32).reshape(1, num_classes),
-                                        (count, num_classes)).reshape(-1)
-            point_idx = ops.gather(point_of, flat_idx, 0)
-            box_idx = ops.broadcast_to(ops.expand_dims(point_idx, -1), (batch, k, 4))
-            boxes_out += (ops.gather_elements(all_boxes, 1, box_idx),)
-            scores_out += (top_scores,)
-            labels_out += (ops.gather(class_of, flat_idx, 0),)
-            start += count
-        return ops.cat(boxes_out, axis=1), ops.cat(scores_out, axis=1), ops.cat(labels_out, axis=1)
 
 
 def clip_boxes(boxes, image_size):

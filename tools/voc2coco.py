@@ -1,6 +1,6 @@
 """Pascal-VOC XML annotations -> one COCO-format JSON.
 
-    python -m src.tools.voc2coco --xml_dir D --img_dir D --output ann.json \\
+    python -m tools.voc2coco --xml_dir D --img_dir D --output ann.json \\
         [--classes a,b,c] [--merge_classes] [--difficult crowd|keep|drop]
 
 Conventions:

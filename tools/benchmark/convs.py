@@ -1,4 +1,4 @@
-"""``python -m src.tools.benchmark --mode convs``: every convolution of the network, timed alone.
+"""``python -m tools.benchmark --mode convs``: every convolution of the network, timed alone.
 
 A training step of this model is mostly convolutions; this mode tells whether a gap to
 torchvision is in the convolution kernels (the framework's) or in the rest of the step (ours to
@@ -15,13 +15,12 @@ the noise of a shared machine removed as far as it can be.
 """
 import collections
 
-import numpy as np
-
 import mindspore as ms
+import numpy as np
 from mindspore import nn, ops
 
 from src.builder import build_model
-from src.tools.benchmark_common import CONV_TIME_KEYS, aligned, best_ms
+from tools.benchmark.common import CONV_TIME_KEYS, aligned, best_ms
 
 
 def layer_spec(cell, input_shape):

@@ -1,8 +1,8 @@
 """Framework-neutral parts of the benchmarks: step timing, peak memory, synthetic ground truth and
 the report (table + JSON line).
 
-Imports neither MindSpore nor torch: src.tools.benchmark (MindSpore) and
-src.tools.benchmark_torchvision (torch, run from another Python environment) both use it, so the
+Imports neither MindSpore nor torch: tools.benchmark (MindSpore) and
+tools.benchmark.torchvision_side (torch, run from another Python environment) both use it, so the
 two sides are timed, summarised and fed the same way.
 """
 import json

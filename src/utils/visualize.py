@@ -1,13 +1,14 @@
 """Draw detections (boxes, class names, scores) on an image with OpenCV.
 
-    from src.tools.draw import draw_detections, save_image
+    from src.utils.visualize import draw_detections, save_image
     save_image("out.png", draw_detections(image_rgb, boxes, scores, labels, class_names))
 """
 import colorsys
-import os
 
 import cv2
 import numpy as np
+
+from src.utils.io import atomic_path
 
 _GOLDEN_RATIO = 0.618033988749895
 
@@ -56,8 +57,6 @@ def draw_detections(image, boxes, scores, labels, class_names=None):
 
 def save_image(path, image):
     """Write an (H, W, 3) uint8 RGB image (format from the extension) via a temporary file."""
-    root, ext = os.path.splitext(path)
-    tmp = f"{root}.tmp{os.getpid()}{ext}"
-    if not cv2.imwrite(tmp, cv2.cvtColor(image, cv2.COLOR_RGB2BGR)):
-        raise OSError(f"could not write image {path}")
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        if not cv2.imwrite(tmp, cv2.cvtColor(image, cv2.COLOR_RGB2BGR)):
+            raise OSError(f"could not write image {path}")

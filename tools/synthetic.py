@@ -5,7 +5,7 @@ sides of about 16-120 px at 256x256 (scaled with the image), on a smooth random 
 blotchy and per-pixel noise. A small FCOS learns them in minutes, which makes the set useful for
 smoke tests and for checking that training actually learns.
 
-    python -m src.tools.synthetic --out DIR --num_images 64 --size 256 256 --seed 0
+    python -m tools.synthetic --out DIR --num_images 64 --size 256 256 --seed 0
 
 writes DIR/images/000001.jpg ... and DIR/annotations.json (img_dir = DIR/images).
 """

@@ -1,12 +1,12 @@
 """Benchmark FCOS on this machine: inference, a training step, or the training data pipeline,
 optionally side by side with torchvision's FCOS.
 
-    python -m src.tools.benchmark --mode infer --height 800 --width 1216 --batch_size 1
-    python -m src.tools.benchmark --mode infer --height 800 --width 1216 --batch_size 1 --runtime onnxruntime
-    python -m src.tools.benchmark --mode train --config_path configs/synthetic_cpu.yaml
-    python -m src.tools.benchmark --mode data --config_path configs/deepforest_cpu.yaml
-    python -m src.tools.benchmark --mode train --compare_torchvision --torch_python /path/venv/bin/python
-    python -m src.tools.benchmark --mode convs --compare_torchvision --config_path configs/synthetic_cpu.yaml
+    python -m tools.benchmark --mode infer --height 800 --width 1216 --batch_size 1
+    python -m tools.benchmark --mode infer --height 800 --width 1216 --batch_size 1 --runtime onnxruntime
+    python -m tools.benchmark --mode train --config_path configs/synthetic_cpu.yaml
+    python -m tools.benchmark --mode data --config_path configs/deepforest_cpu.yaml
+    python -m tools.benchmark --mode train --compare_torchvision --torch_python /path/venv/bin/python
+    python -m tools.benchmark --mode convs --compare_torchvision --config_path configs/synthetic_cpu.yaml
 
 Every configuration key is accepted as --key=value (--backbone, --fpn_out_channels, --class_num,
 --batch_size, --config_path, ...); the configuration's own ``mode`` (GRAPH/PYNATIVE) is
@@ -28,7 +28,7 @@ One step is:
          configured workers, augmentation, min_size/max_size and pad shapes) over synthetic JPEGs
          of --height x --width, generated first into a temporary folder.
   convs: each distinct convolution layer of the network alone, forward and forward + backward
-         (src/tools/benchmark_convs.py): whether a gap is in the convolution kernels or elsewhere.
+         (tools/benchmark/convs.py): whether a gap is in the convolution kernels or elsewhere.
 The first call (graph compilation in GRAPH_MODE) and --warmup calls are not timed.
 
 Output: a table, then, as the last line, one JSON object: median_s, min_s, max_s (seconds per
@@ -40,7 +40,7 @@ steady_state_compiles (graphs MindSpore compiled during the timed steps, from th
 cache; 0 expected), slow_steps (timed steps over 1.5x the median), load_1min (load average at the
 end: the cores may be shared), parts, steps, warmup,
 framework, mode, batch_size, input, config. With --compare_torchvision also ``torchvision`` (the
-same keys, measured by src.tools.benchmark_torchvision in --torch_python) and ``ratio`` (ours /
+same keys, measured by tools.benchmark.torchvision_side in --torch_python) and ``ratio`` (ours /
 theirs seconds per step: above 1 means slower than torchvision).
 --mode convs prints a table of layers instead and its JSON holds ``layers`` (each: input shape,
 out_channels, kernel, stride, padding, dilation, groups, bias, count, fwd_ms, fwd_bwd_ms and, with
@@ -55,24 +55,23 @@ import sys
 import tempfile
 import time
 
-import numpy as np
-
 import src  # noqa: F401  (sets the oneDNN ISA before mindspore loads)
 import mindspore as ms
+import numpy as np
 
-from src.builder import (build_decoder, build_model, build_train_dataset, build_train_step, precompile_graphs,
+from src.builder import (build_inference, build_model, build_train_dataset, build_train_step, precompile_graphs,
                          selection_kwargs)
 from src.data.pipeline import resolve_pad_buckets
-from src.detector import FCOSInference, export_model
+from src.deploy.export import export_model
 from src.engine.compile_cache import PlannedGraph
 from src.engine.context import init_context
 from src.engine.lr_schedule import scaled_lr
+from src.inference.select import postprocess_batch
 from src.model_utils.config import ConfigError, guard_main, load_config
-from src.postprocess import postprocess_batch
-from src.tools.benchmark_common import (CONV_TIME_KEYS, format_table, json_line, peak_rss_mb, summarise,
-                                        synthetic_ground_truth, time_steps)
-from src.tools.benchmark_convs import format_layers, time_layer, totals, trace_layers
-from src.tools.synthetic import make_synthetic_coco
+from tools.benchmark.common import (CONV_TIME_KEYS, format_table, json_line, peak_rss_mb, summarise,
+                                    synthetic_ground_truth, time_steps)
+from tools.benchmark.convs import format_layers, time_layer, totals, trace_layers
+from tools.synthetic import make_synthetic_coco
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 # Configuration keys that define what is benchmarked; they go into the JSON and to torchvision.
@@ -151,7 +150,7 @@ def infer_step(args, cfg, workdir):
     """-> (compiled cell or None, step, PlannedGraph or None) for FCOSInference + the NumPy
     selection; step returns its parts. --runtime onnxruntime exports the cell to ONNX in workdir
     and runs that in onnxruntime instead (no MindSpore graph to compile)."""
-    cell = FCOSInference(build_model(cfg), build_decoder(cfg))
+    cell = build_inference(cfg, build_model(cfg))
     cell.set_train(False)
     images = fixed_batch(args, cfg)[0]
     if args.runtime == "onnxruntime":
@@ -295,7 +294,7 @@ def run_convs(args, cfg):
 
 
 def torchvision_spec(args, cfg):
-    """What src.tools.benchmark_torchvision needs to build and time the same model and input."""
+    """What tools.benchmark.torchvision_side needs to build and time the same model and input."""
     spec = {key: cfg[key] for key in MODEL_KEYS}
     spec.update({"mode": args.mode, "height": args.height, "width": args.width,
                  "batch_size": cfg.batch_size, "steps": args.steps, "warmup": args.warmup,
@@ -321,7 +320,7 @@ def run_torchvision(args, cfg, layers=None):
     spec = torchvision_spec(args, cfg)
     if layers is not None:
         spec["layers"] = layers
-    command = [args.torch_python, "-m", "src.tools.benchmark_torchvision", "--spec", json.dumps(spec)]
+    command = [args.torch_python, "-m", "tools.benchmark.torchvision_side", "--spec", json.dumps(spec)]
     done = subprocess.run(command, cwd=ROOT, env=env, stdout=subprocess.PIPE, text=True, check=False)
     if done.returncode:
         raise RuntimeError(f"the torchvision benchmark failed (exit code {done.returncode})")

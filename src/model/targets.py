@@ -9,8 +9,6 @@ FCOS.compute_loss, but the tie break is a true argmin over areas, so boxes of an
 import mindspore as ms
 from mindspore import ops
 
-from src.box_coder import encode
-
 
 def _pairwise_distances(points, gt_boxes):
     """Side distances of every point to every box.
@@ -61,22 +59,22 @@ def centerness_target(ltrb, pos_mask):
     return ops.where(pos_mask, ctr, ops.zeros_like(ctr))
 
 
-def assign_targets(points, point_strides, point_limits, gt_boxes, gt_labels, gt_mask,
-                   center_sampling_radius, norm_reg_targets):
+def assign_targets(coder, points, point_strides, point_limits, gt_boxes, gt_labels, gt_mask,
+                   center_sampling_radius):
     """Classification, regression and centreness targets of every point.
 
     Args:
-        points: (P, 2) float32 x, y of every location (src.box_coder.make_points).
-        point_strides: (P,) float32 stride of each point's level.
+        coder: the model's PointCoder (src.model.points), which encodes the matched boxes.
+        points: (P, 2) float32 x, y of every location (PointCoder.points).
+        point_strides: (P,) float32 nominal stride of each point's level.
         point_limits: (P, 2) float32 (lower, upper) open range of max(l,t,r,b) per point.
         gt_boxes: (B, M, 4) float32 x1, y1, x2, y2.
         gt_labels: (B, M) int32 0-based class indices.
         gt_mask: (B, M) bool, True for real boxes.
         center_sampling_radius (float): in strides; 0 disables centre sampling.
-        norm_reg_targets (bool): regression targets in units of the level stride, else pixels.
     Returns:
         cls_targets: (B, P) int32 class index, -1 for background.
-        reg_targets: (B, P, 4) float32 encoded l, t, r, b of the matched box, 0 on background.
+        reg_targets: (B, P, 4) float32 l, t, r, b of the matched box (coder.encode), 0 on background.
         ctr_targets: (B, P) float32 centreness target, 0 on background.
         pos_mask: (B, P) bool.
     """
@@ -101,8 +99,7 @@ def assign_targets(points, point_strides, point_limits, gt_boxes, gt_labels, gt_
     matched_boxes = ops.gather_elements(gt_boxes, 1, box_idx)
     matched_labels = ops.gather_elements(gt_labels, 1, matched_idx).astype(ms.int32)
 
-    scale = point_strides.reshape(-1, 1) if norm_reg_targets else 1.0
-    reg_targets = encode(points, matched_boxes, scale)
+    reg_targets = coder.encode(points, matched_boxes, point_strides)
     pos4 = ops.expand_dims(pos_mask, -1)
     reg_targets = ops.where(pos4, reg_targets, ops.zeros_like(reg_targets))
     cls_targets = ops.where(pos_mask, matched_labels, ops.full_like(matched_labels, -1))

@@ -1,0 +1,20 @@
+"""Export of the inference cell to MINDIR, AIR or ONNX (export.py and the benchmark's ONNX route)."""
+import mindspore as ms
+
+from src.utils.io import atomic_path
+
+EXTENSIONS = {"MINDIR": ".mindir", "AIR": ".air", "ONNX": ".onnx"}
+
+
+def export_model(infer_cell, inputs, path, file_format):
+    """Export infer_cell at the shape of inputs to path; a failure never leaves half a model.
+
+    ONNX gets named inputs and outputs (images -> boxes, scores, labels), as onnxruntime users
+    address them.
+    """
+    with atomic_path(path) as tmp:
+        if file_format == "ONNX":
+            ms.onnx.export(infer_cell, inputs, file_name=tmp, input_names=["images"],
+                           output_names=["boxes", "scores", "labels"])
+        else:
+            ms.export(infer_cell, inputs, file_name=tmp, file_format=file_format)

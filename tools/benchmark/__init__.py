@@ -1,0 +1,1 @@
+"""Benchmarks against torchvision: python -m tools.benchmark --help."""

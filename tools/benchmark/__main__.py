@@ -1,0 +1,3 @@
+from tools.benchmark.run import main
+
+main()
