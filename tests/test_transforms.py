@@ -198,9 +198,8 @@ def test_preprocess_matches_torchvision_input():
     assert meta.resized_hw == tuple(expected["image_sizes"][0])
     assert meta.scale_hw == (meta.resized_hw[0] / image.shape[0],
                              meta.resized_hw[1] / image.shape[1])
-    # torchvision resizes the normalised float image, we resize uint8: within one grey level.
-    tolerance = 1.0 / 255.0 / min(IMAGENET_STD)
-    np.testing.assert_allclose(chw, expected["batch_input"][0], atol=tolerance)
+    # Both resize in float (torchvision the normalised image, we the 0..255 one): float32 round-off.
+    np.testing.assert_allclose(chw, expected["batch_input"][0], atol=2e-4)
 
 
 def test_preprocess_shrinks_to_a_fixed_pad_shape():

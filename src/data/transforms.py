@@ -52,10 +52,14 @@ def keep_ratio_size(height, width, min_size, max_size, fit_hw=None):
 
 
 def resize_image(image, size_hw):
-    """Bilinear resize of (H,W,3) to size_hw (h, w)."""
+    """Bilinear resize of (H,W,3) to size_hw (h, w); a resized image is float32 on the 0..255 scale.
+
+    In float, as torchvision resizes its float tensor: on the parity fixture's photos the network
+    input then equals torchvision's within 6e-5, against 1.3e-2 (cv2's rounded uint8 path).
+    """
     if tuple(size_hw) == image.shape[:2]:
         return image
-    return cv2.resize(image, (size_hw[1], size_hw[0]), interpolation=cv2.INTER_LINEAR)
+    return cv2.resize(image.astype(np.float32), (size_hw[1], size_hw[0]), interpolation=cv2.INTER_LINEAR)
 
 
 def resize(image, boxes, size_hw):
@@ -192,8 +196,8 @@ def rotate(image, boxes, labels, degrees, min_visible=0.5):
 
 
 def normalize_and_pad(image, pad_hw):
-    """(H,W,3) uint8 RGB -> (3,pad_h,pad_w) float32: (x/255 - mean) / std with ImageNet statistics,
-    zero-padded at the bottom and right."""
+    """(H,W,3) RGB on the 0..255 scale (uint8 or float32) -> (3,pad_h,pad_w) float32:
+    (x/255 - mean) / std with ImageNet statistics, zero-padded at the bottom and right."""
     h, w = image.shape[:2]
     if h > pad_hw[0] or w > pad_hw[1]:
         raise ValueError(f"image of {h}x{w} does not fit the pad shape {pad_hw[0]}x{pad_hw[1]}")
