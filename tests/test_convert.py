@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 
 from conftest import ROOT, parity_dir
-from src import convert
 from src.model.fcos import FCOS
+from tools import convert_torchvision as convert
 
 
 def run_cli(*args):
