@@ -10,6 +10,8 @@
 #include <string>
 #include <vector>
 
+namespace fcos {
+
 // Parses "--name=value" arguments into *flags (which holds the defaults; a name that is not
 // there already is unknown). Returns an empty string, or the problem.
 std::string ParseFlags(int argc, char **argv, std::map<std::string, std::string> *flags);
@@ -31,5 +33,16 @@ bool WriteBinary(const std::string &path, const void *data, size_t size);
 
 // Writes text to path (through a temporary file); false on any failure.
 bool WriteText(const std::string &path, const std::string &text);
+
+// Creates dir and its parents when missing; "" or the problem.
+std::string MakeDirs(const std::string &dir);
+
+// The first non-empty line of text (runtime exceptions carry call stacks), trimmed.
+std::string FirstLine(const std::string &text);
+
+bool IsFile(const std::string &path);
+bool IsDir(const std::string &path);
+
+}  // namespace fcos
 
 #endif  // FCOS_ASCEND310_INFER_INC_UTILS_H_

@@ -11,6 +11,8 @@
 
 namespace fs = std::filesystem;
 
+namespace fcos {
+
 std::string ParseFlags(int argc, char **argv, std::map<std::string, std::string> *flags) {
   for (int i = 1; i < argc; ++i) {
     std::string arg = argv[i];
@@ -72,3 +74,41 @@ bool WriteBinary(const std::string &path, const void *data, size_t size) {
 bool WriteText(const std::string &path, const std::string &text) {
   return WriteBinary(path, text.data(), text.size());
 }
+
+std::string MakeDirs(const std::string &dir) {
+  std::error_code error;
+  fs::create_directories(dir, error);
+  if (error || !fs::is_directory(dir, error)) {
+    return "cannot create the folder " + dir + (error ? " (" + error.message() + ")" : " (a file has that name)");
+  }
+  return "";
+}
+
+std::string FirstLine(const std::string &text) {
+  size_t start = 0;
+  while (start < text.size()) {
+    size_t end = text.find('\n', start);
+    if (end == std::string::npos) {
+      end = text.size();
+    }
+    const size_t first = text.find_first_not_of(" \t\r", start);
+    if (first != std::string::npos && first < end) {
+      size_t last = text.find_last_not_of(" \t\r", end - 1);
+      return text.substr(first, last + 1 - first);
+    }
+    start = end + 1;
+  }
+  return "";
+}
+
+bool IsFile(const std::string &path) {
+  std::error_code error;
+  return fs::is_regular_file(path, error);
+}
+
+bool IsDir(const std::string &path) {
+  std::error_code error;
+  return fs::is_directory(path, error);
+}
+
+}  // namespace fcos
