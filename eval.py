@@ -26,10 +26,10 @@ def main(argv=None):
     init_context(cfg.device_target, cfg.mode, cfg.device_id, distributed=False)
     setup_logging(cfg.output_dir, 0, "eval")
     dataset, info = build_eval_dataset(cfg, batch_size=cfg.batch_size)
-    check_category_count(len(info["label_to_cat_id"]), cfg.class_num, cfg.val_ann_file)
+    check_category_count(len(info.label_to_cat_id), cfg.class_num, cfg.val_ann_file)
     infer_cell = build_inference(cfg, load_network(cfg))
-    logger.info("evaluating %s on %d images", cfg.ckpt_file, info["num_images"])
-    precompile_graphs(cfg, eval_graphs(infer_cell, info["pad_shapes"], cfg.batch_size))
+    logger.info("evaluating %s on %d images", cfg.ckpt_file, info.num_images)
+    precompile_graphs(cfg, eval_graphs(infer_cell, info.pad_shapes, cfg.batch_size))
     metrics = evaluate(infer_cell, dataset, info, cfg.val_ann_file, selection_kwargs(cfg), cfg.output_dir,
                        batch_size=cfg.batch_size)
     if metrics is None:

@@ -13,21 +13,14 @@ import mindspore as ms
 from src.builder import (build_eval_dataset, build_inference, build_model, build_train_dataset, build_train_step,
                          eval_graphs, precompile_graphs, selection_kwargs, train_graphs)
 from src.data.pipeline import loader_error
-from src.engine.checkpoint import load_checkpoint_file, load_weights, split_meta
+from src.engine.checkpoint import load_weights, read_training_checkpoint
+from src.engine.coco_eval import check_category_count
 from src.engine.context import init_context, setup_logging
 from src.engine.evaluate import evaluate
 from src.engine.trainer import Trainer, TrainingStopped
 from src.model_utils.config import ConfigError, guard_main, load_config, require_files
 
 logger = logging.getLogger("fcos")
-
-
-def check_class_count(cfg, info, key):
-    found = len(info["label_to_cat_id"])
-    if found > cfg.class_num:
-        raise ConfigError(f"--class_num={cfg.class_num}, but {cfg[key]} has {found} categories")
-    if found < cfg.class_num:
-        logger.warning("%s has %d categories, fewer than --class_num=%d", cfg[key], found, cfg.class_num)
 
 
 def epoch_batches(dataset, first_epoch, epochs, on_epoch_start=None, on_epoch_end=None):
@@ -86,7 +79,7 @@ def build_evaluator(cfg, network):
         return evaluate(infer_cell, dataset, info, cfg.val_ann_file, selection_kwargs(cfg), out_dir,
                         batch_size=cfg.batch_size)
 
-    return run, eval_graphs(infer_cell, info["pad_shapes"], cfg.batch_size)
+    return run, eval_graphs(infer_cell, info.pad_shapes, cfg.batch_size)
 
 
 def load_initial_weights(cfg, network):
@@ -108,18 +101,18 @@ def main(argv=None):
     rank, group_size = init_context(cfg.device_target, cfg.mode, cfg.device_id)
     setup_logging(cfg.output_dir, rank, "train")
     ms.set_seed(cfg.seed)
-    resume_params, resume_meta = None, {}
+    resume = None
     if cfg.resume:
         try:
-            resume_params, resume_meta = split_meta(load_checkpoint_file(cfg.resume))
+            resume = read_training_checkpoint(cfg.resume)
         except (FileNotFoundError, ValueError) as err:
             raise ConfigError(f"--resume: {err}") from None
 
-    dataset, info = build_train_dataset(cfg, rank, group_size, start_epoch=resume_meta.get("epoch", 0))
-    check_class_count(cfg, info, "train_ann_file")
-    steps_per_epoch = info["batches_per_epoch"]
+    dataset, info = build_train_dataset(cfg, rank, group_size, start_epoch=resume.epoch if resume else 0)
+    check_category_count(len(info.label_to_cat_id), cfg.class_num, cfg.train_ann_file)
+    steps_per_epoch = info.batches_per_epoch
     logger.info("rank %d/%d: %d training images, %d batches of %d per epoch, pad shapes %s", rank, group_size,
-                info["num_images"], steps_per_epoch, cfg.batch_size, info["buckets"])
+                info.num_images, steps_per_epoch, cfg.batch_size, info.buckets)
 
     network = build_model(cfg)
     load_initial_weights(cfg, network)
@@ -133,15 +126,15 @@ def main(argv=None):
                       save_ckpt_epochs=cfg.save_ckpt_epochs, save_ckpt_steps=cfg.save_ckpt_steps,
                       keep_ckpt_max=cfg.keep_ckpt_max, max_bad_steps=cfg.max_bad_steps, eval_interval=cfg.eval_interval,
                       evaluate=evaluator)
-    if resume_params is not None:
+    if resume is not None:
         try:
-            trainer.resume_from(cfg.resume, resume_params, resume_meta)
+            trainer.resume_from(resume)
         except ValueError as err:
             raise ConfigError(f"--resume: {err}") from None
-    precompile_graphs(cfg, train_graphs(cfg, train_step, info["pad_shapes"]) + evaluator_graphs, group_size > 1)
-    on_epoch_start = batch_id_logger(info["plan"], rank) if cfg.log_batch_ids else None
+    precompile_graphs(cfg, train_graphs(cfg, train_step, info.pad_shapes) + evaluator_graphs, group_size > 1)
+    on_epoch_start = batch_id_logger(info.plan, rank) if cfg.log_batch_ids else None
     batches = epoch_batches(dataset, trainer.epoch, cfg.epochs, on_epoch_start,
-                            failed_image_reporter(info["failed_images"]))
+                            failed_image_reporter(info.failed_images))
     try:
         finished = trainer.run(batches)
     except TrainingStopped as err:

@@ -17,10 +17,11 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import export
-from src.builder import build_loss, build_model
+from src.builder import build_inference, build_loss, build_model
 from src.data.coco import CocoDataset, DatasetError, clean_box, load_image_rgb, read_coco_json
 from src.data.pipeline import PAD_IMAGE_ID, PadBucketError, create_eval_dataset, resolve_pad_buckets
-from src.engine.checkpoint import fitting_params, load_checkpoint_file, save_checkpoint_atomic, split_meta
+from src.engine.checkpoint import (fitting_params, load_checkpoint_file, read_training_checkpoint,
+                                   save_checkpoint_atomic)
 from src.engine.coco_eval import coco_evaluate, load_coco
 from src.engine.train_step import FCOSWithLoss, TrainStep, build_optimizer
 from src.engine.trainer import Trainer
@@ -267,7 +268,7 @@ def test_scoring_ground_truth_leaves_out_what_cannot_match(tmp_path, caplog):
 def test_eval_pipeline_skips_and_counts_unreadable_images(messy):
     dataset, info = create_eval_dataset(messy["img_dir"], messy["ann"], batch_size=2, min_size=[64], max_size=64,
                                         pad_buckets=[], num_parallel_workers=2)
-    assert info["skipped_missing"] == 1 and info["num_images"] == 7
+    assert info.skipped_missing == 1 and info.num_images == 7
     seen = []
     for images, ids, sizes, _ in dataset.create_tuple_iterator(num_epochs=1, output_numpy=True):
         for image, image_id, (h, w) in zip(images, ids, sizes):
@@ -276,7 +277,7 @@ def test_eval_pipeline_skips_and_counts_unreadable_images(messy):
             seen.append(int(image_id))
             assert (h, w) == (64, 64) and np.isfinite(image).all() and image.std() > 0.1
     assert sorted(seen) == LOADABLE
-    failed = info["failed_images"]
+    failed = info.failed_images
     assert len(failed) == 2
     assert sorted(os.path.basename(p) for p in failed.paths()) == ["000002.jpg", "000003.jpg"]
 
@@ -338,7 +339,7 @@ def test_resume_keeps_the_schedule_of_the_configuration(ckpt, tmp_path):
     new = _train_step(ckpt["cfg"], schedule)
     trainer = Trainer(new, steps_per_epoch=2, epochs=4, global_batch=2, lr_schedule=schedule,
                       output_dir=str(tmp_path))
-    trainer.resume_from(path, *split_meta(load_checkpoint_file(path)))
+    trainer.resume_from(read_training_checkpoint(path))
     assert (trainer.epoch, trainer.step_in_epoch, trainer.global_step) == (1, 1, 3)
     saved = {p.name: p.asnumpy() for p in old.get_parameters()}
     for param in new.get_parameters():
@@ -367,7 +368,8 @@ def bad_files(messy, ckpt, tmp_path_factory):
     for name in ("000001.jpg", "000002.jpg"):
         (unreadable / "images" / name).write_bytes(b"\xff\xd8\xff\xe0")
     cfg = load_config(MODEL_ARGS + ["--export_height=64", "--export_width=64", f"--ckpt_file={ckpt['path']}"])
-    write_json(folder / "fcos.json", export.export_info(cfg, "fcos.mindir"))
+    write_json(folder / "fcos.json", export.model_export_info(cfg, build_inference(cfg, build_model(cfg)), "fcos.mindir"))
+    write_json(folder / "preprocess_info.json", {"input_hw": [64, 64], "num_images": 0, "num_skipped": 0, "images": []})
     return {"dir": str(folder), "undecodable": (str(undecodable / "images"), ann),
             "unreadable": (str(unreadable / "images"), unreadable_ann)}
 
@@ -417,10 +419,16 @@ CASES = {
                                                       "--export_height=64", "--export_width=64"],
         ["--val_ann_file: duplicate image ids [1] in annotation file:", "duplicate_ids.json"]),
     "postprocess, annotation file that is a list": (
-        "postprocess.py", lambda m, c, b: MODEL_ARGS + [f"--result_dir={b['dir']}", f"--info_file={m['ann']}",
+        "postprocess.py", lambda m, c, b: MODEL_ARGS + [f"--result_dir={b['dir']}",
+                                                       f"--info_file={b['dir']}/preprocess_info.json",
                                                        f"--export_info={b['dir']}/fcos.json",
                                                        f"--val_ann_file={b['dir']}/list.json"],
         ["--val_ann_file: not a COCO annotation file", "list.json"]),
+    "postprocess, an info file that preprocess.py did not write": (
+        "postprocess.py", lambda m, c, b: MODEL_ARGS + [f"--result_dir={b['dir']}", f"--info_file={m['ann']}",
+                                                       f"--export_info={b['dir']}/fcos.json",
+                                                       f"--val_ann_file={m['ann']}"],
+        ["--info_file:", "is not a preprocess.py preprocess_info.json (it lacks 'input_hw')"]),
 }
 
 
@@ -480,3 +488,9 @@ def test_predict_and_preprocess_skip_damaged_images(messy, ckpt, tmp_path):
     reasons = {s["image_id"]: s["reason"] for s in info["skipped"]}
     assert sorted(reasons) == [TRUNCATED, EMPTY, MISSING] and info["num_skipped"] == 3
     assert reasons[MISSING].startswith("image file not found")
+
+
+def test_resume_from_a_weights_only_checkpoint_names_the_alternatives(ckpt):
+    with pytest.raises(ValueError, match="is not a train.py checkpoint .* --pretrained_backbone or --ckpt_file"):
+        read_training_checkpoint(ckpt["path"])
+    assert read_training_checkpoint(ckpt["train_4_classes"]).epoch == 1

@@ -160,4 +160,4 @@ def test_annotation_without_annotations_key_is_an_image_list(tmp_path):
         "categories": [{"id": 1, "name": "x"}]})
     coco = CocoDataset(str(tmp_path), ann)
     assert coco.image_ids == [3] and coco.stats["annotations"] == 0
-    assert coco.num_classes == 1 and coco.targets(3)[0].shape == (0, 4)
+    assert len(coco.label_to_cat_id) == 1 and coco.targets(3)[0].shape == (0, 4)

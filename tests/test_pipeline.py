@@ -111,8 +111,8 @@ def test_train_dataset_shapes_buckets_and_epochs(mixed):
     img_dir, ann_file = mixed
     dataset, info = create_train_dataset(img_dir, ann_file, batch_size=3, num_parallel_workers=2,
                                          **TRAIN_ARGS)
-    assert info["num_images"] == 19 and info["batches_per_epoch"] == 4 + 2
-    assert info["label_to_cat_id"] == [1, 2, 3] and info["class_names"][0] == "rectangle"
+    assert info.num_images == 19 and info.batches_per_epoch == 4 + 2
+    assert info.label_to_cat_id == [1, 2, 3] and info.class_names[0] == "rectangle"
     assert dataset.get_dataset_size() == 6
     epochs = _collect(dataset, epochs=2)
     shapes = set()
@@ -149,7 +149,7 @@ def test_train_dataset_shards_see_disjoint_images(mixed):
     for rank in (0, 1):
         dataset, info = create_train_dataset(img_dir, ann_file, batch_size=2, rank=rank,
                                              group_size=2, num_parallel_workers=1, **args)
-        assert info["batches_per_epoch"] == 4  # global batches of 4: 3 landscape, 1 portrait
+        assert info.batches_per_epoch == 4  # global batches of 4: 3 landscape, 1 portrait
         # Without augmentation an image's first GT row identifies it.
         per_rank.append({tuple(b[0]) for _, boxes, _, _ in _collect(dataset)[0] for b in boxes})
     assert len(per_rank[0]) == len(per_rank[1]) == 8
@@ -164,19 +164,19 @@ def test_unreadable_images_are_skipped_and_counted(mixed, tmp_path):
     (broken / "land" / "images" / "000002.jpg").write_bytes(b"not an image at all")
     dataset, info = create_train_dataset(str(broken), str(broken / "annotations.json"),
                                          batch_size=2, num_parallel_workers=2, **TRAIN_ARGS)
-    assert info["skipped_missing"] == 1 and info["num_images"] == 18
-    assert info["batches_per_epoch"] == 6 + 3  # every image is in the epoch's plan
+    assert info.skipped_missing == 1 and info.num_images == 18
+    assert info.batches_per_epoch == 6 + 3  # every image is in the epoch's plan
     batches = _collect(dataset)[0]
     assert len(batches) == 9 and all(b[0].shape[0] == 2 for b in batches)
-    assert len(info["failed_images"]) == 1
-    assert info["failed_images"].paths() == [str(broken / "land" / "images" / "000002.jpg")]
+    assert len(info.failed_images) == 1
+    assert info.failed_images.paths() == [str(broken / "land" / "images" / "000002.jpg")]
 
 
 def test_eval_dataset_keeps_every_image(mixed):
     img_dir, ann_file = mixed
     dataset, info = create_eval_dataset(img_dir, ann_file, batch_size=4, min_size=[96, 128],
                                         max_size=160, pad_buckets=[], num_parallel_workers=2)
-    assert info["num_images"] == 19 and info["batches"] == 3 + 2
+    assert info.num_images == 19 and info.batches == 3 + 2
     seen = []
     for images, ids, sizes, orig in _collect(dataset)[0]:
         assert images.dtype == np.float32 and images.shape[:2] == (4, 3)
@@ -197,15 +197,15 @@ def test_deepforest_train_and_eval():
                                          num_parallel_workers=1,
                                          **{**TRAIN_ARGS, "min_size": [320], "max_size": 352,
                                             "pad_buckets": [[352, 352]], "max_gt_boxes": 100})
-    assert info["num_images"] == 18 and info["class_names"] == ["Tree"]
-    assert info["cleaning"]["crowd"] > 0 and info["cleaning"]["kept_boxes"] == 421
+    assert info.num_images == 18 and info.class_names == ["Tree"]
+    assert info.cleaning["crowd"] > 0 and info.cleaning["kept_boxes"] == 421
     images, boxes, labels, mask = _collect(dataset)[0][0]
     assert images.shape == (2, 3, 352, 352) and boxes.shape == (2, 100, 4)
     assert mask.sum() > 10 and (labels[mask] == 0).all()
     dataset, info = create_eval_dataset(img.format("val"), ann.format("val"), batch_size=2,
                                         min_size=[320], max_size=352, pad_buckets=[[352, 352]],
                                         num_parallel_workers=1)
-    assert info["num_images"] == 5
+    assert info.num_images == 5
     batches = _collect(dataset)[0]
     assert len(batches) == 3 and all(b[0].shape == (2, 3, 352, 352) for b in batches)
     sizes = {tuple(s) for b in batches for s in b[2]}

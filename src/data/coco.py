@@ -227,10 +227,6 @@ class CocoDataset:
             self.image_ids = list(self._infos)
         self._log_stats()
 
-    @property
-    def num_classes(self):
-        return len(self.label_to_cat_id)
-
     def _clean(self, anns, info):
         """Annotations of one image -> (boxes (N,4) float32, labels (N,) int32), counting drops."""
         boxes, labels = [], []

@@ -10,10 +10,12 @@ every rank, each rank taking its own slice of every global batch - so that augme
 are reproducible, differ between epochs, never show an image twice in an epoch, and data-parallel
 training sees at each step the batch one process with the global batch size would see.
 """
+import dataclasses
 import logging
 import multiprocessing
 import os
 import re
+import typing
 
 import mindspore.dataset as ds
 import numpy as np
@@ -304,6 +306,40 @@ def plan_eval_batches(members, batch_size, rank=0, group_size=1):
     return share + [filler] * (per_rank - len(share))
 
 
+@dataclasses.dataclass
+class DataInfo:
+    """What a dataset builder found and planned.
+
+    num_images: images with a file, to be run (this rank's); skipped_missing: image files not
+    found; buckets: the pad shapes images can go to; pad_shapes: those the batches use, in bucket
+    order (one compiled graph each); failed_images: FailedImages, live count and paths of files
+    that failed to decode while iterating; label_to_cat_id / class_names: the contiguous labels'
+    category ids and names; cleaning: the CocoDataset's annotation statistics.
+    """
+    num_images: int
+    skipped_missing: int
+    buckets: list
+    pad_shapes: list
+    failed_images: "FailedImages"
+    label_to_cat_id: list
+    class_names: list
+    cleaning: dict
+
+
+@dataclasses.dataclass
+class TrainDataInfo(DataInfo):
+    """DataInfo of a training set; batches_per_epoch and plan (epoch -> [(bucket, [image ids])])
+    are this rank's, the same pad shapes in every epoch."""
+    batches_per_epoch: int
+    plan: typing.Callable
+
+
+@dataclasses.dataclass
+class EvalDataInfo(DataInfo):
+    """DataInfo of an evaluation set; batches: this rank's batch count."""
+    batches: int
+
+
 def _generator_dataset(source, columns, num_parallel_workers, **kwargs):
     return ds.GeneratorDataset(source, column_names=columns,
                                num_parallel_workers=num_parallel_workers,
@@ -326,11 +362,7 @@ def create_train_dataset(img_dir, ann_file, *, batch_size, min_size, max_size, p
     image of its bucket. ``shuffle=False`` keeps a fixed batch order (augmentation still changes
     with the epoch); ``start_epoch`` continues the epoch sequence when resuming.
 
-    info: num_images, skipped_missing, skipped_empty, batches_per_epoch (per rank), buckets,
-    pad_shapes (the buckets that batches use, in bucket order: the same in every epoch), plan
-    (epoch -> this rank's [(bucket, [image ids])] of that epoch), failed_images
-    (FailedImages: live count and paths of undecodable files), cleaning (the CocoDataset stats),
-    label_to_cat_id, class_names.
+    info: TrainDataInfo.
     """
     min_sizes = _min_sizes(min_size)
     coco = CocoDataset(img_dir, ann_file, skip_empty=skip_empty_images)
@@ -354,12 +386,10 @@ def create_train_dataset(img_dir, ann_file, *, batch_size, min_size, max_size, p
                            f"device for {group_size} device(s) in any pad bucket: {ann_file}")
     dataset = _generator_dataset(source, TRAIN_COLUMNS, num_parallel_workers,
                                  sampler=EpochSampler(source.num_batches, start_epoch))
-    info = {"num_images": len(present), "skipped_missing": missing,
-            "skipped_empty": coco.stats["skipped_empty_images"],
-            "batches_per_epoch": source.num_batches, "buckets": buckets,
-            "pad_shapes": used_pad_shapes(buckets, source.plan(start_epoch)), "plan": source.plan,
-            "failed_images": failed, "cleaning": dict(coco.stats),
-            "label_to_cat_id": coco.label_to_cat_id, "class_names": coco.class_names}
+    info = TrainDataInfo(num_images=len(present), skipped_missing=missing, buckets=buckets,
+                         pad_shapes=used_pad_shapes(buckets, source.plan(start_epoch)), failed_images=failed,
+                         label_to_cat_id=coco.label_to_cat_id, class_names=coco.class_names,
+                         cleaning=dict(coco.stats), batches_per_epoch=source.num_batches, plan=source.plan)
     return dataset, info
 
 
@@ -374,10 +404,7 @@ def create_eval_dataset(img_dir, ann_file, *, batch_size, min_size, max_size, pa
     missing are left out up front, undecodable ones while iterating; both are counted, and the
     images actually run are those whose ids come out (scoring must be restricted to them).
 
-    info: num_images (this rank's images with a file), batches (this rank's), buckets, pad_shapes
-    (the buckets that this rank's batches use, in bucket order), image_ids
-    (this rank's ids with a file), skipped_missing, failed_images (FailedImages: live count and
-    paths of undecodable files), label_to_cat_id, class_names.
+    info: EvalDataInfo (counts of this rank).
     """
     eval_size = _min_sizes(min_size)[0]
     coco = CocoDataset(img_dir, ann_file)
@@ -393,9 +420,9 @@ def create_eval_dataset(img_dir, ann_file, *, batch_size, min_size, max_size, pa
     failed = FailedImages(coco, present)
     source = EvalBatches(coco, batches, buckets, eval_size, max_size, failed)
     dataset = _generator_dataset(source, EVAL_COLUMNS, num_parallel_workers, shuffle=False)
-    ids = [i for _, chunk, real in batches for i, r in zip(chunk, real) if r]
-    info = {"num_images": len(ids), "batches": len(batches), "buckets": buckets,
-            "pad_shapes": used_pad_shapes(buckets, batches), "image_ids": ids,
-            "skipped_missing": len(coco.image_ids) - len(present), "failed_images": failed,
-            "label_to_cat_id": coco.label_to_cat_id, "class_names": coco.class_names}
+    num_images = sum(sum(real) for _, _, real in batches)
+    info = EvalDataInfo(num_images=num_images, skipped_missing=len(coco.image_ids) - len(present), buckets=buckets,
+                        pad_shapes=used_pad_shapes(buckets, batches), failed_images=failed,
+                        label_to_cat_id=coco.label_to_cat_id, class_names=coco.class_names,
+                        cleaning=dict(coco.stats), batches=len(batches))
     return dataset, info

@@ -24,12 +24,10 @@ _MEAN_RGB = tuple(float(round(255 * m)) for m in IMAGENET_MEAN)
 class ImageMeta(NamedTuple):
     """Sizes that map predictions on a preprocessed image back to the original image.
 
-    orig_hw: (h, w) of the decoded image; resized_hw: (h, w) after resizing, before padding;
-    scale_hw: (resized_h / orig_h, resized_w / orig_w) - divide box y / x coordinates by them.
+    orig_hw: (h, w) of the decoded image; resized_hw: (h, w) after resizing, before padding.
     """
     orig_hw: tuple
     resized_hw: tuple
-    scale_hw: tuple
 
 
 def ceil_to(value, divisor):
@@ -239,7 +237,7 @@ def preprocess_image(image, min_size, max_size, pad_hw):
     h, w = image.shape[:2]
     size = keep_ratio_size(h, w, min_size, max_size, fit_hw=pad_hw)
     resized = resize_image(image, size)
-    meta = ImageMeta(orig_hw=(h, w), resized_hw=size, scale_hw=(size[0] / h, size[1] / w))
+    meta = ImageMeta(orig_hw=(h, w), resized_hw=size)
     return normalize_and_pad(resized, pad_hw), meta
 
 

@@ -3,6 +3,7 @@
 A training checkpoint holds the network, the optimiser state (momenta, global step) and the
 position in the schedule (epoch, step_in_epoch), so --resume continues exactly.
 """
+import dataclasses
 import glob
 import logging
 import os
@@ -86,14 +87,35 @@ def fitting_params(own, params, path, required_prefixes=("",)):
     return selected
 
 
+@dataclasses.dataclass
+class TrainingCheckpoint:
+    """A train.py checkpoint read for --resume: every saved parameter (network, momenta, the
+    optimiser's step) and the schedule position meta (epoch, step_in_epoch, global_step)."""
+    path: str
+    params: dict
+    meta: dict
+
+    @property
+    def epoch(self):
+        """The epoch training continues in (0-based)."""
+        return int(self.meta["epoch"])
+
+
+def read_training_checkpoint(path):
+    """-> TrainingCheckpoint; ValueError naming the file when it is not a train.py checkpoint."""
+    params, meta = split_meta(load_checkpoint_file(path))
+    if not {"epoch", "step_in_epoch", "global_step"} <= set(meta):
+        raise ValueError(f"{path} is not a train.py checkpoint (no schedule position); "
+                         "use --pretrained_backbone or --ckpt_file for weights only")
+    return TrainingCheckpoint(path, params, meta)
+
+
 def load_weights(network, path, strict_prefixes=()):
     """Load the network's parameters from ``path`` (extra entries such as optimiser momenta are
-    ignored; see fitting_params for the checks). Returns the names of network parameters the
-    file did not hold; those starting with one of ``strict_prefixes`` raise ValueError."""
+    ignored; see fitting_params for the checks: a missing parameter starting with one of
+    ``strict_prefixes`` raises ValueError, others keep their initial values)."""
     params, _ = split_meta(load_checkpoint_file(path))
-    selected = fitting_params(network.parameters_dict(), params, path, strict_prefixes)
-    missing, _ = ms.load_param_into_net(network, selected)
-    return list(missing)
+    ms.load_param_into_net(network, fitting_params(network.parameters_dict(), params, path, strict_prefixes))
 
 
 class CheckpointKeeper:

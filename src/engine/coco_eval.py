@@ -56,15 +56,16 @@ def load_coco(ann_file):
 
 
 def check_category_count(num_categories, class_num, ann_file):
-    """The one policy of eval.py and postprocess.py: an annotation file with more categories than
-    the model has classes is a ConfigError; with fewer, detections of the labels beyond them have
-    no category to be scored under: a warning, and to_coco_results leaves them out."""
+    """The one policy of train.py, eval.py and postprocess.py: an annotation file with more
+    categories than the model has classes is a ConfigError; with fewer, the labels beyond them
+    have no category (nothing to learn, and to_coco_results leaves their detections out): a
+    warning."""
     if num_categories > class_num:
         raise ConfigError(f"{ann_file} has {num_categories} categories, more than the model's "
                           f"class_num={class_num}")
     if num_categories < class_num:
-        logger.warning("%s has %d categories for class_num=%d: detections of labels %d..%d have no category "
-                       "and are not scored", ann_file, num_categories, class_num, num_categories, class_num - 1)
+        logger.warning("%s has %d categories for class_num=%d: labels %d..%d have no category (never trained, "
+                       "never scored)", ann_file, num_categories, class_num, num_categories, class_num - 1)
 
 
 def to_coco_results(image_id, boxes, scores, labels, label_to_cat_id):

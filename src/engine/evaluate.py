@@ -42,15 +42,15 @@ def evaluate(infer_cell, dataset, info, ann_file, selection, output_dir=None, ba
     was_training = infer_cell.training
     infer_cell.set_train(False)
     start = time.perf_counter()
-    results, image_ids = detect_dataset(infer_cell, dataset, info["batches"], batch_size, selection,
-                                        info["label_to_cat_id"])
+    results, image_ids = detect_dataset(infer_cell, dataset, info.batches, batch_size, selection,
+                                        info.label_to_cat_id)
     infer_cell.set_train(was_training)
     logger.info("detected %d boxes on %d images in %.1f s", len(results), len(image_ids),
                 time.perf_counter() - start)
-    failed = info["failed_images"]
-    if info["skipped_missing"] or len(failed):
+    failed = info.failed_images
+    if info.skipped_missing or len(failed):
         logger.warning("COCO metrics cover the %d images run; not run: %d missing image files, %d undecodable %s",
-                       len(image_ids), info["skipped_missing"], len(failed), failed.paths()[:3] or "")
+                       len(image_ids), info.skipped_missing, len(failed), failed.paths()[:3] or "")
     if not image_ids:
         logger.error("no image of %s could be read: nothing to score", ann_file)
         return None

@@ -61,6 +61,11 @@ class TrainStep(nn.Cell):
             param for _, cell in net_with_loss.cells_and_names() if isinstance(cell, nn.BatchNorm2d)
             for param in (cell.moving_mean, cell.moving_variance))
 
+    @property
+    def network(self):
+        """The FCOS network being trained (what checkpoints of the model alone hold)."""
+        return self.net_with_loss.network
+
     def _scaled_forward(self, images, gt_boxes, gt_labels, gt_mask):
         total, loss_cls, loss_reg, loss_ctr = self.net_with_loss(images, gt_boxes, gt_labels, gt_mask)
         if self.loss_scaler is not None:

@@ -55,18 +55,16 @@ class Trainer:
         self._stop_signal = None
 
     # ---- state ----
-    def resume_from(self, path, params, meta):
-        """Restore weights, optimiser state and the schedule position from a train.py checkpoint
-        (``params, meta = split_meta(load_checkpoint_file(path))``); ValueError if it does not fit."""
-        if "global_step" not in meta:
-            raise ValueError(f"{path} is not a train.py checkpoint (no schedule position); "
-                             "use --pretrained_backbone or --ckpt_file for weights only")
+    def resume_from(self, checkpoint):
+        """Restore weights, optimiser state and the schedule position from a TrainingCheckpoint
+        (src.engine.checkpoint.read_training_checkpoint); ValueError if it does not fit."""
         own = {name: param for name, param in self.train_step.parameters_dict().items()
                if name not in CONFIGURED_PARAMS}
-        ms.load_param_into_net(self.train_step, fitting_params(own, params, path))
+        ms.load_param_into_net(self.train_step, fitting_params(own, checkpoint.params, checkpoint.path))
+        meta = checkpoint.meta
         self.epoch, self.step_in_epoch, self.global_step = meta["epoch"], meta["step_in_epoch"], meta["global_step"]
         logger.info("resumed from %s at epoch %d, step %d of the epoch, global step %d",
-                    path, self.epoch + 1, self.step_in_epoch, self.global_step)
+                    checkpoint.path, self.epoch + 1, self.step_in_epoch, self.global_step)
 
     def save(self):
         if not self.save_checkpoints:
@@ -133,7 +131,7 @@ class Trainer:
             metrics = self.evaluate()
             if metrics and self.save_checkpoints and metrics["AP"] > self.best_ap:
                 self.best_ap = metrics["AP"]
-                path = save_checkpoint_atomic(self.train_step.net_with_loss.network,
+                path = save_checkpoint_atomic(self.train_step.network,
                                               os.path.join(self.ckpt_dir, "best.ckpt"),
                                               {"epoch": self.epoch, "global_step": self.global_step})
                 logger.info("new best AP %.4f at epoch %d: %s", self.best_ap, self.epoch, path)

@@ -225,7 +225,3 @@ def guard_main(main):
 
     return wrapper
 
-
-def get_config(argv=None, description="FCOS"):
-    """load_config for entry points: on a problem print one line and exit with code 2."""
-    return guard_main(load_config)(argv, description)

@@ -207,7 +207,7 @@ def data_step(args, cfg, workdir):
     def step():
         next(batches)
 
-    return step, info["buckets"]
+    return step, info.buckets
 
 
 def time_cell(step, args, cell=None):
