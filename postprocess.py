@@ -4,7 +4,7 @@ python postprocess.py --result_dir=RESULT --info_file=DATA/preprocess_info.json
 
 Reads every image's output bins (boxes, scores, labels; see src/deploy/contract.py), applies the
 same selection as eval.py (src.inference.select.select_detections with the export's score threshold,
-NMS IoU and detections per image, then rescale_boxes to the original image), maps labels to the
+NMS IoU and detections per image, rescaled to the original image), maps labels to the
 annotation file's category ids, prints the COCO table and writes <output_dir>/eval_result.json
 with the same keys as eval.py.
 """
@@ -17,7 +17,7 @@ from src.data.coco import DatasetError, label_maps
 from src.deploy.contract import export_candidates, read_export_info, read_infer_time, read_preprocess_info, read_result
 from src.engine.coco_eval import check_category_count, coco_evaluate, load_coco, to_coco_results
 from src.engine.context import setup_logging
-from src.inference.select import rescale_boxes, select_detections
+from src.inference.select import select_detections
 from src.model_utils.config import ConfigError, guard_main, load_config, require_files
 
 logger = logging.getLogger("fcos")
@@ -54,8 +54,8 @@ def detect_from_results(result_dir, images, num_candidates, selection, label_to_
             boxes, scores, labels = read_result(result_dir, entry["name"], num_candidates)
         except ValueError as err:
             raise ConfigError(f"--result_dir: {err}") from None
-        boxes, scores, labels = select_detections(boxes, scores, labels, entry["resized_hw"], **selection)
-        boxes = rescale_boxes(boxes, entry["resized_hw"], entry["orig_hw"])
+        boxes, scores, labels = select_detections(boxes, scores, labels, entry["resized_hw"], **selection,
+                                                  original_size=entry["orig_hw"])
         results += to_coco_results(entry["image_id"], boxes, scores, labels, label_to_cat_id)
     return results
 

@@ -15,14 +15,10 @@ import logging
 import os
 
 import src  # noqa: F401  (sets the oneDNN ISA before mindspore loads)
-from mindspore import Tensor
-
-from src.builder import build_inference, load_network, selection_kwargs
+from src.builder import build_inference, eval_pad_buckets, eval_size, load_network, selection_kwargs
 from src.data.coco import DatasetError, label_maps, load_image_rgb, read_coco_json
-from src.data.pipeline import resolve_pad_buckets
-from src.data.transforms import choose_pad_shape, keep_ratio_size, preprocess_image
 from src.engine.context import init_context, setup_logging
-from src.inference.select import rescale_boxes, select_detections
+from src.inference.predictor import Predictor
 from src.model_utils.config import ConfigError, guard_main, load_config
 from src.utils.io import write_json_atomic
 from src.utils.visualize import draw_detections, save_image
@@ -94,29 +90,6 @@ def unique_output(output_dir, path, used):
     return os.path.join(output_dir, f"{name}.png")
 
 
-class Predictor:
-    """image (H, W, 3) uint8 RGB -> detections in its pixels, as eval.py computes them."""
-
-    def __init__(self, infer_cell, min_size, max_size, buckets, selection):
-        self.infer_cell = infer_cell
-        self.min_size = min_size
-        self.max_size = max_size
-        self.buckets = buckets
-        self.selection = selection
-
-    def pad_shape(self, image_hw):
-        """The pad bucket eval.py would use for an image of size (h, w); ValueError if none fits."""
-        size = keep_ratio_size(image_hw[0], image_hw[1], self.min_size, self.max_size)
-        return self.buckets[choose_pad_shape(size, self.buckets)]
-
-    def __call__(self, image, pad_hw):
-        """-> boxes (D, 4) x1, y1, x2, y2 in image pixels, scores (D,), labels (D,)."""
-        chw, meta = preprocess_image(image, self.min_size, self.max_size, pad_hw)
-        boxes, scores, labels = (x.asnumpy()[0] for x in self.infer_cell(Tensor(chw[None])))
-        boxes, scores, labels = select_detections(boxes, scores, labels, meta.resized_hw, **self.selection)
-        return rescale_boxes(boxes, meta.resized_hw, meta.orig_hw), scores, labels
-
-
 def detection_records(boxes, scores, labels, names, label_to_cat_id):
     """Detections -> JSON-ready dicts (bbox x1, y1, x2, y2 in original pixels)."""
     records = []
@@ -137,12 +110,8 @@ def main(argv=None):
     init_context(cfg.device_target, cfg.mode, cfg.device_id, distributed=False)
     setup_logging(cfg.output_dir, 0, "predict")
     names, label_to_cat_id = class_info(cfg, names)
-    try:
-        buckets = resolve_pad_buckets(cfg.pad_buckets, [cfg.min_size[0]], cfg.max_size, cfg.size_divisor)
-    except ValueError as err:
-        raise ConfigError(f"--pad_buckets: {err}") from None
-    predictor = Predictor(build_inference(cfg, load_network(cfg)), cfg.min_size[0], cfg.max_size,
-                          buckets, selection_kwargs(cfg))
+    predictor = Predictor(build_inference(cfg, load_network(cfg)), *eval_size(cfg), eval_pad_buckets(cfg),
+                          selection_kwargs(cfg))
     images, skipped, used = [], [], set()
     for path in files:
         try:

@@ -16,6 +16,7 @@ import logging
 import os
 
 import src  # noqa: F401  (sets the oneDNN ISA before mindspore loads)
+from src.builder import eval_size
 from src.data.coco import CocoDataset, DatasetError
 from src.data.transforms import keep_ratio_size, preprocess_image
 from src.deploy.contract import (IMAGES_DIR, bin_names, check_export_shape, read_export_info, write_input_bin,
@@ -41,7 +42,7 @@ def parse_args(argv):
 def resize_settings(cfg, export_info_path):
     """-> (min_size, max_size, (H, W)) from the export info file, else from the configuration."""
     if not export_info_path:
-        min_size, max_size, pad_hw = cfg.min_size[0], cfg.max_size, (cfg.export_height, cfg.export_width)
+        (min_size, max_size), pad_hw = eval_size(cfg), (cfg.export_height, cfg.export_width)
     else:
         require_files({"export_info": export_info_path}, "export_info")
         try:

@@ -10,7 +10,7 @@ import mindspore as ms
 import numpy as np
 
 from src.data.coco import DatasetError
-from src.data.pipeline import PadBucketError, create_eval_dataset, create_train_dataset
+from src.data.pipeline import PadBucketError, create_eval_dataset, create_train_dataset, resolve_pad_buckets
 from src.engine.checkpoint import load_weights
 from src.engine.compile_cache import PlannedGraph, precompile
 from src.engine.lr_schedule import build_lr_schedule, scaled_lr
@@ -73,6 +73,20 @@ def build_inference(cfg, network):
     return FCOSInference(network, decoder)
 
 
+def eval_size(cfg):
+    """(min_size, max_size) of evaluation and inference: the first min_size, max_size."""
+    return cfg.min_size[0], cfg.max_size
+
+
+def eval_pad_buckets(cfg):
+    """The pad shapes of evaluation and inference (pad_buckets, or the defaults of eval_size)."""
+    min_size, max_size = eval_size(cfg)
+    try:
+        return resolve_pad_buckets(cfg.pad_buckets, [min_size], max_size, cfg.size_divisor)
+    except PadBucketError as err:
+        raise ConfigError(f"--pad_buckets: {err}") from None
+
+
 def selection_kwargs(cfg):
     """Keyword arguments of the NumPy detection selection (threshold, NMS, max detections)."""
     return {"score_threshold": cfg.score_threshold, "nms_iou_threshold": cfg.nms_iou_threshold,
@@ -106,11 +120,12 @@ def build_train_dataset(cfg, rank=0, group_size=1, start_epoch=0):
 
 def build_eval_dataset(cfg, batch_size=1, rank=0, group_size=1):
     """create_eval_dataset from the configuration; ConfigError for an unusable dataset."""
+    min_size, max_size = eval_size(cfg)
     with dataset_errors("val_ann_file"):
         return create_eval_dataset(
-            cfg.val_img_dir, cfg.val_ann_file, batch_size=batch_size, min_size=cfg.min_size,
-            max_size=cfg.max_size, pad_buckets=cfg.pad_buckets, num_parallel_workers=cfg.num_parallel_workers,
-            rank=rank, group_size=group_size, size_divisor=cfg.size_divisor)
+            cfg.val_img_dir, cfg.val_ann_file, batch_size=batch_size, min_size=min_size, max_size=max_size,
+            pad_buckets=cfg.pad_buckets, num_parallel_workers=cfg.num_parallel_workers, rank=rank,
+            group_size=group_size, size_divisor=cfg.size_divisor)
 
 
 def build_train_step(cfg, network, steps_per_epoch, group_size):

@@ -110,7 +110,7 @@ def test_predict_fails_when_no_image_is_readable(data, tmp_path):
 @pytest.mark.parametrize("args, message", [
     ([], "--input: required, but empty"),
     (["--input", "/no/such/image.jpg"], "--input: no such file or folder: /no/such/image.jpg"),
-    (["--input", ROOT + "/src/tools"], "--input: no image files"),
+    (["--input", ROOT + "/src/inference"], "--input: no image files"),
     (["--input", "x.jpg", "--draw_score_threshold=high"], "--draw_score_threshold: expected a number"),
 ])
 def test_predict_argument_errors(args, message, capsys):

@@ -21,7 +21,7 @@ import mindspore.dataset as ds
 import numpy as np
 
 from .coco import CocoDataset, DatasetError
-from .transforms import TrainTransform, choose_pad_shape, default_pad_buckets, keep_ratio_size, preprocess_image
+from .transforms import TrainTransform, default_pad_buckets, pad_shape_for, preprocess_image
 
 logger = logging.getLogger("fcos")
 
@@ -88,9 +88,9 @@ def group_by_bucket(coco, image_ids, min_size, max_size, buckets):
     members = [[] for _ in buckets]
     for image_id in image_ids:
         info = coco.image_info(image_id)
-        size = keep_ratio_size(info["height"], info["width"], min_size, max_size)
         try:
-            members[choose_pad_shape(size, buckets)].append(image_id)
+            bucket = pad_shape_for((info["height"], info["width"]), min_size, max_size, buckets)
+            members[buckets.index(bucket)].append(image_id)
         except ValueError as err:
             raise PadBucketError(f"{err} (min_size {min_size}, max_size {max_size}): "
                                  f"{coco.image_path(image_id)}") from None

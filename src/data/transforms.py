@@ -218,6 +218,12 @@ def default_pad_buckets(min_sizes, max_size, size_divisor=32):
     return [(short, long)] if short == long else [(short, long), (long, short)]
 
 
+def pad_shape_for(image_hw, min_size, max_size, buckets):
+    """The bucket (h, w) an image of image_hw goes to at a keep-ratio size of min_size/max_size;
+    ValueError when none holds it."""
+    return buckets[choose_pad_shape(keep_ratio_size(*image_hw, min_size, max_size), buckets)]
+
+
 def choose_pad_shape(size_hw, buckets):
     """Index of the smallest (by area) bucket (h, w) that holds an image of size_hw."""
     fits = [i for i, (bh, bw) in enumerate(buckets) if bh >= size_hw[0] and bw >= size_hw[1]]

@@ -53,7 +53,7 @@ def batched_nms(boxes, scores, labels, iou_threshold, max_keep=None):
 
 
 def select_detections(boxes, scores, labels, image_size, score_threshold, nms_iou_threshold,
-                      detections_per_img):
+                      detections_per_img, original_size=None):
     """Final detections of one image from its decoder candidates.
 
     Args:
@@ -62,6 +62,8 @@ def select_detections(boxes, scores, labels, image_size, score_threshold, nms_io
         score_threshold (float): scores at or below are dropped.
         nms_iou_threshold (float): class-aware NMS threshold.
         detections_per_img (int): most detections kept.
+        original_size: (h, w) of the original image to rescale the boxes to (rescale_boxes), or
+            None to keep them in the resized frame.
     Returns:
         boxes (D, 4), scores (D,), labels (D,), sorted by score descending.
     """
@@ -69,7 +71,10 @@ def select_detections(boxes, scores, labels, image_size, score_threshold, nms_io
     boxes = clip_boxes(boxes[keep], image_size)
     scores, labels = scores[keep], labels[keep]
     kept = batched_nms(boxes, scores, labels, nms_iou_threshold, detections_per_img)
-    return boxes[kept], scores[kept], labels[kept]
+    boxes = boxes[kept]
+    if original_size is not None:
+        boxes = rescale_boxes(boxes, image_size, original_size)
+    return boxes, scores[kept], labels[kept]
 
 
 def rescale_boxes(boxes, resized_size, original_size):
@@ -99,9 +104,7 @@ def postprocess_batch(boxes, scores, labels, image_sizes, score_threshold, nms_i
     results = []
     for i in range(len(boxes)):
         det_boxes, det_scores, det_labels = select_detections(
-            boxes[i], scores[i], labels[i], image_sizes[i], score_threshold,
-            nms_iou_threshold, detections_per_img)
-        if original_sizes is not None:
-            det_boxes = rescale_boxes(det_boxes, image_sizes[i], original_sizes[i])
+            boxes[i], scores[i], labels[i], image_sizes[i], score_threshold, nms_iou_threshold, detections_per_img,
+            original_size=None if original_sizes is None else original_sizes[i])
         results.append({"boxes": det_boxes, "scores": det_scores, "labels": det_labels})
     return results

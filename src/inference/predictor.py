@@ -1,0 +1,31 @@
+"""Detections on single images, exactly as eval.py computes them (predict.py's engine)."""
+from mindspore import Tensor
+
+from src.data.transforms import pad_shape_for, preprocess_image
+from src.inference.select import select_detections
+
+
+class Predictor:
+    """image (H, W, 3) uint8 RGB -> detections in its pixels, as eval.py computes them.
+
+    Args:
+        infer_cell: FCOSInference; min_size, max_size: the evaluation size (src.builder.eval_size);
+        buckets: pad shapes (src.builder.eval_pad_buckets); selection: select_detections kwargs.
+    """
+
+    def __init__(self, infer_cell, min_size, max_size, buckets, selection):
+        self.infer_cell = infer_cell
+        self.min_size = min_size
+        self.max_size = max_size
+        self.buckets = buckets
+        self.selection = selection
+
+    def pad_shape(self, image_hw):
+        """The pad bucket eval.py would use for an image of size (h, w); ValueError if none fits."""
+        return pad_shape_for(image_hw, self.min_size, self.max_size, self.buckets)
+
+    def __call__(self, image, pad_hw):
+        """-> boxes (D, 4) x1, y1, x2, y2 in image pixels, scores (D,), labels (D,)."""
+        chw, meta = preprocess_image(image, self.min_size, self.max_size, pad_hw)
+        boxes, scores, labels = (x.asnumpy()[0] for x in self.infer_cell(Tensor(chw[None])))
+        return select_detections(boxes, scores, labels, meta.resized_hw, **self.selection, original_size=meta.orig_hw)
