@@ -8,7 +8,6 @@ NMS IoU and detections per image, rescaled to the original image), maps labels t
 annotation file's category ids, prints the COCO table and writes <output_dir>/eval_result.json
 with the same keys as eval.py.
 """
-import argparse
 import json
 import logging
 
@@ -18,26 +17,20 @@ from src.deploy.contract import export_candidates, read_export_info, read_infer_
 from src.engine.coco_eval import check_category_count, coco_evaluate, load_coco, to_coco_results
 from src.engine.context import setup_logging
 from src.inference.select import select_detections
-from src.model_utils.config import ConfigError, guard_main, load_config, require_files
+from src.model_utils.config import ConfigError, Flag, guard_main, load_config, require_files
 
 logger = logging.getLogger("fcos")
 
-DESCRIPTION = ("Score the output .bin files of an exported FCOS with COCO metrics. Besides the "
-               "configuration keys (val_ann_file, output_dir): --result_dir DIR (output bins), "
-               "--info_file PATH (preprocess.py's preprocess_info.json), --export_info PATH "
-               "(export.py's .json: selection settings and output shapes).")
+FLAGS = {"result_dir": Flag("", "Folder of the runner's output .bin files."),
+         "info_file": Flag("", "preprocess.py's preprocess_info.json."),
+         "export_info": Flag("", "export.py's .json: selection settings and output shapes.")}
 
 
 def parse_args(argv):
-    """-> (argparse namespace of the extra flags, Config); ConfigError when one is missing."""
-    extra = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
-    for flag in ("--result_dir", "--info_file", "--export_info"):
-        extra.add_argument(flag, default="")
-    known, rest = extra.parse_known_args(argv)
-    cfg = load_config(rest, description=DESCRIPTION)
-    require_files(vars(known), "result_dir", "info_file", "export_info")
-    require_files(cfg, "val_ann_file")
-    return known, cfg
+    """-> Config with the flags; ConfigError when a file is missing."""
+    cfg = load_config(argv, "Score the output .bin files of an exported FCOS with COCO metrics.", FLAGS)
+    require_files(cfg, "result_dir", "info_file", "export_info", "val_ann_file")
+    return cfg
 
 
 def detect_from_results(result_dir, images, num_candidates, selection, label_to_cat_id):
@@ -62,14 +55,14 @@ def detect_from_results(result_dir, images, num_candidates, selection, label_to_
 
 @guard_main
 def main(argv=None):
-    args, cfg = parse_args(argv)
+    cfg = parse_args(argv)
     setup_logging(cfg.output_dir, 0, "postprocess")
     try:
-        export = read_export_info(args.export_info)
+        export = read_export_info(cfg.export_info)
     except ValueError as err:
         raise ConfigError(f"--export_info: {err}") from None
     try:
-        info = read_preprocess_info(args.info_file)
+        info = read_preprocess_info(cfg.info_file)
     except ValueError as err:
         raise ConfigError(f"--info_file: {err}") from None
     try:
@@ -83,14 +76,14 @@ def main(argv=None):
         raise ConfigError(f"--info_file: {len(unknown)} images (e.g. id {unknown[0]}) are not in {cfg.val_ann_file}")
     if info["num_skipped"]:
         logger.warning("%d images were skipped by preprocess.py and are not scored (see %s)",
-                       info["num_skipped"], args.info_file)
-    results = detect_from_results(args.result_dir, info["images"], export_candidates(export), export["postprocess"],
+                       info["num_skipped"], cfg.info_file)
+    results = detect_from_results(cfg.result_dir, info["images"], export_candidates(export), export["postprocess"],
                                   label_to_cat_id)
     logger.info("%d detections on %d images, selection %s", len(results), len(info["images"]),
                 export["postprocess"])
     metrics = coco_evaluate(coco, results, cfg.output_dir, image_ids=[e["image_id"] for e in info["images"]])
     try:
-        timing = read_infer_time(args.result_dir)
+        timing = read_infer_time(cfg.result_dir)
     except ValueError as err:
         raise ConfigError(f"--result_dir: {err}") from None
     if timing:

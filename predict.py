@@ -10,7 +10,6 @@ rescale_boxes. Class names come from --class_names, else from the categories of 
 (which also adds category ids to predictions.json), else labels are shown as numbers. Unreadable
 images are skipped, counted and named.
 """
-import argparse
 import logging
 import os
 
@@ -19,34 +18,23 @@ from src.builder import build_inference, eval_pad_buckets, eval_size, load_netwo
 from src.data.coco import DatasetError, label_maps, load_image_rgb, read_coco_json
 from src.engine.context import init_context, setup_logging
 from src.inference.predictor import Predictor
-from src.model_utils.config import ConfigError, guard_main, load_config
+from src.model_utils.config import ConfigError, Flag, guard_main, load_config
 from src.utils.io import write_json_atomic
 from src.utils.visualize import draw_detections, save_image
 
 logger = logging.getLogger("fcos")
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
-DESCRIPTION = ("Detect objects in images and draw them. Besides the configuration keys: --input PATH [PATH ...] "
-               "(image files and/or folders), --class_names a,b,c (optional), --draw_score_threshold T "
-               "(default 0.3).")
+FLAGS = {"input": Flag([], "Image files and/or folders of images.", many=True, required=True),
+         "class_names": Flag("", "Class names a,b,c to draw (else the categories of val_ann_file, else numbers)."),
+         "draw_score_threshold": Flag(0.3, "Detections at or above this score are drawn (all are listed).")}
 
 
 def parse_args(argv):
     """-> (input paths, class names or None, draw threshold, Config)."""
-    extra = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
-    extra.add_argument("--input", nargs="+", default=[])
-    extra.add_argument("--class_names", default="")
-    extra.add_argument("--draw_score_threshold", default="0.3")
-    known, rest = extra.parse_known_args(argv)
-    cfg = load_config(rest, description=DESCRIPTION)
-    if not known.input:
-        raise ConfigError("--input: required, but empty")
-    try:
-        draw_threshold = float(known.draw_score_threshold)
-    except ValueError:
-        raise ConfigError(f"--draw_score_threshold: expected a number, got '{known.draw_score_threshold}'") from None
-    names = [n.strip() for n in known.class_names.split(",")] if known.class_names else None
-    return known.input, names, draw_threshold, cfg
+    cfg = load_config(argv, "Detect objects in images and draw them.", FLAGS)
+    names = [n.strip() for n in cfg.class_names.split(",")] if cfg.class_names else None
+    return cfg.input, names, cfg.draw_score_threshold, cfg
 
 
 def expand_inputs(paths):

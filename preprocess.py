@@ -10,7 +10,6 @@ and resized (h, w). --export_info (export.py's <file_name>.json) takes the shape
 settings from the export so that they cannot disagree with it. Missing or unreadable images are
 skipped, counted and named.
 """
-import argparse
 import glob
 import logging
 import os
@@ -22,21 +21,12 @@ from src.data.transforms import keep_ratio_size, preprocess_image
 from src.deploy.contract import (IMAGES_DIR, bin_names, check_export_shape, read_export_info, write_input_bin,
                                  write_preprocess_info)
 from src.engine.context import setup_logging
-from src.model_utils.config import ConfigError, guard_main, load_config, require_files
+from src.model_utils.config import ConfigError, Flag, guard_main, load_config, require_files
 
 logger = logging.getLogger("fcos")
 
-DESCRIPTION = ("Preprocess validation images into fixed-size .bin inputs of an exported FCOS. "
-               "Besides the configuration keys: --export_info PATH (export.py's .json; sets the "
-               "export shape, min_size and max_size).")
-
-
-def parse_args(argv):
-    """-> (export_info path or '', Config)."""
-    extra = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
-    extra.add_argument("--export_info", default="")
-    known, rest = extra.parse_known_args(argv)
-    return known.export_info, load_config(rest, description=DESCRIPTION)
+FLAGS = {"export_info": Flag("", "export.py's .json: sets the export shape, min_size and max_size "
+                                 "(else export_height/export_width and the configuration's sizes).")}
 
 
 def resize_settings(cfg, export_info_path):
@@ -92,7 +82,8 @@ def preprocess_dataset(coco, out_dir, min_size, max_size, pad_hw):
 
 @guard_main
 def main(argv=None):
-    export_info_path, cfg = parse_args(argv)
+    cfg = load_config(argv, "Preprocess validation images into fixed-size .bin inputs of an exported FCOS.", FLAGS)
+    export_info_path = cfg.export_info
     require_files(cfg, "val_img_dir", "val_ann_file")
     min_size, max_size, pad_hw = resize_settings(cfg, export_info_path)
     setup_logging()

@@ -25,7 +25,7 @@ from src.engine.checkpoint import (fitting_params, load_checkpoint_file, read_tr
 from src.engine.coco_eval import coco_evaluate, load_coco
 from src.engine.train_step import FCOSWithLoss, TrainStep, build_optimizer
 from src.engine.trainer import Trainer
-from src.model_utils.config import VALUE_RULES, ConfigError, load_config
+from src.model_utils.config import ConfigError, load_config
 from tools.synthetic import make_synthetic_coco
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -125,8 +125,8 @@ def ckpt(tmp_path_factory):
 # ---- configuration values ----
 
 @pytest.mark.parametrize("flag, message", [
-    ("--min_size=[]", "--min_size=[]: must be a non-empty list of sizes > 0"),
-    ("--min_size=[64,0]", "--min_size=[64, 0]: must be a non-empty list of sizes > 0"),
+    ("--min_size=[]", "--min_size=[]: must be a non-empty list of values > 0"),
+    ("--min_size=[64,0]", "--min_size=[64, 0]: must be a non-empty list of values > 0"),
     ("--batch_size=0", "--batch_size=0: must be > 0"),
     ("--size_divisor=0", "--size_divisor=0: must be > 0"),
     ("--crop_min_scale=0", "--crop_min_scale=0.0: must be in (0, 1]"),
@@ -134,7 +134,6 @@ def ckpt(tmp_path_factory):
     ("--momentum=1", "--momentum=1.0: must be in [0, 1)"),
 ])
 def test_out_of_range_values_name_the_key(flag, message):
-    assert set(VALUE_RULES) <= set(load_config([]))  # no rule for a key that does not exist
     with pytest.raises(ConfigError) as err:
         load_config(MODEL_ARGS + [flag])
     assert str(err.value) == message

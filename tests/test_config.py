@@ -6,7 +6,7 @@ import sys
 import pytest
 import yaml
 
-from src.model_utils.config import DEFAULT_CONFIG, ConfigError, load_config
+from src.model_utils.config import DEFAULT_CONFIG, ConfigError, Flag, load_config, range_test, schema
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ORIGINAL_KEYS = ("pretrained", "freeze_stage_1", "freeze_bn", "fpn_out_channels", "use_p5", "class_num",
@@ -27,8 +27,9 @@ def test_defaults_hold_the_original_fcos_values():
 
 def test_every_key_has_help_and_overrides_of_each_type():
     with open(DEFAULT_CONFIG) as f:
-        values, helps, _ = list(yaml.safe_load_all(f))
+        values, helps, _, ranges, groups = list(yaml.safe_load_all(f))
     assert set(values) == set(helps), set(values) ^ set(helps)
+    assert set(ranges) <= set(values) and set(schema().group("run_only")) <= set(values)
     cfg = load_config(["--min_size=[640, 672]", "--freeze_bn=false", "--limit_range=[[0,1],[2,3]]",
                        "--base_lr=1", "--batch_size", "3", "--backbone=resnet18", "--pad_buckets=[[64,96]]"])
     assert cfg.min_size == [640, 672] and cfg.freeze_bn is False
@@ -81,3 +82,26 @@ def test_entry_point_errors_are_one_line(args, needle):
     assert out.returncode == 2
     lines = [line for line in out.stderr.splitlines() if line.strip()]
     assert len(lines) == 1 and needle in lines[0] and "Traceback" not in out.stderr, out.stderr
+
+
+@pytest.mark.parametrize("text, inside, outside", [
+    ("> 0", [1e-9, 5], [0, -1]), (">= 0", [0, 3], [-1e-9]), ("[0, 1]", [0, 1, 0.5], [-0.1, 1.1]),
+    ("(0, 1]", [1, 0.5], [0, 2]), ("[0, 1)", [0, 0.99], [1]), ("(0, 1)", [0.5], [0, 1])])
+def test_schema_ranges(text, inside, outside):
+    test = range_test(text)
+    assert all(test(v) for v in inside) and not any(test(v) for v in outside)
+    with pytest.raises(ValueError, match="not a range"):
+        range_test("between 0 and 1")
+
+
+def test_entry_point_flags_go_through_the_loader():
+    flags = {"input": Flag([], "images", many=True, required=True), "threshold": Flag(0.3, "t"),
+             "names": Flag("", "n")}
+    cfg = load_config(["--input", "a.jpg", "b.jpg", "--threshold=0.5", "--batch_size=3"], flags=flags)
+    assert cfg.input == ["a.jpg", "b.jpg"] and cfg.threshold == 0.5 and cfg.names == "" and cfg.batch_size == 3
+    with pytest.raises(ConfigError, match="--threshold: expected a number, got 'high'"):
+        load_config(["--input", "a.jpg", "--threshold=high"], flags=flags)
+    with pytest.raises(ConfigError, match="--input: required, but empty"):
+        load_config([], flags=flags)
+    with pytest.raises(ConfigError, match="--export_info: unknown option"):
+        load_config(["--export_info=x.json"])  # another entry point's flag

@@ -36,22 +36,23 @@ import time
 import mindspore as ms
 import numpy as np
 
+from src.model_utils.config import schema
+
 logger = logging.getLogger("fcos")
 
 PACKAGE_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 _ENABLE, _PATH = "MS_COMPILER_CACHE_ENABLE", "MS_COMPILER_CACHE_PATH"
 
-# Configuration keys that never reach a graph (where data, weights and results live, logging and
-# checkpoint cadence); every other key is part of the digest.
-RUN_ONLY_KEYS = frozenset({
-    "output_dir", "train_img_dir", "train_ann_file", "val_img_dir", "val_ann_file", "pretrained_backbone",
-    "ckpt_file", "resume", "config_path", "log_interval", "log_batch_ids", "save_ckpt_epochs", "save_ckpt_steps",
-    "keep_ckpt_max", "save_ckpt_all_ranks", "file_name", "compile_cache",
-})
-
 # Where MindSpore puts a single process's cache files inside the cache path.
 RANK_DIR = "rank_0"
 _state = {"used": False}
+
+
+def graph_config(cfg):
+    """The configuration values that can reach a graph: every schema key but the run_only group
+    (paths, logging and checkpoint cadence), so entry-point flags and config_path stay out too."""
+    run_only = set(schema().group("run_only"))
+    return {key: value for key, value in sorted(cfg.items()) if key in schema().values and key not in run_only}
 
 
 class PlannedGraph:
@@ -92,7 +93,7 @@ def plan_digest(cfg, graphs):
     """Name of the cache folder for this configuration and sequence of graphs (16 hex digits)."""
     identity = {"source": source_digest(), "mindspore": ms.__version__,
                 "isa": os.environ.get("ONEDNN_MAX_CPU_ISA", ""),
-                "config": {k: v for k, v in sorted(cfg.items()) if k not in RUN_ONLY_KEYS},
+                "config": graph_config(cfg),
                 "graphs": [g.describe() for g in graphs]}
     return hashlib.sha256(json.dumps(identity, sort_keys=True, default=str).encode()).hexdigest()[:16]
 

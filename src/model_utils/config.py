@@ -1,14 +1,20 @@
 """Configuration: default_config.yaml (+ an optional --config_path YAML) + command-line overrides.
 
-The YAML holds three documents: values, help strings, allowed choices. Every value key becomes a
-command-line flag ``--key=value`` whose type follows the default value (bool, int, float, str,
-list). Any problem - unknown key, wrong type, choice not allowed, missing file - is reported as
-one line naming the key, and the program exits with code 2 (see ``guard_main``).
+default_config.yaml is the one schema of every key, in five YAML documents: values, help strings,
+allowed choices, ranges ("> 0", ">= 0", "[0, 1]", "(0, 1]", ...; a list value must be non-empty
+with every element in range) and groups (named key lists: run_only keys never reach a compiled
+graph, benchmark keys define what a benchmark measured). Every value key becomes a command-line
+flag ``--key=value`` whose type follows the default value (bool, int, float, str, list). Entry
+points declare their own flags (Flag) through the same loader. Any problem - unknown key, wrong
+type, choice not allowed, value out of range, missing file - is reported as one line naming the
+key, and the program exits with code 2 (see ``guard_main``).
 """
 import argparse
 import ast
+import dataclasses
 import functools
 import os
+import re
 import sys
 
 import yaml
@@ -19,29 +25,6 @@ DEFAULT_CONFIG = os.path.join(ROOT, "default_config.yaml")
 
 class ConfigError(ValueError):
     """A configuration or command-line problem a user must fix; the message is one line."""
-
-
-_POSITIVE = (lambda v: v > 0, "> 0")
-_NON_NEGATIVE = (lambda v: v >= 0, ">= 0")
-_FRACTION = (lambda v: 0 <= v <= 1, "in [0, 1]")
-# Values outside these would fail deep inside numpy or MindSpore with a traceback, or quietly do
-# something else; the check names the key instead.
-VALUE_RULES = {
-    "min_size": (lambda v: len(v) > 0 and all(s > 0 for s in v), "a non-empty list of sizes > 0"),
-    "max_size": _POSITIVE, "size_divisor": _POSITIVE, "max_gt_boxes": _POSITIVE,
-    "flip_prob": _FRACTION, "color_jitter": _NON_NEGATIVE, "crop_prob": _FRACTION,
-    "crop_min_scale": (lambda v: 0 < v <= 1, "in (0, 1]"), "rotate_degrees": _NON_NEGATIVE,
-    "num_parallel_workers": _POSITIVE, "fpn_out_channels": _POSITIVE, "class_num": _POSITIVE,
-    "num_head_convs": _NON_NEGATIVE, "prior": (lambda v: 0 < v < 1, "in (0, 1)"),
-    "center_sampling_radius": _NON_NEGATIVE, "focal_alpha": _FRACTION, "focal_gamma": _NON_NEGATIVE,
-    "score_threshold": _FRACTION, "nms_iou_threshold": _FRACTION, "max_detection_boxes_num": _POSITIVE,
-    "detections_per_img": _POSITIVE, "batch_size": _POSITIVE, "epochs": _POSITIVE, "base_lr": _NON_NEGATIVE,
-    "lr_base_batch": _POSITIVE, "momentum": (lambda v: 0 <= v < 1, "in [0, 1)"),
-    "weight_decay": _NON_NEGATIVE, "lr_gamma": _POSITIVE, "warmup_iters": _NON_NEGATIVE,
-    "warmup_ratio": _FRACTION, "grad_clip_norm": _NON_NEGATIVE, "max_bad_steps": _POSITIVE,
-    "save_ckpt_epochs": _NON_NEGATIVE, "save_ckpt_steps": _NON_NEGATIVE, "keep_ckpt_max": _POSITIVE,
-    "log_interval": _POSITIVE, "eval_interval": _NON_NEGATIVE,
-}
 
 
 class Config(dict):
@@ -61,7 +44,7 @@ class Config(dict):
 
 
 def _read_yaml(path):
-    """path -> (values, helps, choices) dicts."""
+    """path -> (values, helps, choices, ranges, groups) dicts."""
     if not os.path.isfile(path):
         raise ConfigError(f"--config_path: file not found: {path}")
     try:
@@ -70,10 +53,81 @@ def _read_yaml(path):
     except yaml.YAMLError as err:
         first = str(err).splitlines()[0]
         raise ConfigError(f"--config_path: {path} is not valid YAML: {first}") from None
-    docs += [{}] * (3 - len(docs))
-    if not all(isinstance(d, dict) for d in docs[:3]):
-        raise ConfigError(f"--config_path: {path} must hold mappings (values, helps, choices)")
-    return docs[0], docs[1], docs[2]
+    docs += [{}] * (5 - len(docs))
+    if not all(isinstance(d, dict) for d in docs[:5]):
+        raise ConfigError(f"--config_path: {path} must hold mappings (values, helps, choices, ranges, groups)")
+    return tuple(docs[:5])
+
+
+_INTERVAL = re.compile(r"^([\[(])\s*(-?[\d.]+)\s*,\s*(-?[\d.]+)\s*([\])])$")
+_BOUND = re.compile(r"^(>=|>)\s*(-?[\d.]+)$")
+
+
+def range_test(text):
+    """A range of the schema ("> 0", ">= 0", "[0, 1)", ...) -> predicate on a number."""
+    text = str(text).strip()
+    bound = _BOUND.match(text)
+    if bound:
+        op, low = bound.group(1), float(bound.group(2))
+        return (lambda v: v >= low) if op == ">=" else (lambda v: v > low)
+    interval = _INTERVAL.match(text)
+    if not interval:
+        raise ValueError(f"not a range: '{text}' (write > a, >= a or an interval like [a, b))")
+    left, low, high, right = interval.group(1), float(interval.group(2)), float(interval.group(3)), interval.group(4)
+    return lambda v: (v >= low if left == "[" else v > low) and (v <= high if right == "]" else v < high)
+
+
+@dataclasses.dataclass(frozen=True)
+class Schema:
+    """default_config.yaml's five documents."""
+    values: dict
+    helps: dict
+    choices: dict
+    ranges: dict
+    groups: dict
+
+    def group(self, name):
+        """The keys of a group (run_only, benchmark, ...) in file order."""
+        return tuple(self.groups[name])
+
+
+@functools.lru_cache(maxsize=None)
+def schema():
+    """The schema of default_config.yaml; ConfigError where its ranges or groups name unknown keys."""
+    values, helps, choices, ranges, groups = _read_yaml(DEFAULT_CONFIG)
+    named = list(ranges) + [key for keys in groups.values() for key in keys]
+    unknown = [key for key in named if key not in values]
+    if unknown:
+        raise ConfigError(f"{DEFAULT_CONFIG}: ranges or groups name unknown keys {unknown}")
+    for key, text in ranges.items():
+        try:
+            range_test(text)
+        except ValueError as err:
+            raise ConfigError(f"{DEFAULT_CONFIG}: {key}: {err}") from None
+    return Schema(values, helps, choices, ranges, groups)
+
+
+def _check_range(key, value, text):
+    test = range_test(text)
+    if isinstance(value, list):
+        if not value or not all(test(v) for v in value):
+            raise ConfigError(f"--{key}={value}: must be a non-empty list of values {text}")
+    elif not test(value):
+        word = "" if text[0] in "<>" else "in "
+        raise ConfigError(f"--{key}={value}: must be {word}{text}")
+
+
+@dataclasses.dataclass(frozen=True)
+class Flag:
+    """A flag of one entry point beside the configuration keys (e.g. preprocess.py --export_info).
+
+    Its type follows the default as for configuration keys; ``many`` takes one or more values
+    (``--input a.jpg b.jpg``) as a list of strings; ``required`` makes an empty value an error.
+    """
+    default: object
+    help: str
+    many: bool = False
+    required: bool = False
 
 
 def _parse_bool(text):
@@ -154,10 +208,13 @@ class _OneLineParser(argparse.ArgumentParser):
         raise ConfigError(message)
 
 
-def _build_parser(values, helps, choices, description):
+def _build_parser(values, helps, choices, description, flags):
     parser = _OneLineParser(description=description, allow_abbrev=False,
                             formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--config_path", default=DEFAULT_CONFIG, help="YAML configuration file.")
+    for key, flag in flags.items():
+        parser.add_argument(f"--{key}", nargs="+" if flag.many else None, default=None,
+                            help=f"{flag.help} (default: {flag.default!r})")
     for key, default in values.items():
         text = helps.get(key, "")
         if key in choices:
@@ -167,22 +224,27 @@ def _build_parser(values, helps, choices, description):
     return parser
 
 
-def load_config(argv=None, description="FCOS"):
-    """Parse ``argv`` (default ``sys.argv[1:]``) into a Config; raises ConfigError."""
+def load_config(argv=None, description="FCOS", flags=None):
+    """Parse ``argv`` (default ``sys.argv[1:]``) into a Config; raises ConfigError.
+
+    flags: {name: Flag} of the entry point's own flags; they land in the Config under their names.
+    """
     argv = list(sys.argv[1:] if argv is None else argv)
-    values, helps, choices = _read_yaml(DEFAULT_CONFIG)
+    flags = flags or {}
+    base = schema()
+    values, helps, choices = base.values, base.helps, base.choices
     pre = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
     pre.add_argument("--config_path", default=DEFAULT_CONFIG)
     config_path = pre.parse_known_args(argv)[0].config_path
     if os.path.abspath(config_path) != DEFAULT_CONFIG:
-        user_values, user_helps, user_choices = _read_yaml(config_path)
+        user_values, user_helps, user_choices, _, _ = _read_yaml(config_path)
         for key in user_values:
             if key not in values:
                 raise ConfigError(f"{key}: unknown key in {config_path}")
         values = {**values, **{k: _coerce(k, v, values[k]) for k, v in user_values.items()}}
         helps, choices = {**helps, **user_helps}, {**choices, **user_choices}
 
-    parser = _build_parser(values, helps, choices, description)
+    parser = _build_parser(values, helps, choices, description, flags)
     args, unknown = parser.parse_known_args(argv)
     if unknown:
         flag = unknown[0].split("=", 1)[0]
@@ -196,9 +258,13 @@ def load_config(argv=None, description="FCOS"):
     for key, allowed in choices.items():
         if key in cfg and cfg[key] not in allowed:
             raise ConfigError(f"--{key}: '{cfg[key]}' is not one of {allowed}")
-    for key, (test, text) in VALUE_RULES.items():
-        if key in cfg and not test(cfg[key]):
-            raise ConfigError(f"--{key}={cfg[key]}: must be {text}")
+    for key, text in base.ranges.items():
+        _check_range(key, cfg[key], text)
+    for key, flag in flags.items():
+        raw = getattr(args, key)
+        cfg[key] = flag.default if raw is None else (list(raw) if flag.many else _coerce(key, raw, flag.default))
+        if flag.required and not cfg[key]:
+            raise ConfigError(f"--{key}: required, but empty")
     return cfg
 
 

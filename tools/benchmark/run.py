@@ -67,19 +67,13 @@ from src.engine.compile_cache import PlannedGraph
 from src.engine.context import init_context
 from src.engine.lr_schedule import scaled_lr
 from src.inference.select import postprocess_batch
-from src.model_utils.config import ConfigError, guard_main, load_config
+from src.model_utils.config import ConfigError, guard_main, load_config, schema
 from tools.benchmark.common import (CONV_TIME_KEYS, format_table, json_line, peak_rss_mb, summarise,
                                     synthetic_ground_truth, time_steps)
 from tools.benchmark.convs import format_layers, time_layer, totals, trace_layers
 from tools.synthetic import make_synthetic_coco
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-# Configuration keys that define what is benchmarked; they go into the JSON and to torchvision.
-MODEL_KEYS = ("backbone", "fpn_out_channels", "class_num", "use_p5", "use_GN_head", "num_head_convs",
-              "add_centerness", "cnt_on_reg", "norm_reg_targets", "freeze_bn", "freeze_stage_1",
-              "strides", "center_sampling_radius", "score_threshold", "nms_iou_threshold",
-              "detections_per_img", "max_detection_boxes_num", "max_gt_boxes", "momentum",
-              "weight_decay", "seed")
 
 
 def parse_args(argv=None):
@@ -295,7 +289,7 @@ def run_convs(args, cfg):
 
 def torchvision_spec(args, cfg):
     """What tools.benchmark.torchvision_side needs to build and time the same model and input."""
-    spec = {key: cfg[key] for key in MODEL_KEYS}
+    spec = {key: cfg[key] for key in schema().group("benchmark")}
     spec.update({"mode": args.mode, "height": args.height, "width": args.width,
                  "batch_size": cfg.batch_size, "steps": args.steps, "warmup": args.warmup,
                  "num_gt_boxes": args.num_gt_boxes, "threads": args.threads,
@@ -329,7 +323,7 @@ def run_torchvision(args, cfg, layers=None):
 
 def report_config(args, cfg):
     """The configuration part of the JSON line."""
-    config = {key: cfg[key] for key in MODEL_KEYS}
+    config = {key: cfg[key] for key in schema().group("benchmark")}
     config.update({"config_path": os.path.relpath(cfg.config_path, ROOT), "device_target": cfg.device_target,
                    "execution_mode": cfg.mode, "height": args.height, "width": args.width,
                    "batch_size": cfg.batch_size, "num_parallel_workers": cfg.num_parallel_workers,
