@@ -9,13 +9,14 @@ import os
 import mindspore as ms
 import numpy as np
 import pytest
-from mindspore import Tensor, nn
+from mindspore import Tensor
 
 from src.inference.decoder import FCOSDecoder
 from src.inference.select import postprocess_batch
 from src.model.loss import FCOSLoss
 from src.model.points import PointCoder
 from tests.conftest import parity_dir
+from tests.test_points import PointsNet
 
 
 @pytest.fixture(scope="module")
@@ -52,18 +53,6 @@ def padded_ground_truth(arrays, extra_rows=2):
 def fixture_coder(manifest):
     """The PointCoder of the fixture's settings, with the default (torchvision) point strides."""
     return PointCoder(manifest["strides"], manifest["point_offset"], norm_reg_targets=True)
-
-
-class PointsNet(nn.Cell):
-    """PointCoder.points inside a Cell, so it runs in GRAPH_MODE too."""
-
-    def __init__(self, coder):
-        super().__init__()
-        self.coder = coder
-
-    def construct(self, images):
-        points, point_strides, _ = self.coder.points(images.shape[2], images.shape[3])
-        return points, point_strides
 
 
 def test_points_match_fixture(fixture, mode):

@@ -25,6 +25,8 @@ def torchvision_points(height, width, strides, offset=0.0):
 
 
 class PointsNet(nn.Cell):
+    """PointCoder.points inside a Cell, so it runs in GRAPH_MODE too: -> (points, scales)."""
+
     def __init__(self, coder):
         super().__init__()
         self.coder = coder
