@@ -77,7 +77,10 @@ ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 
 
 def parse_args(argv=None):
-    """-> (benchmark options, Config). Options this parser does not know go to load_config."""
+    """-> (benchmark options, Config). Options this parser does not know go to load_config.
+
+    Not load_config's Flag mechanism: the benchmark's --mode (what to time) has the name of the
+    configuration's mode key (GRAPH/PYNATIVE, here --execution_mode), so it is parsed first."""
     parser = argparse.ArgumentParser(
         description="Benchmark FCOS (inference, training step, data pipeline); every configuration "
                     "key is also accepted as --key=value.", allow_abbrev=False)
