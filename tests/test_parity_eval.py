@@ -3,7 +3,7 @@ torchvision's detections.
 
 The parity fixture holds torchvision's detections (in original image pixels) of its two photos;
 here the photos become a COCO validation set on disk, the fixture's weights go through the
-converter's command line into a .ckpt, and eval.py runs its normal pipeline (decode, resize,
+converter's command line into a .ckpt, and eval.py (its own process) runs its normal pipeline (decode, resize,
 normalise, pad, network, decoder, selection, rescale) with the fixture's settings. Every size
 comes from the fixture: the pad shape is its batch's, so points and padding are torchvision's.
 """
@@ -16,7 +16,6 @@ import cv2
 import numpy as np
 import pytest
 
-import eval as eval_entry
 from conftest import ROOT, parity_dir
 
 
@@ -65,7 +64,7 @@ def test_eval_of_converted_weights_gives_torchvision_detections(fixture, tmp_pat
     config = manifest["config"]
     img_dir, ann = write_validation_set(tmp_path, arrays, config["num_classes"])
     pad_h, pad_w = arrays["batch_input"].shape[2:]
-    eval_entry.main([
+    done = subprocess.run([sys.executable, "eval.py",
         f"--backbone=resnet{manifest['depth']}", f"--fpn_out_channels={manifest['fpn_out_channels']}",
         f"--class_num={config['num_classes']}", f"--strides={manifest['strides']}",
         f"--point_offset={manifest['point_offset']}", "--point_strides=torchvision",
@@ -74,7 +73,9 @@ def test_eval_of_converted_weights_gives_torchvision_detections(fixture, tmp_pat
         f"--detections_per_img={config['detections_per_img']}",
         f"--max_detection_boxes_num={config['topk_candidates']}", "--batch_size=1", "--num_parallel_workers=1",
         f"--ckpt_file={converted_checkpoint(tmp_path)}", f"--val_img_dir={img_dir}", f"--val_ann_file={ann}",
-        f"--output_dir={tmp_path / 'eval'}", "--compile_cache=False"])
+        f"--output_dir={tmp_path / 'eval'}", "--compile_cache=False"], cwd=ROOT, capture_output=True, text=True,
+        timeout=900)
+    assert done.returncode == 0, done.stderr[-2000:]
     with open(tmp_path / "eval" / "eval_result.json", encoding="utf-8") as f:
         detections = json.load(f)["detections"]
     for i in range(len(arrays["orig_sizes"])):

@@ -190,9 +190,15 @@ def test_distribute_train_checks_rank_table_and_paths(data, tmp_path):
                     name, "CONFIG_PATH is not a file")
     assert_rejected(run_script(name, table, data["img_dir"], data["ann_file"], "none", "--epochs=many"),
                     name, "--epochs: expected an integer, got 'many'")
-    # the rank table alone takes the data from the configuration: default_config.yaml names none
-    assert_rejected(run_script(name, table), name, "TRAIN_IMG_DIR not given and train_img_dir is empty in "
-                    f"{os.path.join(ROOT, 'default_config.yaml')}")
+    # the rank table alone takes data and backbone from configs/coco_r50_1x.yaml (COCO at <repo>/coco2017)
+    assert_rejected(run_script(name, table), name, "TRAIN_IMG_DIR (train_img_dir of "
+                    f"{os.path.join(ROOT, 'configs', 'coco_r50_1x.yaml')}) is not a folder: "
+                    f"{os.path.join(ROOT, 'coco2017', 'train2017')}")
+    # ... and with a configuration that names no data, says so
+    empty = tmp_path / "empty.yaml"
+    empty.write_text('train_img_dir: ""\n')
+    assert_rejected(run_script(name, table, str(empty)), name,
+                    f"TRAIN_IMG_DIR not given and train_img_dir is empty in {empty}")
     assert not (tmp_path / "output").exists()
 
 

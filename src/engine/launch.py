@@ -38,6 +38,9 @@ import time
 
 REPO_DIR = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 DEFAULT_CONFIG = os.path.join(REPO_DIR, "default_config.yaml")
+# The rank-table launcher trains on Ascend servers: its default is the COCO recipe, which names the
+# data and the pretrained backbone (relative to the repository), so the table alone is a command.
+RANK_TABLE_CONFIG = os.path.join(REPO_DIR, "configs", "coco_r50_1x.yaml")
 TRAIN_PY = os.path.join(REPO_DIR, "train.py")
 EVAL_PY = os.path.join(REPO_DIR, "eval.py")
 # Configuration keys holding paths: resolved to absolute paths before they reach a rank.
@@ -52,7 +55,7 @@ USAGE = {
         "Usage: bash scripts/run_distribute_train.sh [RANK_TABLE_FILE] [TRAIN_IMG_DIR] [TRAIN_ANN_FILE] "
         "[PRETRAINED_BACKBONE|none] [CONFIG_PATH] [--key=value ...]",
         "  only RANK_TABLE_FILE is required: the others default to the configuration (CONFIG_PATH, "
-        "default_config.yaml unless given; a .yaml argument is taken for CONFIG_PATH wherever it stands)",
+        "configs/coco_r50_1x.yaml unless given; a .yaml argument is taken for CONFIG_PATH wherever it stands)",
         "  launcher options: --server_id=N (or SERVER_ID: this server's position in server_list, or its "
         "server_id), --global_batch=G (or GLOBAL_BATCH: batch_size = G / RANK_SIZE), --dry_run",
     ],
@@ -487,7 +490,7 @@ def run_rank_table(args, out=print):
                                      "PRETRAINED_BACKBONE": "pretrained_backbone", "CONFIG_PATH": "config_path"})
     take_config_flag(named, flags)
     need_file("RANK_TABLE_FILE", table_path)
-    config_path = absolute(named.get("CONFIG_PATH", DEFAULT_CONFIG), cwd)
+    config_path = absolute(named.get("CONFIG_PATH", RANK_TABLE_CONFIG), cwd)
     need_file("CONFIG_PATH", config_path)
     cfg = load_run_config(config_path, flags)
     cfg_paths = resolved_paths(cfg, flags, cwd)
