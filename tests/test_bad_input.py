@@ -346,6 +346,33 @@ def test_resume_keeps_the_schedule_of_the_configuration(ckpt, tmp_path):
         np.testing.assert_array_equal(param.asnumpy(), expected, err_msg=param.name)
 
 
+def test_resume_on_another_global_batch(ckpt, tmp_path):
+    """Saved with global batch 2 (3 steps an epoch); resumed with 4 (2 steps an epoch): the end of
+    epoch 1 continues at step 1 x 2 of this run's schedule, a checkpoint from inside an epoch is
+    refused in one line, and the same global batch keeps the saved step."""
+    schedule = np.linspace(0.02, 0.001, 8).astype(np.float32)
+
+    def saved(name, step_in_epoch, global_step):
+        old = _train_step(ckpt["cfg"], np.full(6, 0.01, np.float32))
+        meta = {"epoch": 1, "step_in_epoch": step_in_epoch, "global_step": global_step, "global_batch": 2}
+        return read_training_checkpoint(save_checkpoint_atomic(old, str(tmp_path / name), meta))
+
+    def resumed(checkpoint, global_batch):
+        trainer = Trainer(_train_step(ckpt["cfg"], schedule), steps_per_epoch=8 // global_batch, epochs=2,
+                          global_batch=global_batch, lr_schedule=schedule, output_dir=str(tmp_path))
+        trainer.resume_from(checkpoint)
+        return trainer
+
+    end_of_epoch = saved("fcos-1_3.ckpt", 0, 3)
+    trainer = resumed(end_of_epoch, 4)
+    assert (trainer.epoch, trainer.step_in_epoch, trainer.global_step) == (1, 0, 2)
+    assert int(trainer.train_step.optimizer.global_step.asnumpy()[0]) == 2  # indexes this run's lr schedule
+    assert resumed(end_of_epoch, 2).global_step == 3
+    with pytest.raises(ValueError, match="saved inside epoch 2 with global batch 2; this run's is 4: resume "
+                                         "from an end-of-epoch checkpoint, or keep devices x batch_size = 2"):
+        resumed(saved("fcos-1_4.ckpt", 1, 4), 4)
+
+
 # ---- entry points: one line, exit code 2 ----
 
 @pytest.fixture(scope="module")

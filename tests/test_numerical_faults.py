@@ -112,7 +112,7 @@ def test_bad_steps_are_logged_and_only_a_streak_stops(train_step, tmp_path, capl
     # Step 2 was skipped, so its checkpoint holds the weights step 1 left, finite and loadable.
     after_1, _ = split_meta(load_checkpoint_file(last.replace("_2.ckpt", "_1.ckpt")))
     after_2, meta = split_meta(load_checkpoint_file(last))
-    assert meta == {"epoch": 0, "step_in_epoch": 2, "global_step": 2}
+    assert meta == {"epoch": 0, "step_in_epoch": 2, "global_step": 2, "global_batch": 2}
     for name, value in after_1.items():
         np.testing.assert_array_equal(after_2[name].asnumpy(), value.asnumpy(), err_msg=name)
     assert not glob.glob(os.path.join(str(tmp_path / "streak"), "checkpoints", "fcos-0_3.ckpt"))
@@ -144,7 +144,7 @@ def test_train_py_stops_after_a_streak_with_its_checkpoint_intact(tmp_path):
     epoch_1 = str(out / "checkpoints" / "fcos-1_4.ckpt")
     assert stop.group(2) == epoch_1 and glob.glob(str(out / "checkpoints" / "*.ckpt")) == [epoch_1]
     _, meta = split_meta(load_checkpoint_file(epoch_1))
-    assert meta == {"epoch": 1, "step_in_epoch": 0, "global_step": 4}
+    assert meta == {"epoch": 1, "step_in_epoch": 0, "global_step": 4, "global_batch": 2}
     # Loads into a network with every parameter present, of its shape and finite (else ValueError).
     load_weights(build_model(load_config(MODEL_ARGS)), epoch_1, strict_prefixes=("",))
 

@@ -66,7 +66,8 @@ def test_sigkill_then_resume_matches_uninterrupted_run(shapes, tmp_path):
 
     ref_params, ref_meta = _final(ref_out)
     cut_params, cut_meta = _final(cut_out)
-    assert ref_meta == cut_meta == {"epoch": EPOCHS, "step_in_epoch": 0, "global_step": EPOCHS * IMAGES // BATCH}
+    assert ref_meta == cut_meta == {"epoch": EPOCHS, "step_in_epoch": 0, "global_step": EPOCHS * IMAGES // BATCH,
+                                   "global_batch": BATCH}
     assert int(cut_params["global_step"].asnumpy().item()) == EPOCHS * IMAGES // BATCH  # optimiser's lr index
     worst = max(float(np.abs(ref_params[k].asnumpy() - cut_params[k].asnumpy()).max())
                 for k in ref_params if k.startswith(("backbone", "fpn", "head")))

@@ -100,6 +100,12 @@ class TrainingCheckpoint:
         """The epoch training continues in (0-based)."""
         return int(self.meta["epoch"])
 
+    @property
+    def global_batch(self):
+        """Images per step of the run that saved it (devices x batch_size); None in checkpoints
+        written before it was recorded."""
+        return int(self.meta["global_batch"]) if "global_batch" in self.meta else None
+
 
 def read_training_checkpoint(path):
     """-> TrainingCheckpoint; ValueError naming the file when it is not a train.py checkpoint."""
@@ -127,10 +133,10 @@ class CheckpointKeeper:
         self.folder = folder
         self.keep = max(int(keep), 1)
 
-    def save(self, cell, epoch, step_in_epoch, global_step):
+    def save(self, cell, epoch, step_in_epoch, global_step, global_batch):
         path = os.path.join(self.folder, f"fcos-{epoch}_{global_step}.ckpt")
         save_checkpoint_atomic(cell, path, {"epoch": epoch, "step_in_epoch": step_in_epoch,
-                                            "global_step": global_step})
+                                            "global_step": global_step, "global_batch": global_batch})
         for old in self.existing()[:-self.keep]:
             os.remove(old)
         return path

@@ -57,12 +57,31 @@ class Trainer:
     # ---- state ----
     def resume_from(self, checkpoint):
         """Restore weights, optimiser state and the schedule position from a TrainingCheckpoint
-        (src.engine.checkpoint.read_training_checkpoint); ValueError if it does not fit."""
+        (src.engine.checkpoint.read_training_checkpoint); ValueError if it does not fit.
+
+        On another global batch (devices x batch_size) than the saving run's, the data plan and
+        the steps per epoch differ, so the saved step position means nothing here: a checkpoint of
+        an epoch's end continues with the next epoch on this run's plan (the schedule position
+        becomes epoch x this run's steps per epoch, so lr_steps epochs keep their meaning), one
+        from inside an epoch is refused.
+        """
         own = {name: param for name, param in self.train_step.parameters_dict().items()
                if name not in CONFIGURED_PARAMS}
-        ms.load_param_into_net(self.train_step, fitting_params(own, checkpoint.params, checkpoint.path))
         meta = checkpoint.meta
+        saved_batch = checkpoint.global_batch
+        other_batch = saved_batch is not None and saved_batch != self.global_batch
+        if other_batch and meta["step_in_epoch"]:
+            raise ValueError(f"{checkpoint.path} was saved inside epoch {meta['epoch'] + 1} with global batch "
+                             f"{saved_batch}; this run's is {self.global_batch}: resume from an end-of-epoch "
+                             f"checkpoint, or keep devices x batch_size = {saved_batch}")
+        ms.load_param_into_net(self.train_step, fitting_params(own, checkpoint.params, checkpoint.path))
         self.epoch, self.step_in_epoch, self.global_step = meta["epoch"], meta["step_in_epoch"], meta["global_step"]
+        if other_batch:
+            self.global_step = self.epoch * self.steps_per_epoch
+            self.train_step.optimizer.global_step.set_data(
+                ms.Tensor([self.global_step], self.train_step.optimizer.global_step.dtype))
+            logger.info("global batch %d -> %d: epoch %d continues on this run's data plan at step %d",
+                        saved_batch, self.global_batch, self.epoch + 1, self.global_step)
         logger.info("resumed from %s at epoch %d, step %d of the epoch, global step %d",
                     checkpoint.path, self.epoch + 1, self.step_in_epoch, self.global_step)
 
@@ -72,7 +91,7 @@ class Trainer:
         epoch, step_in_epoch = self.epoch, self.step_in_epoch
         if step_in_epoch == self.steps_per_epoch:  # a step checkpoint at an epoch's end
             epoch, step_in_epoch = epoch + 1, 0
-        path = self.keeper.save(self.train_step, epoch, step_in_epoch, self.global_step)
+        path = self.keeper.save(self.train_step, epoch, step_in_epoch, self.global_step, self.global_batch)
         logger.info("saved %s", path)
         return path
 
@@ -133,7 +152,7 @@ class Trainer:
                 self.best_ap = metrics["AP"]
                 path = save_checkpoint_atomic(self.train_step.network,
                                               os.path.join(self.ckpt_dir, "best.ckpt"),
-                                              {"epoch": self.epoch, "global_step": self.global_step})
+                                              {"epoch": self.epoch, "global_step": self.global_step, "global_batch": self.global_batch})
                 logger.info("new best AP %.4f at epoch %d: %s", self.best_ap, self.epoch, path)
 
     def _check_finite(self, finite, losses):
