@@ -9,21 +9,12 @@ import pytest
 from conftest import ROOT
 from src.engine import launch
 from src.engine.launch import LaunchError
+from tests.test_scripts import rank_table
 
 
 def write_table(path, servers, server_ids=None):
-    """An hccl_tools-style rank table: servers = device count per server, ranks numbered in turn."""
-    rank, server_list = 0, []
-    for index, count in enumerate(servers):
-        devices = []
-        for device in range(count):
-            devices.append({"device_id": str(device), "device_ip": f"192.{device}.27.6", "rank_id": str(rank)})
-            rank += 1
-        server_id = server_ids[index] if server_ids else f"10.0.0.{index}"
-        server_list.append({"server_id": server_id, "device": devices, "host_nic_ip": "reserve"})
-    path.write_text(json.dumps({"version": "1.0", "server_count": str(len(servers)),
-                                "server_list": server_list, "status": "completed"}))
-    return str(path)
+    """An hccl_tools-style rank table (test_scripts.rank_table) -> its path as a string."""
+    return str(rank_table(path, servers, server_ids))
 
 
 @pytest.mark.parametrize("layout", [[8, 8], [8, 8, 8, 8], [4, 2, 4, 2]])

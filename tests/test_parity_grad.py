@@ -35,6 +35,7 @@ from conftest import parity_dir
 from src.builder import build_loss, build_model
 from src.engine.train_step import FCOSWithLoss
 from src.model_utils.config import load_config
+from tests.test_parity_loss_decode import padded_ground_truth
 from tools.convert_torchvision import torchvision_to_mindspore
 
 GRAD_PREFIX = "grad:"
@@ -87,22 +88,6 @@ def fixture_config(manifest, **overrides):
         reg_loss="giou", centerness_weighted_reg=False, amp_level="O0")
     cfg.update(overrides)
     return cfg
-
-
-def padded_ground_truth(arrays, extra_rows=2):
-    """Per-image GT -> (B, M, 4) boxes, (B, M) int32 labels and bool mask, with padding rows
-    (as the data pipeline gives them: the padding must not change anything)."""
-    batch = len(arrays["image_sizes"])
-    counts = [len(arrays[f"gt_boxes_{i}"]) for i in range(batch)]
-    max_gt = max(counts) + extra_rows
-    boxes = np.zeros((batch, max_gt, 4), np.float32)
-    labels = np.zeros((batch, max_gt), np.int32)
-    mask = np.zeros((batch, max_gt), bool)
-    for i, n in enumerate(counts):
-        boxes[i, :n] = arrays[f"gt_boxes_{i}"]
-        labels[i, :n] = arrays[f"gt_labels_{i}"]
-        mask[i, :n] = True
-    return boxes, labels, mask
 
 
 def load_torchvision_weights(network, state):

@@ -207,6 +207,16 @@ def refuse_duplicates(named, flags, names):
             raise usage_error(f"{name} and --{key} both given: give one")
 
 
+def run_config(named, flags, default_config, cwd):
+    """CONFIG_PATH (an argument, --config_path=, or default_config) checked and loaded with the
+    flags -> (config path, Config, its path keys resolved to absolute paths)."""
+    take_config_flag(named, flags)
+    config_path = absolute(named.get("CONFIG_PATH", default_config), cwd)
+    need_file("CONFIG_PATH", config_path)
+    cfg = load_run_config(config_path, flags)
+    return config_path, cfg, resolved_paths(cfg, flags, cwd)
+
+
 def take_config_flag(named, flags):
     """--config_path=PATH among the extra flags counts as the CONFIG_PATH argument."""
     for arg in list(flags):
@@ -488,12 +498,8 @@ def run_rank_table(args, out=print):
     named = assign_optional(positionals[1:], ["TRAIN_IMG_DIR", "TRAIN_ANN_FILE", "PRETRAINED_BACKBONE", "CONFIG_PATH"])
     refuse_duplicates(named, flags, {"TRAIN_IMG_DIR": "train_img_dir", "TRAIN_ANN_FILE": "train_ann_file",
                                      "PRETRAINED_BACKBONE": "pretrained_backbone", "CONFIG_PATH": "config_path"})
-    take_config_flag(named, flags)
     need_file("RANK_TABLE_FILE", table_path)
-    config_path = absolute(named.get("CONFIG_PATH", RANK_TABLE_CONFIG), cwd)
-    need_file("CONFIG_PATH", config_path)
-    cfg = load_run_config(config_path, flags)
-    cfg_paths = resolved_paths(cfg, flags, cwd)
+    config_path, cfg, cfg_paths = run_config(named, flags, RANK_TABLE_CONFIG, cwd)
     img_dir = pick_path(named, "TRAIN_IMG_DIR", "train_img_dir", cfg_paths, config_path, cwd, "dir")
     ann_file = pick_path(named, "TRAIN_ANN_FILE", "train_ann_file", cfg_paths, config_path, cwd, "file")
     pretrained, _ = pretrained_flags(named, cfg, cfg_paths, config_path, cwd)
@@ -640,11 +646,7 @@ def eval_plan(args, cwd=None):
     refuse_duplicates(dict(named, CKPT_FILE=ckpt), flags,
                       {"CKPT_FILE": "ckpt_file", "VAL_IMG_DIR": "val_img_dir", "VAL_ANN_FILE": "val_ann_file",
                        "OUTPUT_DIR": "output_dir", "CONFIG_PATH": "config_path"})
-    take_config_flag(named, flags)
-    config_path = absolute(named.get("CONFIG_PATH", DEFAULT_CONFIG), cwd)
-    need_file("CONFIG_PATH", config_path)
-    cfg = load_run_config(config_path, flags)
-    cfg_paths = resolved_paths(cfg, flags, cwd)
+    config_path, cfg, cfg_paths = run_config(named, flags, DEFAULT_CONFIG, cwd)
     img_dir = pick_path(named, "VAL_IMG_DIR", "val_img_dir", cfg_paths, config_path, cwd, "dir")
     ann_file = pick_path(named, "VAL_ANN_FILE", "val_ann_file", cfg_paths, config_path, cwd, "file")
     if "OUTPUT_DIR" in named:
