@@ -112,6 +112,11 @@ def write_input_bin(data_dir, name, chw):
     chw.astype(np.float32, copy=False).tofile(input_bin_path(data_dir, name))
 
 
+def read_input_bin(path, chw):
+    """One preprocessed image of shape chw (3, H, W) back as float32."""
+    return np.fromfile(path, np.float32).reshape(chw)
+
+
 def list_input_bins(input_dir, image_bytes):
     """Sorted *.bin paths of input_dir; ValueError when there is none or one has the wrong size."""
     paths = sorted(glob.glob(os.path.join(input_dir, "*.bin")))

@@ -13,7 +13,7 @@ import mindspore as ms
 import numpy as np
 from mindspore import Tensor, nn
 
-from src.deploy.contract import OUTPUT_DTYPES, list_input_bins, write_infer_time, write_result
+from src.deploy.contract import OUTPUT_DTYPES, list_input_bins, read_input_bin, write_infer_time, write_result
 from src.engine.context import init_context
 
 _MINDIR_FLOAT32 = 1  # TensorProto.DataType FLOAT in mind_ir.proto
@@ -60,7 +60,7 @@ def run_mindir(mindir_path, input_dir, result_dir):
         chunk = paths[start:start + batch]
         buffer[len(chunk):] = 0.0
         for slot, path in enumerate(chunk):
-            buffer[slot] = np.fromfile(path, np.float32).reshape(chw)
+            buffer[slot] = read_input_bin(path, chw)
         tic = time.perf_counter()
         outputs = [out.asnumpy() for out in graph(Tensor(buffer))]
         elapsed += time.perf_counter() - tic
