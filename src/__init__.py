@@ -1,9 +1,17 @@
 """FCOS for MindSpore.
 
-Importing this package before mindspore caps oneDNN at AVX2 on CPU: with AVX-512 allowed,
-oneDNN picks a reference convolution on NCHW tensors that runs ~100x slower. setdefault, so a
-user can still override it; Ascend and GPU ignore the variable.
+Importing this package before mindspore sets two environment defaults (setdefault: a user's own
+values win; Ascend and GPU ignore the first):
+- oneDNN is capped at AVX2 on CPU: with AVX-512 allowed, oneDNN picks a reference convolution
+  on NCHW tensors that runs ~100x slower.
+- MindSpore's graph pipeline (C++ module PIPELINE) logs errors only. At its default level every
+  run that compiles a new graph into the compile cache prints two warnings ("Open the hash file
+  ... failed", "Check the consistency of dependency files hash failed") that only say the cache
+  is empty; whether graphs were loaded or compiled is logged by src/engine/compile_cache.py.
+  GLOG_v / MS_SUBMODULE_LOG_v set by the user show them again.
 """
 import os
 
 os.environ.setdefault("ONEDNN_MAX_CPU_ISA", "AVX2")
+if "GLOG_v" not in os.environ:
+    os.environ.setdefault("MS_SUBMODULE_LOG_v", "{PIPELINE:3}")

@@ -40,7 +40,7 @@ def build_model(cfg):
                     prior=cfg.prior, add_centerness=cfg.add_centerness, cnt_on_reg=cfg.cnt_on_reg,
                     norm_reg_targets=cfg.norm_reg_targets, freeze_bn=cfg.freeze_bn,
                     freeze_stage_1=cfg.freeze_stage_1, strides=cfg.strides, point_offset=cfg.point_offset,
-                    point_strides=cfg.point_strides)
+                    point_strides=cfg.point_strides, backbone_norm=cfg.backbone_norm)
 
 
 def load_network(cfg):
@@ -112,7 +112,9 @@ def build_train_dataset(cfg, rank=0, group_size=1, start_epoch=0):
             cfg.train_img_dir, cfg.train_ann_file, batch_size=cfg.batch_size, min_size=cfg.min_size,
             max_size=cfg.max_size, pad_buckets=cfg.pad_buckets, max_gt_boxes=cfg.max_gt_boxes,
             flip_prob=cfg.flip_prob, color_jitter=cfg.color_jitter, crop_prob=cfg.crop_prob,
-            crop_min_scale=cfg.crop_min_scale, rotate_degrees=cfg.rotate_degrees,
+            crop_min_scale=cfg.crop_min_scale, rotate_degrees=cfg.rotate_degrees, vflip_prob=cfg.vflip_prob,
+            rot90_prob=cfg.rot90_prob, hue_jitter=cfg.hue_jitter, window=cfg.train_window,
+            window_scale=cfg.window_scale,
             skip_empty_images=cfg.skip_empty_images, num_parallel_workers=cfg.num_parallel_workers,
             rank=rank, group_size=group_size, seed=cfg.seed, size_divisor=cfg.size_divisor,
             start_epoch=start_epoch)

@@ -402,7 +402,7 @@ def bad_files(messy, ckpt, tmp_path_factory):
 
 CASES = {
     "eval, images fitting no pad bucket": (
-        "eval.py", lambda m, c, b: ["--config_path=configs/deepforest_cpu.yaml", "--min_size=[480]",
+        "eval.py", lambda m, c, b: ["--config_path=configs/deepforest_tiles_cpu.yaml", "--min_size=[480]",
                                     "--max_size=800", "--pad_buckets=[[512,512]]", f"--ckpt_file={c['path']}",
                                     "--num_parallel_workers=1"],
         ["--pad_buckets: a resized image of 517x480 fits none of the pad buckets [[512, 512]]",

@@ -288,9 +288,30 @@ def test_fpn_upsampling_doubles_by_repeating_pixels():
     np.testing.assert_array_equal(out, x.repeat(2, axis=2).repeat(2, axis=3))
 
 
+@pytest.mark.parametrize("name", ["resnet18", "resnet50"])
+def test_group_norm_backbone_replaces_every_batch_norm(name):
+    """backbone_norm GN: the same layout and parameter count as the BatchNorm backbone (gamma,
+    beta per channel, no running statistics), every normalisation a trained GroupNorm(32)."""
+    bn = ResNet(name, freeze_bn=False, freeze_stage_1=False)
+    gn = ResNet(name, freeze_bn=False, freeze_stage_1=False, norm="GN")
+    norms = {n: c for n, c in gn.cells_and_names() if isinstance(c, (GroupNorm, nn.BatchNorm2d, FrozenBatchNorm2d))}
+    assert norms and all(isinstance(c, GroupNorm) and c.function.num_groups == 32 for c in norms.values())
+    assert set(norms) == {n for n, c in bn.cells_and_names() if isinstance(c, nn.BatchNorm2d)}
+    trained = {p.name for p in bn.trainable_params()}
+    assert {p.name for p in gn.trainable_params()} == trained
+    assert all(p.requires_grad for p in gn.get_parameters())
+    gn.set_train(False)
+    outputs = gn(images(64, 64, batch=1))
+    assert [o.shape for o in outputs] == [(1, c, 64 // s, 64 // s) for c, s in zip(gn.out_channels, (8, 16, 32))]
+
+
 def test_bad_arguments_are_refused():
     with pytest.raises(ValueError, match="unknown backbone"):
         ResNet("resnet19")
+    with pytest.raises(ValueError, match="GroupNorm backbone needs freeze_bn False"):
+        ResNet("resnet18", freeze_bn=True, norm="GN")
+    with pytest.raises(ValueError, match="unknown backbone normalisation"):
+        ResNet("resnet18", freeze_bn=False, norm="LN")
     with pytest.raises(ValueError, match="strides"):
         FCOS(backbone="resnet18", strides=(8, 16, 32, 48))
     with pytest.raises(ValueError, match="groups"):

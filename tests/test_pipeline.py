@@ -9,9 +9,11 @@ import numpy as np
 import pytest
 
 from conftest import ROOT
+from src.builder import build_eval_dataset, build_train_dataset
 from src.data.coco import CocoDataset
 from src.data.pipeline import (PAD_IMAGE_ID, create_eval_dataset, create_train_dataset, group_by_bucket, pad_targets,
                                plan_eval_batches, plan_train_epoch, resolve_pad_buckets)
+from src.model_utils.config import load_config
 from tools.synthetic import make_synthetic_coco
 
 DEEPFOREST = os.path.join(ROOT, "data", "deepforest")
@@ -210,3 +212,46 @@ def test_deepforest_train_and_eval():
     assert len(batches) == 3 and all(b[0].shape == (2, 3, 352, 352) for b in batches)
     sizes = {tuple(s) for b in batches for s in b[2]}
     assert sizes == {(345, 320), (352, 140)}  # 345x320 tiles unscaled, 400x160 strips shrunk to fit 352
+
+
+def test_window_mode_samples_by_area_with_distinct_windows():
+    """The held-out-image split's training orthophotos in window mode: one pad shape, copies per
+    image by area, every copy its own window, reproducible from the seed."""
+    voc = os.path.join(ROOT, "data", "deepforest_voc")
+    ann = os.path.join(DEEPFOREST, "annotations", "heldout_train.json")
+    args = {**TRAIN_ARGS, "min_size": [400], "max_size": 400, "max_gt_boxes": 100, "flip_prob": 0.0,
+            "color_jitter": 0.0, "crop_prob": 0.0, "rotate_degrees": 0.0}
+    dataset, info = create_train_dataset(voc, ann, batch_size=2, num_parallel_workers=1, window=100,
+                                         window_scale=(1.0, 1.0), **args)
+    coco = CocoDataset(voc, ann)
+    copies = [round(coco.image_info(i)["height"] * coco.image_info(i)["width"] / 100 ** 2) for i in coco.image_ids]
+    assert info.num_images == 2 and info.batches_per_epoch == sum(copies) // 2
+    assert info.pad_shapes == [(128, 128)]  # the window rounded up to size_divisor
+    planned = [i for _, ids in info.plan(0) for i in ids]
+    assert sorted(set(planned)) == sorted(coco.image_ids)
+    assert max(planned.count(i) for i in coco.image_ids) > 1
+    batches = _collect(dataset)[0]
+    images = [image for batch in batches for image in batch[0]]
+    assert all(image.shape == (3, 128, 128) for image in images)
+    assert len({image.tobytes() for image in images}) == len(images)  # each copy is another window
+    assert all(not image[:, 100:].any() and not image[:, :, 100:].any() for image in images)
+    again, _ = create_train_dataset(voc, ann, batch_size=2, num_parallel_workers=2, window=100,
+                                    window_scale=(1.0, 1.0), **args)
+    for a, b in zip(batches, _collect(again)[0]):
+        for x, y in zip(a, b):
+            np.testing.assert_array_equal(x, y)
+
+
+@pytest.mark.parametrize("config", ["deepforest_cpu", "deepforest_tiles_cpu"])
+def test_quick_start_configurations_build_their_data(config, monkeypatch):
+    """Both quick-start configurations load and give training batches of their pad shape and
+    every validation image (the quick start itself is measured, not run in CI)."""
+    cfg = load_config([f"--config_path={os.path.join(ROOT, 'configs', config + '.yaml')}",
+                       "--num_parallel_workers=1"])
+    monkeypatch.chdir(ROOT)  # the configurations' data paths are relative to the repository
+    dataset, info = build_train_dataset(cfg)
+    images, boxes, labels, mask = next(dataset.create_tuple_iterator(num_epochs=1, output_numpy=True))
+    assert images.shape[0] == cfg.batch_size and tuple(images.shape[2:]) == info.pad_shapes[0]
+    assert mask.any() and (labels[mask] == 0).all()
+    _, eval_info = build_eval_dataset(cfg)
+    assert eval_info.num_images == len(json.load(open(cfg.val_ann_file))["images"])

@@ -1,5 +1,6 @@
 """src/data/transforms.py: boxes move with pixels under every transform (property tests), sizes,
 normalisation, padding, pad buckets, and the inference preprocessing against torchvision."""
+import colorsys
 import json
 import math
 import os
@@ -13,8 +14,8 @@ from hypothesis import strategies as st
 from conftest import parity_dir
 from src.data.coco import load_image_rgb
 from src.data.transforms import (IMAGENET_MEAN, IMAGENET_STD, TrainTransform, choose_pad_shape, color_jitter,
-                                 default_pad_buckets, hflip, keep_ratio_size, normalize_and_pad, preprocess_image,
-                                 random_crop, resize, rotate)
+                                 default_pad_buckets, hflip, hue_shift, keep_ratio_size, normalize_and_pad,
+                                 preprocess_image, random_crop, random_window, resize, rot90, rotate, vflip)
 
 PROPERTY = settings(max_examples=40, deadline=None)
 TOLERANCE = 2.0  # pixels: interpolation blurs a painted edge by about one pixel
@@ -102,6 +103,69 @@ def test_hflip_moves_boxes_and_twice_is_identity(sample):
 
 
 @PROPERTY
+@given(painted_samples())
+def test_vflip_moves_boxes_and_twice_is_identity(sample):
+    image, boxes, labels = sample
+    flipped, flipped_boxes = vflip(image, boxes)
+    assert_boxes_follow_pixels(flipped, flipped_boxes, labels, tolerance=0)
+    back, back_boxes = vflip(flipped, flipped_boxes)
+    np.testing.assert_array_equal(back, image)
+    np.testing.assert_array_equal(back_boxes, boxes)
+
+
+@PROPERTY
+@given(painted_samples(), st.integers(0, 3))
+def test_rot90_moves_boxes_exactly_and_four_turns_are_identity(sample, turns):
+    image, boxes, labels = sample
+    out, out_boxes = rot90(image, boxes, turns)
+    assert out.shape == (image.shape[:2] if turns % 2 == 0 else image.shape[1::-1]) + (3,)
+    assert_boxes_follow_pixels(out, out_boxes, labels, tolerance=0)
+    back, back_boxes = rot90(out, out_boxes, 4 - turns)
+    np.testing.assert_array_equal(back, image)
+    np.testing.assert_array_equal(back_boxes, boxes)
+
+
+def test_rot90_is_counter_clockwise():
+    image = np.zeros((20, 30, 3), np.uint8)
+    image[0, 29] = 255  # top-right pixel goes to top-left
+    out, boxes = rot90(image, np.array([[29, 0, 30, 1]], np.float32), 1)
+    assert out[0, 0].all() and out.shape == (30, 20, 3)
+    np.testing.assert_array_equal(boxes, [[0, 0, 1, 1]])
+
+
+@PROPERTY
+@given(painted_samples(min_side=64, max_side=240), st.integers(0, 2 ** 32 - 1), st.integers(32, 128),
+       st.floats(0.5, 1.0), st.floats(1.0, 2.0))
+def test_random_window_size_zoom_and_boxes(sample, seed, size, low, high):
+    image, boxes, labels = sample
+    out, out_boxes, out_labels = random_window(image, boxes, labels, np.random.default_rng(seed), size,
+                                               (low, high))
+    h, w = image.shape[:2]
+    zoom = np.random.default_rng(seed).uniform(low, high)  # the first draw is the zoom
+    assert out.shape[0] <= size and out.shape[1] <= size
+    # full size unless the image is smaller than the window, else the image at that zoom
+    assert out.shape[0] == min(size, max(1, round(min(h, round(size / zoom)) * zoom)))
+    assert out.shape[1] == min(size, max(1, round(min(w, round(size / zoom)) * zoom)))
+    if min(out.shape[:2]) >= 16 and zoom >= 0.5:
+        assert_boxes_follow_pixels(out.round().clip(0, 255).astype(np.uint8), out_boxes, out_labels,
+                                   tolerance=TOLERANCE * max(1.0, zoom))
+
+
+def test_random_window_covers_size_over_zoom_source_pixels():
+    image = np.zeros((400, 400, 3), np.uint8)
+    grid = np.arange(0, 400, 20, dtype=np.float32)  # 20x20 boxes tiling the image
+    x, y = np.meshgrid(grid, grid)
+    boxes = np.stack([x.ravel(), y.ravel(), x.ravel() + 20, y.ravel() + 20], axis=1)
+    out, out_boxes, _ = random_window(image, boxes, np.zeros(len(boxes), np.int32), np.random.default_rng(0),
+                                      100, (0.5, 0.5))
+    assert out.shape == (100, 100, 3)  # 200 source pixels at zoom 0.5
+    sides = out_boxes[:, 2:] - out_boxes[:, :2]
+    # 10 whole boxes per axis, plus at most a part box at each edge (kept when half is inside)
+    assert 100 <= len(out_boxes) <= 121 and (sides <= 10 + 1e-4).all() and (sides >= 5 - 1e-4).all()
+    assert (out_boxes.min(axis=0)[:2] <= 5).all() and (out_boxes.max(axis=0)[2:] >= 95).all()
+
+
+@PROPERTY
 @given(painted_samples(), st.integers(0, 2 ** 32 - 1), st.floats(0.3, 1.0))
 def test_random_crop_keeps_boxes_aligned_and_never_empties(sample, seed, min_scale):
     image, boxes, labels = sample
@@ -144,6 +208,22 @@ def test_color_jitter_strength_zero_is_identity_and_positive_changes_pixels():
     assert jittered.dtype == np.uint8 and jittered.shape == image.shape
     assert np.abs(jittered.astype(int) - image).mean() > 1
     np.testing.assert_array_equal(jittered, color_jitter(image, 0.4, np.random.default_rng(2)))
+
+
+def test_hue_shift_turns_the_hue_by_the_drawn_angle():
+    """Against colorsys per pixel: same value and saturation, hue turned by U(-f, f) turns."""
+    rng = np.random.default_rng(3)
+    image = rng.integers(0, 256, (12, 10, 3), dtype=np.uint8)
+    image[0] = 128  # grey pixels have no hue and stay as they are
+    assert hue_shift(image, 0.0, rng) is image
+    turn = np.random.default_rng(4).uniform(-0.3, 0.3)
+    shifted = hue_shift(image, 0.3, np.random.default_rng(4))
+    expected = np.empty_like(image)
+    for index in np.ndindex(image.shape[:2]):
+        h, s, v = colorsys.rgb_to_hsv(*(image[index] / 255.0))
+        expected[index] = np.round(np.array(colorsys.hsv_to_rgb((h + turn) % 1.0, s, v)) * 255)
+    assert np.abs(shifted.astype(int) - expected).max() <= 1
+    np.testing.assert_array_equal(shifted[0], image[0])
 
 
 def test_normalize_and_pad():
@@ -238,3 +318,29 @@ def test_train_transform_is_reproducible_from_the_generator():
     for a, b in zip(first, again):
         np.testing.assert_array_equal(a, b)
     assert not np.array_equal(first[0], other[0])
+
+
+@PROPERTY
+@given(painted_samples(min_side=64, max_side=200), st.integers(0, 2 ** 32 - 1))
+def test_window_transform_with_every_symmetry_keeps_boxes_on_their_pixels(sample, seed):
+    image, boxes, labels = sample
+    transform = TrainTransform([96], 128, flip_prob=0.5, vflip_prob=0.5, rot90_prob=0.75, window=96,
+                               window_scale=(0.8, 1.25))
+    chw, out_boxes, out_labels = transform(image, boxes, labels, (96, 96), np.random.default_rng(seed))
+    assert chw.shape == (3, 96, 96) and chw.dtype == np.float32
+    pixels = np.clip((chw.transpose(1, 2, 0) * IMAGENET_STD + IMAGENET_MEAN) * 255, 0, 255)
+    assert_boxes_follow_pixels(pixels.round().astype(np.uint8), out_boxes, out_labels, tolerance=TOLERANCE * 1.25)
+
+
+def test_symmetries_are_drawn_uniformly():
+    """flip 0.5, vflip 0.5, rot90 0.75 reach all 8 symmetries of the square about equally often."""
+    image = np.zeros((8, 8, 3), np.uint8)
+    image[0, 1] = 255  # asymmetric under every non-trivial symmetry
+    transform = TrainTransform([8], 8, flip_prob=0.5, vflip_prob=0.5, rot90_prob=0.75)
+    seen = {}
+    for seed in range(800):
+        chw, _, _ = transform(image, np.zeros((0, 4), np.float32), np.zeros(0, np.int32), (8, 8),
+                              np.random.default_rng(seed))
+        key = int(np.argmax(chw[0]))
+        seen[key] = seen.get(key, 0) + 1
+    assert len(seen) == 8 and min(seen.values()) > 60, seen

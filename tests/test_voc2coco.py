@@ -119,6 +119,15 @@ def test_shipped_deepforest_is_reproducible_and_split_cleanly(deepforest_voc, tm
         for img in rebuilt[split]["images"]:
             assert os.path.isfile(os.path.join(shipped, split, img["file_name"]))
     assert len(rebuilt["train"]["images"]) == 18 and len(rebuilt["val"]["images"]) == 5
+    # The held-out-image split: whole source images, the validation one in no training image.
+    for split in ("heldout_train", "heldout_val"):
+        assert rebuilt[split] == json.load(open(os.path.join(shipped, "annotations", f"{split}.json")))
+        for img in rebuilt[split]["images"]:
+            assert os.path.isfile(os.path.join(deepforest_voc, img["file_name"]))
+    held_out = {img["file_name"] for img in rebuilt["heldout_val"]["images"]}
+    assert held_out == {"OSBS_029.png"}
+    assert not held_out & {img["file_name"] for img in rebuilt["heldout_train"]["images"]}
+    assert len(rebuilt["heldout_train"]["images"]) == 2
     # No pixel in both splits: in every source image the train tiles end where validation starts.
     train = {img["file_name"]: img["width"] for img in rebuilt["train"]["images"]}
     val = {img["file_name"] for img in rebuilt["val"]["images"]}

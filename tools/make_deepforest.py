@@ -2,7 +2,13 @@
 
     python -m tools.make_deepforest --voc_dir data/deepforest_voc --out data/deepforest
 
-One class, "Tree": the sample's Tree, Alive and Dead labels all mark tree crowns. The large
+One class, "Tree": the sample's Tree, Alive and Dead labels all mark tree crowns.
+
+Held-out-image split (annotations/heldout_train.json, heldout_val.json; what the quick start
+trains and validates on): whole source images, ``--held_out`` (default OSBS_029, a site of its
+own) for validation and the others for training, referring to the PNGs of --voc_dir (no copies).
+
+Tile split (annotations/train.json, val.json with train/, val/): the large
 1249x1035 image is split at x = 929: the 320 px strip to the right is validation (three
 non-overlapping 320x345 tiles), the rest is cut into 4x4 overlapping 320x320 training tiles.
 The two 400x400 images (OSBS_029 and SOAP_061, two other sites) are split at x = 240: the left
@@ -31,6 +37,7 @@ VAL_TILES = 3       # stacked vertically in the validation strip
 SMALL = ("SOAP_061", "OSBS_029")
 SMALL_SPLIT_X = 240  # the small images' columns from here on are validation
 MIN_VISIBLE = 0.5
+HELD_OUT = "OSBS_029"  # validation image of the held-out-image split
 CLASS_NAME = "Tree"
 
 
@@ -102,7 +109,30 @@ class _SplitWriter:
                 "categories": [{"id": 1, "name": CLASS_NAME, "supercategory": "plant"}]}
 
 
-def make_deepforest(voc_dir, out_dir):
+def whole_image_split(voc_dir, held_out):
+    """The held-out-image split -> {"heldout_train": COCO dict, "heldout_val": COCO dict}, file
+    names relative to voc_dir; every box is a normal box (nothing is cut)."""
+    stems = sorted(name[:-4] for name in os.listdir(voc_dir) if name.endswith(".xml"))
+    if held_out not in stems:
+        raise SystemExit(f"--held_out {held_out}: no {held_out}.xml in {voc_dir} (have {stems})")
+    result = {}
+    for split, chosen in (("heldout_train", [s for s in stems if s != held_out]), ("heldout_val", [held_out])):
+        coco = {"images": [], "annotations": [],
+                "categories": [{"id": 1, "name": CLASS_NAME, "supercategory": "plant"}]}
+        for stem in chosen:
+            image, boxes = _read_sample(voc_dir, stem)
+            image_id = len(coco["images"]) + 1
+            coco["images"].append({"id": image_id, "file_name": stem + ".png", "height": image.shape[0],
+                                   "width": image.shape[1]})
+            for x1, y1, x2, y2 in boxes.tolist():
+                coco["annotations"].append({"id": len(coco["annotations"]) + 1, "image_id": image_id,
+                                            "category_id": 1, "bbox": [x1, y1, x2 - x1, y2 - y1],
+                                            "area": (x2 - x1) * (y2 - y1), "iscrowd": 0})
+        result[split] = coco
+    return result
+
+
+def make_deepforest(voc_dir, out_dir, held_out=HELD_OUT):
     """Write the dataset (see the module notes) -> {split: COCO dict}."""
     writers = {split: _SplitWriter(out_dir, split) for split in ("train", "val")}
     image, boxes = _read_sample(voc_dir, LARGE)
@@ -118,9 +148,9 @@ def make_deepforest(voc_dir, out_dir):
             writers[split].add(f"{stem}_x{x0:04d}", tile, tile_boxes, crowd)
     ann_dir = os.path.join(out_dir, "annotations")
     os.makedirs(ann_dir, exist_ok=True)
-    result = {}
-    for split, writer in writers.items():
-        result[split] = writer.coco()
+    result = {split: writer.coco() for split, writer in writers.items()}
+    result.update(whole_image_split(voc_dir, held_out))
+    for split in result:
         with open(os.path.join(ann_dir, f"{split}.json"), "w", encoding="utf-8") as f:
             json.dump(result[split], f, indent=1)
     shutil.copyfile(os.path.join(voc_dir, "LICENSE"), os.path.join(out_dir, "LICENSE"))
@@ -131,8 +161,10 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description="Build data/deepforest from the raw sample.")
     parser.add_argument("--voc_dir", default="data/deepforest_voc")
     parser.add_argument("--out", default="data/deepforest")
+    parser.add_argument("--held_out", default=HELD_OUT,
+                        help="source image (file stem) the held-out-image split validates on")
     args = parser.parse_args(argv)
-    for split, coco in make_deepforest(args.voc_dir, args.out).items():
+    for split, coco in make_deepforest(args.voc_dir, args.out, args.held_out).items():
         crowd = sum(a["iscrowd"] for a in coco["annotations"])
         print(f"{split}: {len(coco['images'])} images, {len(coco['annotations']) - crowd} boxes, "
               f"{crowd} ignore regions")

@@ -180,13 +180,31 @@ class EpochSampler(ds.Sampler):
         return self.num_batches
 
 
+def window_samples(coco, image_ids, window):
+    """Training samples of window mode: image id i appears max(1, round(h_i * w_i / window^2))
+    times -> list of (image_id, copy), so that each epoch cuts about as many windows from an
+    image as it would have tiles; large images are seen in proportion to their area."""
+    samples = []
+    for image_id in image_ids:
+        info = coco.image_info(image_id)
+        copies = max(1, round(info["height"] * info["width"] / window ** 2))
+        samples.extend((image_id, copy) for copy in range(copies))
+    return samples
+
+
 class TrainBatches:
     """Random-access source of training batches: index (from EpochSampler) -> (images (B,3,H,W)
-    float32, gt_boxes (B,M,4) float32, gt_labels (B,M) int32, gt_mask (B,M) bool)."""
+    float32, gt_boxes (B,M,4) float32, gt_labels (B,M) int32, gt_mask (B,M) bool).
 
-    def __init__(self, coco, members, buckets, transform, *, batch_size, max_gt_boxes, seed,
-                 rank, group_size, shuffle, failed):
+    ``samples`` lists (image_id, copy) pairs and ``members`` holds, per bucket, indices into it:
+    an image with several copies (window mode) gives that many differently augmented samples an
+    epoch, each drawn from its own (seed, epoch, image id, copy) stream.
+    """
+
+    def __init__(self, coco, samples, members, buckets, transform, *, batch_size, max_gt_boxes,
+                 seed, rank, group_size, shuffle, failed):
         self.coco = coco
+        self.samples = samples
         self.members = members
         self.buckets = buckets
         self.transform = transform
@@ -194,14 +212,19 @@ class TrainBatches:
         self.seed = seed
         self.failed = failed
         self._plan_args = (batch_size, rank, group_size, shuffle)
-        self._cached = (0, self.plan(0))
+        self._cached = (0, self._sample_plan(0))
         self.num_batches = len(self._cached[1])
 
-    def plan(self, epoch):
-        """This rank's batches of ``epoch``: list of (bucket, [image ids]), see plan_train_epoch."""
+    def _sample_plan(self, epoch):
+        """-> [(bucket, [sample indices])] of ``epoch``, see plan_train_epoch."""
         batch_size, rank, group_size, shuffle = self._plan_args
         return plan_train_epoch(self.members, batch_size, self.seed, epoch, rank, group_size,
                                 shuffle)
+
+    def plan(self, epoch):
+        """This rank's batches of ``epoch``: list of (bucket, [image ids])."""
+        return [(bucket, [self.samples[i][0] for i in indices])
+                for bucket, indices in self._sample_plan(epoch)]
 
     def __len__(self):
         return self.num_batches
@@ -209,36 +232,40 @@ class TrainBatches:
     def __getitem__(self, index):
         epoch, slot = divmod(int(index), self.num_batches)
         if self._cached[0] != epoch:
-            self._cached = (epoch, self.plan(epoch))
-        bucket, image_ids = self._cached[1][slot]
+            self._cached = (epoch, self._sample_plan(epoch))
+        bucket, indices = self._cached[1][slot]
         pad_hw = self.buckets[bucket]
-        used = set(image_ids)
+        used = set(indices)
         samples = []
-        for image_id in image_ids:
-            image_id, image = self._load(image_id, bucket, epoch, used)
-            used.add(image_id)
+        for index in indices:
+            index, image = self._load(index, bucket, epoch, used)
+            used.add(index)
+            image_id, copy = self.samples[index]
             boxes, labels = self.coco.targets(image_id)
-            rng = np.random.default_rng([self.seed, epoch, image_id])
+            # copy 0 keeps the stream of a plain (seed, epoch, image id) key
+            rng = np.random.default_rng([self.seed, epoch, image_id] + ([copy] if copy else []))
             chw, boxes, labels = self.transform(image, boxes, labels, pad_hw, rng)
             samples.append((chw, *pad_targets(boxes, labels, self.max_gt_boxes)))
         return tuple(np.stack(column) for column in zip(*samples))
 
-    def _load(self, image_id, bucket, epoch, used):
-        """-> (image_id, image); an image that fails to load is flagged and replaced by a random
-        other image of the same bucket that is not in the batch yet."""
-        pick = np.random.default_rng([self.seed, epoch, image_id, 1])
+    def _load(self, index, bucket, epoch, used):
+        """Sample index -> (index, image); an image that fails to load is flagged and the sample
+        replaced by a random other one of the same bucket, not in the batch yet, whose image
+        loads."""
+        pick = np.random.default_rng([self.seed, epoch, self.samples[index][0], 1])
         while True:
+            image_id = self.samples[index][0]
             if image_id not in self.failed:
                 try:
-                    return image_id, self.coco.load_image(image_id)
+                    return index, self.coco.load_image(image_id)
                 except DatasetError as err:
                     self.failed.mark(image_id, err)
             candidates = [i for i in self.members[bucket]
-                          if i not in used and i not in self.failed]
+                          if i not in used and self.samples[i][0] not in self.failed]
             if not candidates:
                 raise DatasetError(f"no loadable image left to fill a batch of pad bucket "
                                    f"{self.buckets[bucket]}; failed: {self.failed.paths()[:3]}")
-            image_id = candidates[int(pick.integers(len(candidates)))]
+            index = candidates[int(pick.integers(len(candidates)))]
 
 
 class EvalBatches:
@@ -352,15 +379,18 @@ def _min_sizes(min_size):
 
 def create_train_dataset(img_dir, ann_file, *, batch_size, min_size, max_size, pad_buckets,
                          max_gt_boxes, flip_prob, color_jitter, crop_prob, crop_min_scale,
-                         rotate_degrees, skip_empty_images, num_parallel_workers, rank=0,
-                         group_size=1, seed, shuffle=True, size_divisor=32, start_epoch=0):
+                         rotate_degrees, skip_empty_images, num_parallel_workers, vflip_prob=0.0,
+                         rot90_prob=0.0, hue_jitter=0.0, window=0, window_scale=(1.0, 1.0), rank=0, group_size=1,
+                         seed, shuffle=True, size_divisor=32, start_epoch=0):
     """Training dataset -> (dataset, info).
 
     Columns: images (B,3,H,W) float32, gt_boxes (B,M,4) float32, gt_labels (B,M) int32,
-    gt_mask (B,M) bool, M = max_gt_boxes; (H,W) is one of the pad buckets. Images whose file is
-    missing are left out up front; one that fails to decode is replaced in its batch by another
-    image of its bucket. ``shuffle=False`` keeps a fixed batch order (augmentation still changes
-    with the epoch); ``start_epoch`` continues the epoch sequence when resuming.
+    gt_mask (B,M) bool, M = max_gt_boxes; (H,W) is one of the pad buckets, or in window mode
+    (``window`` > 0: random windows, see window_samples) the one shape window x window rounded up
+    to size_divisor. Images whose file is missing are left out up front; one that fails to decode
+    is replaced in its batch by another image of its bucket. ``shuffle=False`` keeps a fixed
+    batch order (augmentation still changes with the epoch); ``start_epoch`` continues the epoch
+    sequence when resuming.
 
     info: TrainDataInfo.
     """
@@ -368,21 +398,32 @@ def create_train_dataset(img_dir, ann_file, *, batch_size, min_size, max_size, p
     coco = CocoDataset(img_dir, ann_file, skip_empty=skip_empty_images)
     present = present_images(coco, coco.image_ids, "training")
     missing = len(coco.image_ids) - len(present)
-    too_many = sum(len(coco.targets(i)[0]) > max_gt_boxes for i in present)
+    # (a window holds part of its image's boxes: no up-front count there)
+    too_many = 0 if window else sum(len(coco.targets(i)[0]) > max_gt_boxes for i in present)
     if too_many:
         logger.warning("%d training images have more than max_gt_boxes=%d boxes: the %d largest "
                        "are kept", too_many, max_gt_boxes, max_gt_boxes)
-    buckets = resolve_pad_buckets(pad_buckets, min_sizes, max_size, size_divisor)
-    members = group_by_bucket(coco, present, max(min_sizes), max_size, buckets)
-    transform = TrainTransform(min_sizes, max_size, flip_prob=flip_prob, color_jitter=color_jitter,
-                               crop_prob=crop_prob, crop_min_scale=crop_min_scale,
-                               rotate_degrees=rotate_degrees)
+    if window:
+        side = -(-int(window) // size_divisor) * size_divisor
+        buckets = [(side, side)]
+        samples = window_samples(coco, present, window)
+        members = [list(range(len(samples)))]
+    else:
+        buckets = resolve_pad_buckets(pad_buckets, min_sizes, max_size, size_divisor)
+        samples = [(image_id, 0) for image_id in present]
+        index = {image_id: i for i, image_id in enumerate(present)}
+        members = [[index[i] for i in ids]
+                   for ids in group_by_bucket(coco, present, max(min_sizes), max_size, buckets)]
+    transform = TrainTransform(min_sizes, max_size, flip_prob=flip_prob, vflip_prob=vflip_prob,
+                               rot90_prob=rot90_prob, color_jitter=color_jitter, hue_jitter=hue_jitter,
+                               crop_prob=crop_prob, crop_min_scale=crop_min_scale, rotate_degrees=rotate_degrees,
+                               window=window, window_scale=window_scale)
     failed = FailedImages(coco, present)
-    source = TrainBatches(coco, members, buckets, transform, batch_size=batch_size,
+    source = TrainBatches(coco, samples, members, buckets, transform, batch_size=batch_size,
                           max_gt_boxes=max_gt_boxes, seed=seed, rank=rank, group_size=group_size,
                           shuffle=shuffle, failed=failed)
     if source.num_batches == 0:
-        raise DatasetError(f"{len(present)} usable images make no full batch of {batch_size} per "
+        raise DatasetError(f"{len(samples)} usable samples make no full batch of {batch_size} per "
                            f"device for {group_size} device(s) in any pad bucket: {ann_file}")
     dataset = _generator_dataset(source, TRAIN_COLUMNS, num_parallel_workers,
                                  sampler=EpochSampler(source.num_batches, start_epoch))

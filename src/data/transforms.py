@@ -1,4 +1,5 @@
-"""Sample transforms: keep-ratio resize, flip, photometric jitter, crop, rotation, normalise, pad.
+"""Sample transforms: keep-ratio resize, flips and 90-degree turns, photometric jitter, crops
+(keep-ratio or fixed-size windows), rotation, normalise, pad.
 
 A sample is an image (H,W,3) uint8 RGB, boxes (N,4) float32 x1,y1,x2,y2 in continuous pixel
 coordinates (pixel column i spans [i, i+1)) and labels (N,) int32. Every geometric transform
@@ -78,6 +79,25 @@ def hflip(image, boxes):
     return np.ascontiguousarray(image[:, ::-1]), flipped
 
 
+def vflip(image, boxes):
+    """Mirror top-bottom: coordinate y goes to h-y."""
+    h = image.shape[0]
+    flipped = boxes.copy()
+    flipped[:, 1] = h - boxes[:, 3]
+    flipped[:, 3] = h - boxes[:, 1]
+    return np.ascontiguousarray(image[::-1]), flipped
+
+
+def rot90(image, boxes, turns):
+    """Rotate counter-clockwise by turns x 90 degrees, as np.rot90: pixel (row r, column c) of a
+    w-wide image goes to (w-1-c, r), so point (x, y) goes to (y, w-x)."""
+    for _ in range(turns % 4):
+        w = image.shape[1]
+        image = np.rot90(image)
+        boxes = np.stack([boxes[:, 1], w - boxes[:, 2], boxes[:, 3], w - boxes[:, 0]], axis=1)
+    return np.ascontiguousarray(image), boxes.astype(np.float32).reshape(-1, 4)
+
+
 def color_jitter(image, strength, rng):
     """Brightness, contrast and saturation, each by a factor in [1-strength, 1+strength], in a
     random order; strength 0 returns the image unchanged."""
@@ -97,6 +117,19 @@ def color_jitter(image, strength, rng):
             out += anchor
         np.clip(out, 0.0, 255.0, out=out)
     return np.round(out).astype(np.uint8)
+
+
+def hue_shift(image, fraction, rng):
+    """Turn every pixel's hue by one angle drawn from U(-fraction, fraction) of the colour circle
+    (torchvision's ColorJitter hue); fraction 0 returns the image unchanged. Aerial sites differ
+    in the hue of their canopy and ground more than a brightness/contrast/saturation jitter
+    reaches."""
+    if fraction <= 0:
+        return image
+    hsv = cv2.cvtColor(image.astype(np.float32) / 255.0, cv2.COLOR_RGB2HSV)  # H in [0, 360)
+    hsv[..., 0] = np.mod(hsv[..., 0] + 360.0 * rng.uniform(-fraction, fraction), 360.0)
+    rgb = cv2.cvtColor(hsv, cv2.COLOR_HSV2RGB)
+    return np.round(np.clip(rgb * 255.0, 0.0, 255.0)).astype(np.uint8)
 
 
 def _keep_visible(moved, unclipped_area, width, height, min_visible):
@@ -133,6 +166,27 @@ def random_crop(image, boxes, labels, rng, min_scale, min_visible=0.5, max_tries
         if keep.any() or len(boxes) == 0:
             return image[y0:y0 + crop_h, x0:x0 + crop_w], clipped[keep], labels[keep]
     return image, boxes, labels
+
+
+def random_window(image, boxes, labels, rng, size, scale_range, min_visible=0.5):
+    """Cut a window at a random place and zoom s ~ U(scale_range) so that it is size x size
+    (smaller where the image is smaller than size / s).
+
+    The window covers size / s source pixels per side; boxes are clipped to it and those with
+    under ``min_visible`` of their area inside are dropped. A window may hold no box: on large
+    images (orthophotos) that is background the network should learn too.
+    -> (image (h,w,3) with h, w <= size, boxes (K,4), labels (K,)).
+    """
+    h, w = image.shape[:2]
+    zoom = rng.uniform(*scale_range)
+    win_h, win_w = min(h, max(1, round(size / zoom))), min(w, max(1, round(size / zoom)))
+    y0 = int(rng.integers(0, h - win_h + 1))
+    x0 = int(rng.integers(0, w - win_w + 1))
+    moved = boxes - np.array([x0, y0, x0, y0], np.float32)
+    clipped, keep = _keep_visible(moved, _box_area(boxes), win_w, win_h, min_visible)
+    out_hw = (min(size, max(1, round(win_h * zoom))), min(size, max(1, round(win_w * zoom))))
+    window, kept = resize(image[y0:y0 + win_h, x0:x0 + win_w], clipped[keep], out_hw)
+    return window, kept, labels[keep]
 
 
 def _clip_polygon(points, width, height):
@@ -248,44 +302,82 @@ def preprocess_image(image, min_size, max_size, pad_hw):
 
 
 class TrainTransform:
-    """Training transform: jitter -> crop -> rotate -> resize to a random min_size -> flip ->
-    normalise -> pad.
+    """Training transform: jitter -> vertical flip / 90-degree turns -> crop -> rotate -> resize
+    to a random min_size -> horizontal flip -> normalise -> pad; in window mode a random window
+    of ``window`` pixels -> flip / turns -> jitter -> horizontal flip -> normalise -> pad.
 
     Args:
         min_sizes: short-side sizes, one drawn per sample (multi-scale training).
         max_size: cap on the long side.
-        flip_prob: probability of a horizontal flip.
+        flip_prob, vflip_prob: probabilities of a horizontal and of a vertical flip.
+        rot90_prob: probability of a counter-clockwise turn by 90, 180 or 270 degrees (drawn
+            uniformly); with both flips this covers the 8 symmetries of the square, valid for
+            top-down (nadir) imagery. A turned non-square image is shrunk to fit its pad shape.
         color_jitter: photometric strength (0 = off).
+        hue_jitter: largest hue turn as a fraction of the colour circle (0 = off, at most 0.5).
         crop_prob, crop_min_scale: probability and smallest side fraction of a random crop.
         rotate_degrees: rotation angle drawn from U(-rotate_degrees, rotate_degrees) (0 = off).
+        window: > 0 replaces crop and resize by a random window that becomes window x window
+            pixels at a zoom drawn from ``window_scale`` (random_window).
     """
 
-    def __init__(self, min_sizes, max_size, *, flip_prob=0.5, color_jitter=0.0, crop_prob=0.0,
-                 crop_min_scale=0.6, rotate_degrees=0.0):
+    def __init__(self, min_sizes, max_size, *, flip_prob=0.5, vflip_prob=0.0, rot90_prob=0.0,
+                 color_jitter=0.0, hue_jitter=0.0, crop_prob=0.0, crop_min_scale=0.6,
+                 rotate_degrees=0.0, window=0, window_scale=(1.0, 1.0)):
         if not min_sizes or min(min_sizes) <= 0 or max_size <= 0:
             raise ValueError(f"min_size {min_sizes} and max_size {max_size} must be positive")
         if not 0.0 < crop_min_scale <= 1.0:
             raise ValueError(f"crop_min_scale must be in (0, 1], got {crop_min_scale}")
+        if len(window_scale) != 2 or not 0.0 < window_scale[0] <= window_scale[1]:
+            raise ValueError(f"window_scale must be [low, high] with 0 < low <= high, got {window_scale}")
         self.min_sizes = [int(s) for s in min_sizes]
         self.max_size = int(max_size)
         self.flip_prob = float(flip_prob)
+        self.vflip_prob = float(vflip_prob)
+        self.rot90_prob = float(rot90_prob)
         self.color_jitter = float(color_jitter)
+        self.hue_jitter = float(hue_jitter)
         self.crop_prob = float(crop_prob)
         self.crop_min_scale = float(crop_min_scale)
         self.rotate_degrees = float(rotate_degrees)
+        self.window = int(window)
+        self.window_scale = tuple(float(v) for v in window_scale)
 
     def __call__(self, image, boxes, labels, pad_hw, rng):
         """-> (chw (3,pad_h,pad_w) float32, boxes (K,4) float32, labels (K,) int32), K <= N."""
-        image = color_jitter(image, self.color_jitter, rng)
+        if self.window:
+            # the window first: jitter and turns then touch window pixels, not a whole orthophoto
+            image, boxes, labels = random_window(image, boxes, labels, rng, self.window, self.window_scale)
+            image, boxes = self._turns(image, boxes, rng)
+            image = self._photometric(image, rng)
+        else:
+            image = self._photometric(image, rng)
+            image, boxes = self._turns(image, boxes, rng)
+            image, boxes, labels = self._crop_and_resize(image, boxes, labels, pad_hw, rng)
+        if self.flip_prob > 0 and rng.random() < self.flip_prob:
+            image, boxes = hflip(image, boxes)
+        return normalize_and_pad(image, pad_hw), boxes, labels
+
+    def _photometric(self, image, rng):
+        return hue_shift(color_jitter(image, self.color_jitter, rng), self.hue_jitter, rng)
+
+    def _turns(self, image, boxes, rng):
+        """Random vertical flip and 90-degree turn."""
+        if self.vflip_prob > 0 and rng.random() < self.vflip_prob:
+            image, boxes = vflip(image, boxes)
+        if self.rot90_prob > 0 and rng.random() < self.rot90_prob:
+            image, boxes = rot90(image, boxes, int(rng.integers(1, 4)))
+        return image, boxes
+
+    def _crop_and_resize(self, image, boxes, labels, pad_hw, rng):
+        """Whole-image mode: optional crop and rotation, then a keep-ratio resize to a random
+        min_size that fits pad_hw."""
         if self.crop_prob > 0 and rng.random() < self.crop_prob:
             image, boxes, labels = random_crop(image, boxes, labels, rng, self.crop_min_scale)
         if self.rotate_degrees > 0:
             angle = rng.uniform(-self.rotate_degrees, self.rotate_degrees)
             image, boxes, labels = rotate(image, boxes, labels, angle)
         min_size = self.min_sizes[int(rng.integers(len(self.min_sizes)))]
-        size = keep_ratio_size(image.shape[0], image.shape[1], min_size, self.max_size,
-                               fit_hw=pad_hw)
+        size = keep_ratio_size(image.shape[0], image.shape[1], min_size, self.max_size, fit_hw=pad_hw)
         image, boxes = resize(image, boxes, size)
-        if self.flip_prob > 0 and rng.random() < self.flip_prob:
-            image, boxes = hflip(image, boxes)
-        return normalize_and_pad(image, pad_hw), boxes, labels
+        return image, boxes, labels

@@ -119,6 +119,7 @@ class Trainer:
 
     def _run_epoch(self, make_dataset, progress):
         """Train the rest of the current epoch; False when stopped by a signal."""
+        last_step = self.steps_per_epoch * self.epochs
         t_data = time.perf_counter()
         data_seconds = 0.0
         for batch in make_dataset(self.epoch, self.step_in_epoch):
@@ -130,7 +131,8 @@ class Trainer:
             self.global_step += 1
             progress.step()
             progress.bar(f"epoch {self.epoch + 1}/{self.epochs}")
-            if self.global_step % self.log_interval == 0 or self.step_in_epoch == self.steps_per_epoch:
+            # not at every epoch's end: epochs of a few steps (window mode) would log every few steps
+            if self.global_step % self.log_interval == 0 or self.global_step == last_step:
                 self._log(losses, progress, data_seconds)
                 data_seconds = 0.0
             if self.save_ckpt_steps and self.global_step % self.save_ckpt_steps == 0:

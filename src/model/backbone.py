@@ -9,7 +9,7 @@ tools/convert_torchvision.py maps torchvision checkpoints by renaming leaves onl
 from mindspore import nn, ops
 from mindspore.common.initializer import HeNormal
 
-from .norm import batch_norm
+from .norm import backbone_norm
 
 
 def _conv(in_channels, out_channels, kernel_size, stride=1, groups=1):
@@ -24,16 +24,16 @@ class BasicBlock(nn.Cell):
 
     expansion = 1
 
-    def __init__(self, in_channels, planes, stride, frozen_bn, groups=1, width_per_group=64):
+    def __init__(self, in_channels, planes, stride, norm, groups=1, width_per_group=64):
         super().__init__()
         if groups != 1 or width_per_group != 64:
             raise ValueError("BasicBlock supports only groups=1 and width_per_group=64")
         self.conv1 = _conv(in_channels, planes, 3, stride)
-        self.bn1 = batch_norm(planes, frozen_bn)
+        self.bn1 = backbone_norm(planes, norm)
         self.conv2 = _conv(planes, planes, 3)
-        self.bn2 = batch_norm(planes, frozen_bn)
+        self.bn2 = backbone_norm(planes, norm)
         self.relu = nn.ReLU()
-        self.downsample = _downsample(in_channels, planes, stride, frozen_bn)
+        self.downsample = _downsample(in_channels, planes, stride, norm)
 
     def construct(self, x):
         identity = x if self.downsample is None else self.downsample(x)
@@ -50,18 +50,18 @@ class Bottleneck(nn.Cell):
 
     expansion = 4
 
-    def __init__(self, in_channels, planes, stride, frozen_bn, groups=1, width_per_group=64):
+    def __init__(self, in_channels, planes, stride, norm, groups=1, width_per_group=64):
         super().__init__()
         width = int(planes * (width_per_group / 64.0)) * groups
         out_channels = planes * self.expansion
         self.conv1 = _conv(in_channels, width, 1)
-        self.bn1 = batch_norm(width, frozen_bn)
+        self.bn1 = backbone_norm(width, norm)
         self.conv2 = _conv(width, width, 3, stride, groups)
-        self.bn2 = batch_norm(width, frozen_bn)
+        self.bn2 = backbone_norm(width, norm)
         self.conv3 = _conv(width, out_channels, 1)
-        self.bn3 = batch_norm(out_channels, frozen_bn)
+        self.bn3 = backbone_norm(out_channels, norm)
         self.relu = nn.ReLU()
-        self.downsample = _downsample(in_channels, out_channels, stride, frozen_bn)
+        self.downsample = _downsample(in_channels, out_channels, stride, norm)
 
     def construct(self, x):
         identity = x if self.downsample is None else self.downsample(x)
@@ -71,12 +71,12 @@ class Bottleneck(nn.Cell):
         return self.relu(out + identity)
 
 
-def _downsample(in_channels, out_channels, stride, frozen_bn):
+def _downsample(in_channels, out_channels, stride, norm):
     """The projection shortcut (1x1 conv + BN) where the block changes shape, else None."""
     if stride == 1 and in_channels == out_channels:
         return None
     return nn.SequentialCell([_conv(in_channels, out_channels, 1, stride),
-                              batch_norm(out_channels, frozen_bn)])
+                              backbone_norm(out_channels, norm)])
 
 
 # name -> (block, blocks per stage, groups, width_per_group), as torchvision.models.
@@ -120,17 +120,21 @@ class ResNet(nn.Cell):
     sizes rounded up; the channel counts are in ``out_channels``.
 
     freeze_bn: FrozenBatchNorm2d instead of nn.BatchNorm2d everywhere.
+    norm: "BN" (BatchNorm, frozen with freeze_bn) or "GN" (trained GroupNorm, 32 groups).
     freeze_stage_1: the stem and layer1 get requires_grad=False (no gradient, no update).
     """
 
-    def __init__(self, name="resnet50", freeze_bn=True, freeze_stage_1=True):
+    def __init__(self, name="resnet50", freeze_bn=True, freeze_stage_1=True, norm="BN"):
         super().__init__()
         if name not in ARCHITECTURES:
             raise ValueError(f"unknown backbone '{name}'; choose one of {sorted(ARCHITECTURES)}")
+        if norm == "GN" and freeze_bn:
+            raise ValueError("freeze_bn freezes BatchNorm; a GroupNorm backbone needs freeze_bn False")
+        norm = "frozen_BN" if norm == "BN" and freeze_bn else norm
         block, depths, groups, width_per_group = ARCHITECTURES[name]
         self.conv1 = nn.Conv2d(3, 64, 7, stride=2, pad_mode="pad", padding=3, has_bias=False,
                                weight_init=HeNormal(mode="fan_out", nonlinearity="relu"))
-        self.bn1 = batch_norm(64, freeze_bn)
+        self.bn1 = backbone_norm(64, norm)
         self.relu = nn.ReLU()
         self.maxpool = StemMaxPool()
         in_channels = 64
@@ -139,7 +143,7 @@ class ResNet(nn.Cell):
             stride = 1 if index == 0 else 2
             blocks = []
             for block_index in range(depth):
-                blocks.append(block(in_channels, planes, stride if block_index == 0 else 1, freeze_bn,
+                blocks.append(block(in_channels, planes, stride if block_index == 0 else 1, norm,
                                     groups, width_per_group))
                 in_channels = planes * block.expansion
             stages.append(nn.SequentialCell(blocks))

@@ -1,4 +1,5 @@
-"""Normalisation layers: frozen BatchNorm for the backbone, an exportable GroupNorm for the head.
+"""Normalisation layers: frozen BatchNorm for the backbone, an exportable GroupNorm for the head
+(and for a backbone trained from scratch).
 
 Both keep MindSpore's parameter names (gamma, beta, moving_mean, moving_variance) so that a
 checkpoint saved with frozen BatchNorm loads into a network with nn.BatchNorm2d and back.
@@ -146,10 +147,14 @@ class GroupNorm(nn.Cell):
         return self.function(x, self.gamma, self.beta)
 
 
-def batch_norm(num_features, frozen):
-    """A backbone BatchNorm: FrozenBatchNorm2d, or nn.BatchNorm2d with torch's momentum 0.1."""
-    if frozen:
+def backbone_norm(num_features, kind):
+    """A backbone normalisation layer: kind "frozen_BN" (FrozenBatchNorm2d), "BN" (nn.BatchNorm2d
+    with torch's momentum 0.1) or "GN" (GroupNorm, 32 groups)."""
+    if kind == "frozen_BN":
         return FrozenBatchNorm2d(num_features)
+    if kind == "GN":
+        return GroupNorm(32, num_features)
+    if kind != "BN":
+        raise ValueError(f"unknown backbone normalisation '{kind}'; choose BN or GN")
     # MindSpore's momentum weighs the running value (torch's 0.1 weighs the batch value).
     return nn.BatchNorm2d(num_features, eps=1e-5, momentum=0.9)
-
