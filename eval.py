@@ -1,5 +1,6 @@
 """COCO bbox evaluation of a checkpoint:
 python eval.py --ckpt_file=... --val_img_dir=... --val_ann_file=... [--output_dir=...]
+               [--runtime=onnxruntime]
 
 Prints the standard 12-line COCO table and writes <output_dir>/eval_result.json with the stats
 (AP, AP50, AP75, APs, APm, APl, AR1, AR10, AR100, ARs, ARm, ARl) and the detections in COCO
@@ -9,8 +10,7 @@ import json
 import logging
 
 import src  # noqa: F401  (sets the oneDNN ISA before mindspore loads)
-from src.builder import (build_eval_dataset, build_inference, eval_graphs, load_network, precompile_graphs,
-                         selection_kwargs)
+from src.builder import build_eval_dataset, build_inference, build_runtime, load_network, selection_kwargs
 from src.engine.coco_eval import check_category_count
 from src.engine.context import init_context, setup_logging
 from src.engine.evaluate import evaluate
@@ -27,10 +27,9 @@ def main(argv=None):
     setup_logging(cfg.output_dir, 0, "eval")
     dataset, info = build_eval_dataset(cfg, batch_size=cfg.batch_size)
     check_category_count(len(info.label_to_cat_id), cfg.class_num, cfg.val_ann_file)
-    infer_cell = build_inference(cfg, load_network(cfg))
-    logger.info("evaluating %s on %d images", cfg.ckpt_file, info.num_images)
-    precompile_graphs(cfg, eval_graphs(infer_cell, info.pad_shapes, cfg.batch_size))
-    metrics = evaluate(infer_cell, dataset, info, cfg.val_ann_file, selection_kwargs(cfg), cfg.output_dir,
+    logger.info("evaluating %s on %d images in %s", cfg.ckpt_file, info.num_images, cfg.runtime)
+    runtime = build_runtime(cfg, build_inference(cfg, load_network(cfg)), info.pad_shapes, cfg.batch_size)
+    metrics = evaluate(runtime, dataset, info, cfg.val_ann_file, selection_kwargs(cfg), cfg.output_dir,
                        batch_size=cfg.batch_size)
     if metrics is None:
         raise ConfigError(f"--val_img_dir: none of the images of {cfg.val_ann_file} could be read")

@@ -1,20 +1,22 @@
 """Detect objects in images with a checkpoint and draw them:
 python predict.py --ckpt_file=... --input IMAGE_OR_FOLDER [MORE ...] [--output_dir=./output]
                   [--class_names=a,b,c | --val_ann_file=ANN.json] [--draw_score_threshold=0.3]
+                  [--runtime=onnxruntime]
 
 For every image: <output_dir>/<name>_pred.png with the boxes, class names and scores drawn (those
 scoring at least --draw_score_threshold), and all detections (score > --score_threshold) in
 <output_dir>/predictions.json, in original image pixels. Images go through the same steps as in
-eval.py: preprocess_image at the evaluation size and pad shape, FCOSInference, select_detections,
-rescale_boxes. Class names come from --class_names, else from the categories of --val_ann_file
-(which also adds category ids to predictions.json), else labels are shown as numbers. Unreadable
+eval.py: preprocess_image at the evaluation size and pad shape, FCOSInference (in MindSpore or, with
+--runtime=onnxruntime, in onnxruntime), select_detections, rescale_boxes. Class names come from
+--class_names, else from the categories of --val_ann_file (which also adds category ids to
+predictions.json), else labels are shown as numbers. Unreadable
 images are skipped, counted and named.
 """
 import logging
 import os
 
 import src  # noqa: F401  (sets the oneDNN ISA before mindspore loads)
-from src.builder import build_inference, eval_pad_buckets, eval_size, load_network, selection_kwargs
+from src.builder import build_inference, build_runtime, eval_pad_buckets, eval_size, load_network, selection_kwargs
 from src.data.coco import DatasetError, label_maps, load_image_rgb, read_coco_json
 from src.engine.context import init_context, setup_logging
 from src.inference.predictor import Predictor
@@ -98,8 +100,8 @@ def main(argv=None):
     init_context(cfg.device_target, cfg.mode, cfg.device_id, distributed=False)
     setup_logging(cfg.output_dir, 0, "predict")
     names, label_to_cat_id = class_info(cfg, names)
-    predictor = Predictor(build_inference(cfg, load_network(cfg)), *eval_size(cfg), eval_pad_buckets(cfg),
-                          selection_kwargs(cfg))
+    runtime = build_runtime(cfg, build_inference(cfg, load_network(cfg)))
+    predictor = Predictor(runtime, *eval_size(cfg), eval_pad_buckets(cfg), selection_kwargs(cfg))
     images, skipped, used = [], [], set()
     for path in files:
         try:

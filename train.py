@@ -18,6 +18,7 @@ from src.engine.coco_eval import check_category_count
 from src.engine.context import init_context, setup_logging
 from src.engine.evaluate import evaluate
 from src.engine.trainer import Trainer, TrainingStopped
+from src.inference.runtime import MindSporeRuntime
 from src.model_utils.config import ConfigError, guard_main, load_config, require_files
 
 logger = logging.getLogger("fcos")
@@ -76,7 +77,7 @@ def build_evaluator(cfg, network):
     out_dir = os.path.join(cfg.output_dir, "eval")
 
     def run():
-        return evaluate(infer_cell, dataset, info, cfg.val_ann_file, selection_kwargs(cfg), out_dir,
+        return evaluate(MindSporeRuntime(infer_cell), dataset, info, cfg.val_ann_file, selection_kwargs(cfg), out_dir,
                         batch_size=cfg.batch_size)
 
     return run, eval_graphs(infer_cell, info.pad_shapes, cfg.batch_size)

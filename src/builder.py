@@ -17,6 +17,7 @@ from src.engine.lr_schedule import build_lr_schedule, scaled_lr
 from src.engine.train_step import FCOSWithLoss, TrainStep, build_optimizer
 from src.inference.decoder import FCOSDecoder
 from src.inference.detector import FCOSInference
+from src.inference.runtime import make_runtime
 from src.model.fcos import FCOS
 from src.model.loss import FCOSLoss
 from src.model_utils.config import ConfigError, require_files
@@ -170,3 +171,19 @@ def precompile_graphs(cfg, graphs, distributed=False):
     --compile_cache=False or data-parallel runs)."""
     use_cache = cfg.compile_cache and not distributed
     return precompile(graphs, cfg, os.path.join(cfg.output_dir, "compile_cache") if use_cache else None)
+
+
+def build_runtime(cfg, infer_cell, pad_shapes=(), batch_size=1):
+    """--runtime: what runs infer_cell in eval.py and predict.py (src.inference.runtime), with the
+    inputs (batch_size, 3, H, W) of pad_shapes made ready: compiled (or loaded from the compile
+    cache) in MindSpore, exported and loaded in onnxruntime. Other shapes get ready on first use."""
+    try:
+        runtime = make_runtime(cfg.runtime, infer_cell)
+    except ImportError as err:
+        raise ConfigError(f"--runtime: {err}") from None
+    if cfg.runtime == "mindspore":
+        precompile_graphs(cfg, eval_graphs(infer_cell, pad_shapes, batch_size))
+    else:
+        for h, w in pad_shapes:
+            runtime.prepare((batch_size, 3, h, w))
+    return runtime

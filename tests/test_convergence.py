@@ -2,7 +2,9 @@
 
 Measured with exactly these settings (64 training images of 128x128, 96 steps, ResNet-18 from
 scratch, 32-channel FPN): validation AP50 0.20 (AP 0.07). A broken loss, target assignment or
-decoding leaves AP50 near 0, so the bar below keeps a wide margin both ways.
+decoding leaves AP50 near 0, so the bar below keeps a wide margin both ways. The trained
+checkpoint is then evaluated in onnxruntime too (eval.py --runtime=onnxruntime): every COCO
+statistic within 1e-4 of the MindSpore path's.
 """
 import json
 import os
@@ -11,6 +13,8 @@ import sys
 
 import pytest
 
+from src.engine.coco_eval import STAT_KEYS
+from src.inference.runtime import RUNTIMES
 from tools.synthetic import make_synthetic_coco
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -29,8 +33,15 @@ def test_short_training_run_detects_synthetic_shapes(tmp_path):
                     "--base_lr=0.02", "--epochs=12", "--lr_steps=[10]", "--log_interval=8"],
                    cwd=ROOT, check=True, capture_output=True, timeout=900)
     ckpt = os.path.join(out, "checkpoints", "fcos-12_96.ckpt")
-    subprocess.run([sys.executable, "eval.py", *common, f"--ckpt_file={ckpt}", f"--output_dir={out}/eval"],
-                   cwd=ROOT, check=True, capture_output=True, timeout=600)
-    with open(os.path.join(out, "eval", "eval_result.json")) as f:
-        metrics = json.load(f)
-    assert metrics["AP50"] >= MIN_AP50, metrics
+    metrics = {}
+    for runtime in RUNTIMES:
+        subprocess.run([sys.executable, "eval.py", *common, f"--ckpt_file={ckpt}", f"--output_dir={out}/{runtime}",
+                        f"--runtime={runtime}"], cwd=ROOT, check=True, capture_output=True, timeout=600)
+        with open(os.path.join(out, runtime, "eval_result.json")) as f:
+            metrics[runtime] = json.load(f)
+    ours, onnx = metrics["mindspore"], metrics["onnxruntime"]
+    assert ours["AP50"] >= MIN_AP50, ours
+    assert onnx["num_images"] == ours["num_images"] == 16
+    print({key: (ours[key], onnx[key]) for key in STAT_KEYS})
+    for key in STAT_KEYS:
+        assert onnx[key] == pytest.approx(ours[key], abs=1e-4), key

@@ -14,6 +14,7 @@ import export
 from src.builder import build_inference, build_model
 from src.deploy.contract import read_export_info
 from src.deploy.runner import mindir_input_shape
+from src.inference.runtime import MindSporeRuntime, OnnxRuntime
 from src.model_utils.config import load_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -36,7 +37,7 @@ def model(tmp_path_factory):
     infer_cell.set_train(False)
     images = np.random.default_rng(0).standard_normal(SHAPE).astype(np.float32)
     expected = tuple(x.asnumpy() for x in infer_cell(Tensor(images)))
-    return {"cfg": cfg, "ckpt": ckpt, "images": images, "expected": expected}
+    return {"cfg": cfg, "ckpt": ckpt, "images": images, "expected": expected, "infer_cell": infer_cell}
 
 
 def export_command(*args):
@@ -103,6 +104,22 @@ def test_onnx_export_runs_in_onnxruntime(model, tmp_path):
     assert_same_candidates(model["expected"], got)
     with open(base + ".json", encoding="utf-8") as f:
         assert json.load(f)["file_format"] == "ONNX"
+
+
+def test_onnx_runtime_exports_each_input_shape_once_and_computes_the_same(model):
+    """eval.py's and predict.py's --runtime=onnxruntime: one export and session per input shape."""
+    pytest.importorskip("onnxruntime", reason="onnxruntime is not installed (pip install onnxruntime)")
+    onnx, ours = OnnxRuntime(model["infer_cell"], threads=1), MindSporeRuntime(model["infer_cell"])
+    folder = onnx._folder.name
+    try:
+        assert_same_candidates(model["expected"], onnx(model["images"]))
+        other = model["images"][:1, :, :, :64]  # another batch size and width
+        assert_same_candidates(ours(other), onnx(other))
+        assert_same_candidates(model["expected"], onnx(model["images"]))
+        assert sorted(os.listdir(folder)) == ["fcos_1x3x64x64.onnx", "fcos_2x3x64x96.onnx"]
+    finally:
+        onnx.close()
+    assert not os.path.exists(folder)
 
 
 @pytest.mark.parametrize("args, message", [

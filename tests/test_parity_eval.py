@@ -6,6 +6,7 @@ here the photos become a COCO validation set on disk, the fixture's weights go t
 converter's command line into a .ckpt, and eval.py (its own process) runs its normal pipeline (decode, resize,
 normalise, pad, network, decoder, selection, rescale) with the fixture's settings. Every size
 comes from the fixture: the pad shape is its batch's, so points and padding are torchvision's.
+Both runtimes of eval.py must give them: MindSpore, and onnxruntime on the ONNX export.
 """
 import json
 import os
@@ -17,6 +18,7 @@ import numpy as np
 import pytest
 
 from conftest import ROOT, parity_dir
+from src.inference.runtime import RUNTIMES
 
 
 @pytest.fixture(scope="module")
@@ -57,27 +59,46 @@ def converted_checkpoint(folder):
     return ckpt
 
 
-def test_eval_of_converted_weights_gives_torchvision_detections(fixture, tmp_path):
+@pytest.fixture(scope="module")
+def eval_result(fixture, tmp_path_factory):
+    """runtime -> eval_result.json of eval.py run with it on the fixture's photos (run once each)."""
     manifest, arrays = fixture
     if any(f"images_uint8_{i}" not in arrays for i in range(len(arrays["orig_sizes"]))):
         pytest.skip("this parity fixture holds no raw images (images_uint8_<i>) to evaluate")
     config = manifest["config"]
-    img_dir, ann = write_validation_set(tmp_path, arrays, config["num_classes"])
+    folder = tmp_path_factory.mktemp("parity_eval")
+    img_dir, ann = write_validation_set(folder, arrays, config["num_classes"])
+    ckpt = converted_checkpoint(folder)
     pad_h, pad_w = arrays["batch_input"].shape[2:]
-    done = subprocess.run([sys.executable, "eval.py",
-        f"--backbone=resnet{manifest['depth']}", f"--fpn_out_channels={manifest['fpn_out_channels']}",
-        f"--class_num={config['num_classes']}", f"--strides={manifest['strides']}",
-        f"--point_offset={manifest['point_offset']}", "--point_strides=torchvision",
-        f"--min_size=[{config['min_size']}]", f"--max_size={config['max_size']}", f"--pad_buckets=[[{pad_h},{pad_w}]]",
-        f"--score_threshold={config['score_thresh']}", f"--nms_iou_threshold={config['nms_thresh']}",
-        f"--detections_per_img={config['detections_per_img']}",
-        f"--max_detection_boxes_num={config['topk_candidates']}", "--batch_size=1", "--num_parallel_workers=1",
-        f"--ckpt_file={converted_checkpoint(tmp_path)}", f"--val_img_dir={img_dir}", f"--val_ann_file={ann}",
-        f"--output_dir={tmp_path / 'eval'}", "--compile_cache=False"], cwd=ROOT, capture_output=True, text=True,
-        timeout=900)
-    assert done.returncode == 0, done.stderr[-2000:]
-    with open(tmp_path / "eval" / "eval_result.json", encoding="utf-8") as f:
-        detections = json.load(f)["detections"]
+    results = {}
+
+    def run(runtime):
+        if runtime not in results:
+            out = folder / f"eval_{runtime}"
+            done = subprocess.run([sys.executable, "eval.py",
+                f"--backbone=resnet{manifest['depth']}", f"--fpn_out_channels={manifest['fpn_out_channels']}",
+                f"--class_num={config['num_classes']}", f"--strides={manifest['strides']}",
+                f"--point_offset={manifest['point_offset']}", "--point_strides=torchvision",
+                f"--min_size=[{config['min_size']}]", f"--max_size={config['max_size']}",
+                f"--pad_buckets=[[{pad_h},{pad_w}]]",
+                f"--score_threshold={config['score_thresh']}", f"--nms_iou_threshold={config['nms_thresh']}",
+                f"--detections_per_img={config['detections_per_img']}",
+                f"--max_detection_boxes_num={config['topk_candidates']}", "--batch_size=1", "--num_parallel_workers=1",
+                f"--ckpt_file={ckpt}", f"--val_img_dir={img_dir}", f"--val_ann_file={ann}",
+                f"--output_dir={out}", "--compile_cache=False", f"--runtime={runtime}"], cwd=ROOT,
+                capture_output=True, text=True, timeout=900)
+            assert done.returncode == 0, done.stderr[-2000:]
+            with open(out / "eval_result.json", encoding="utf-8") as f:
+                results[runtime] = json.load(f)
+        return results[runtime]
+
+    return run
+
+
+@pytest.mark.parametrize("runtime", RUNTIMES)
+def test_eval_of_converted_weights_gives_torchvision_detections(fixture, eval_result, runtime):
+    _, arrays = fixture
+    detections = eval_result(runtime)["detections"]
     for i in range(len(arrays["orig_sizes"])):
         ours = [d for d in detections if d["image_id"] == i + 1]
         want_boxes, want_scores = arrays[f"det_boxes_orig_{i}"], arrays[f"det_scores_{i}"]
@@ -96,3 +117,4 @@ def test_eval_of_converted_weights_gives_torchvision_detections(fixture, tmp_pat
             best = np.flatnonzero(close)[np.argmin(np.abs(got_boxes[close] - box).max(axis=1))]
             np.testing.assert_allclose(got_boxes[best], box, atol=0.02, rtol=0)
             used[best] = True
+

@@ -1,4 +1,5 @@
-"""predict.py (detections as eval.py computes them, drawn and listed) and src/utils/visualize.py."""
+"""predict.py (detections as eval.py computes them, drawn and listed, in MindSpore and in onnxruntime)
+and src/utils/visualize.py."""
 import json
 import os
 import subprocess
@@ -11,6 +12,7 @@ import pytest
 
 import predict
 from src.builder import build_model
+from src.inference.runtime import RUNTIMES
 from src.model_utils.config import load_config
 from src.utils.visualize import caption, draw_detections, label_colour, save_image
 from tools.synthetic import make_synthetic_coco
@@ -43,16 +45,24 @@ def read_json(path):
         return json.load(f)
 
 
-def test_predictions_equal_eval_detections(data, tmp_path):
-    result = command("predict.py", f"--ckpt_file={data['ckpt']}", "--input", str(data["img_dir"]),
-                     f"--val_ann_file={data['ann_file']}", f"--output_dir={tmp_path / 'pred'}")
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+@pytest.fixture(scope="module")
+def eval_detections(data, tmp_path_factory):
+    """eval.py's detections (MindSpore) of the three images."""
+    out = tmp_path_factory.mktemp("eval")
     result = command("eval.py", f"--ckpt_file={data['ckpt']}", f"--val_img_dir={data['img_dir']}",
-                     f"--val_ann_file={data['ann_file']}", f"--output_dir={tmp_path / 'eval'}", "--batch_size=1")
+                     f"--val_ann_file={data['ann_file']}", f"--output_dir={out}", "--batch_size=1")
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return read_json(out / "eval_result.json")["detections"]
+
+
+@pytest.mark.parametrize("runtime", RUNTIMES)
+def test_predictions_equal_eval_detections(data, eval_detections, runtime, tmp_path):
+    result = command("predict.py", f"--ckpt_file={data['ckpt']}", "--input", str(data["img_dir"]),
+                     f"--val_ann_file={data['ann_file']}", f"--output_dir={tmp_path / 'pred'}", f"--runtime={runtime}")
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
 
     predictions = read_json(tmp_path / "pred" / "predictions.json")
-    eval_dets = read_json(tmp_path / "eval" / "eval_result.json")["detections"]
+    eval_dets = eval_detections
     ids = {img["file_name"]: img["id"] for img in read_json(data["ann_file"])["images"]}
     names = [c["name"] for c in read_json(data["ann_file"])["categories"]]
     assert len(predictions["images"]) == 3 and predictions["skipped"] == []

@@ -13,14 +13,14 @@ from src.inference.select import postprocess_batch
 logger = logging.getLogger("fcos")
 
 
-def detect_dataset(infer_cell, dataset, num_batches, batch_size, selection, label_to_cat_id):
-    """-> (COCO results list, ids of the images run). ``selection``: select_detections kwargs."""
+def detect_dataset(runtime, dataset, num_batches, batch_size, selection, label_to_cat_id):
+    """-> (COCO results list, ids of the images run). ``runtime``: src.inference.runtime (images ->
+    candidates); ``selection``: select_detections kwargs."""
     results, image_ids = [], []
     progress = Progress(num_batches, batch_size, warmup=1)
     log_every = max(num_batches // 10, 1)
-    for images, ids, image_sizes, orig_sizes in dataset.create_tuple_iterator(num_epochs=1):
-        boxes, scores, labels = (x.asnumpy() for x in infer_cell(images))
-        ids, image_sizes, orig_sizes = ids.asnumpy(), image_sizes.asnumpy(), orig_sizes.asnumpy()
+    for images, ids, image_sizes, orig_sizes in dataset.create_tuple_iterator(num_epochs=1, output_numpy=True):
+        boxes, scores, labels = runtime(images)
         detections = postprocess_batch(boxes, scores, labels, image_sizes, original_sizes=orig_sizes, **selection)
         for image_id, det in zip(ids, detections):
             if image_id == PAD_IMAGE_ID:
@@ -35,18 +35,20 @@ def detect_dataset(infer_cell, dataset, num_batches, batch_size, selection, labe
     return results, image_ids
 
 
-def evaluate(infer_cell, dataset, info, ann_file, selection, output_dir=None, batch_size=1):
-    """Detect every image of ``dataset`` and return the COCO metrics dict (see coco_eval), scored
-    over the images actually run (``info`` from create_eval_dataset counts those skipped); None,
-    with an error logged, when not a single image could be read."""
+def evaluate(runtime, dataset, info, ann_file, selection, output_dir=None, batch_size=1):
+    """Detect every image of ``dataset`` with ``runtime`` (src.inference.runtime) and return the
+    COCO metrics dict (see coco_eval), scored over the images actually run (``info`` from
+    create_eval_dataset counts those skipped); None, with an error logged, when not a single image
+    could be read."""
+    infer_cell = runtime.infer_cell
     was_training = infer_cell.training
     infer_cell.set_train(False)
     start = time.perf_counter()
-    results, image_ids = detect_dataset(infer_cell, dataset, info.batches, batch_size, selection,
+    results, image_ids = detect_dataset(runtime, dataset, info.batches, batch_size, selection,
                                         info.label_to_cat_id)
     infer_cell.set_train(was_training)
-    logger.info("detected %d boxes on %d images in %.1f s", len(results), len(image_ids),
-                time.perf_counter() - start)
+    logger.info("detected %d boxes on %d images in %.1f s (%s)", len(results), len(image_ids),
+                time.perf_counter() - start, runtime.name)
     failed = info.failed_images
     if info.skipped_missing or len(failed):
         logger.warning("COCO metrics cover the %d images run; not run: %d missing image files, %d undecodable %s",

@@ -1,6 +1,4 @@
 """Detections on single images, exactly as eval.py computes them (predict.py's engine)."""
-from mindspore import Tensor
-
 from src.data.transforms import pad_shape_for, preprocess_image
 from src.inference.select import select_detections
 
@@ -9,12 +7,13 @@ class Predictor:
     """image (H, W, 3) uint8 RGB -> detections in its pixels, as eval.py computes them.
 
     Args:
-        infer_cell: FCOSInference; min_size, max_size: the evaluation size (src.builder.eval_size);
+        runtime: src.inference.runtime running FCOSInference;
+        min_size, max_size: the evaluation size (src.builder.eval_size);
         buckets: pad shapes (src.builder.eval_pad_buckets); selection: select_detections kwargs.
     """
 
-    def __init__(self, infer_cell, min_size, max_size, buckets, selection):
-        self.infer_cell = infer_cell
+    def __init__(self, runtime, min_size, max_size, buckets, selection):
+        self.runtime = runtime
         self.min_size = min_size
         self.max_size = max_size
         self.buckets = buckets
@@ -27,5 +26,5 @@ class Predictor:
     def __call__(self, image, pad_hw):
         """-> boxes (D, 4) x1, y1, x2, y2 in image pixels, scores (D,), labels (D,)."""
         chw, meta = preprocess_image(image, self.min_size, self.max_size, pad_hw)
-        boxes, scores, labels = (x.asnumpy()[0] for x in self.infer_cell(Tensor(chw[None])))
+        boxes, scores, labels = (x[0] for x in self.runtime(chw[None]))
         return select_detections(boxes, scores, labels, meta.resized_hw, **self.selection, original_size=meta.orig_hw)
