@@ -126,6 +126,21 @@ def test_compare_torchvision_reports_both_sides_and_the_ratio():
     assert result["ratio"]["median_s"] == pytest.approx(result["median_s"] / theirs["median_s"], rel=1e-2)
 
 
+def test_convs_mode_times_the_onednn_custom_ops_on_the_same_layers(tmp_path, monkeypatch):
+    from src.ops.build import OpsUnavailable, build
+
+    monkeypatch.setenv("FCOS_OPS_CACHE", str(tmp_path))
+    try:
+        build("onednn_conv.cc", "libfcos_onednn_conv.so")
+    except OpsUnavailable as err:
+        pytest.skip(str(err))
+    _, ours = run_benchmark(*SMALL, "--mode=convs", "--threads=1", "--conv_impl=onednn")
+    assert ours["conv_impl"] == "onednn"
+    shapes = [(layer["input"], layer["out_channels"], layer["kernel"], layer["count"]) for layer in ours["layers"]]
+    assert len(shapes) > 10 and shapes[0] == ([2, 3, 64, 96], 64, [7, 7], 1)
+    assert all(layer["fwd_ms"] > 0 and layer["fwd_bwd_ms"] > layer["fwd_ms"] for layer in ours["layers"])
+
+
 @pytest.mark.skipif(not os.environ.get("TORCH_PYTHON"), reason="set TORCH_PYTHON to a Python with torch + torchvision")
 def test_convs_mode_times_the_same_layers_in_torch():
     _, result = run_benchmark(*SMALL, "--mode=convs", "--compare_torchvision", "--threads=1")

@@ -84,18 +84,25 @@ class _ConvForwardBackward(nn.Cell):
         return y, inputs_grads, weight_grads
 
 
-def _conv_cell(spec):
-    """spec -> the nn.Conv2d it describes (random weights)."""
+def _conv_cell(spec, impl="mindspore"):
+    """spec -> the nn.Conv2d it describes (random weights); impl "onednn": as OneDNNConv2d."""
     pad_h, pad_w = spec["padding"]
-    return nn.Conv2d(spec["input"][1], spec["out_channels"], tuple(spec["kernel"]), stride=tuple(spec["stride"]),
+    if impl == "onednn":
+        from src.ops.conv import OneDNNConv2d
+
+        cell_class = OneDNNConv2d
+    else:
+        cell_class = nn.Conv2d
+    return cell_class(spec["input"][1], spec["out_channels"], tuple(spec["kernel"]), stride=tuple(spec["stride"]),
                      pad_mode="pad", padding=(pad_h, pad_h, pad_w, pad_w), dilation=tuple(spec["dilation"]),
                      group=spec["groups"], has_bias=spec["bias"])
 
 
-def time_layer(spec, steps, warmup):
-    """Time one layer in graph mode -> {'fwd_ms', 'fwd_bwd_ms'}: minima over ``steps`` calls."""
+def time_layer(spec, steps, warmup, impl="mindspore"):
+    """Time one layer (impl: see _conv_cell) in graph mode -> {'fwd_ms', 'fwd_bwd_ms'}: minima over
+    ``steps`` calls."""
     rng = np.random.default_rng(0)
-    conv = _conv_cell(spec)
+    conv = _conv_cell(spec, impl)
     x = ms.Tensor(rng.standard_normal(spec["input"], np.float32))
     dy = ms.Tensor(rng.standard_normal(conv(x).shape, np.float32))
     forward_backward_cell = _ConvForwardBackward(conv)

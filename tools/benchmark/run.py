@@ -96,6 +96,9 @@ def parse_args(argv=None):
     parser.add_argument("--runtime", choices=("mindspore", "onnxruntime"), default="mindspore",
                         help="infer: run the network in MindSpore, or export it to ONNX and run it in "
                              "onnxruntime (CPU), the same NumPy selection after either")
+    parser.add_argument("--conv_impl", choices=("mindspore", "onednn"), default="mindspore",
+                        help="convs: time MindSpore's nn.Conv2d, or src/ops OneDNNConv2d (oneDNN custom ops; "
+                             "set ONEDNN_MAX_CPU_ISA=ALL for its AVX-512 kernels)")
     parser.add_argument("--execution_mode", choices=("GRAPH", "PYNATIVE"),
                         help="the configuration's mode key (default: the configuration's)")
     parser.add_argument("--compare_torchvision", action="store_true",
@@ -120,6 +123,8 @@ def parse_args(argv=None):
         raise ConfigError("--steps must be at least 1 and --warmup at least 0")
     if args.runtime == "onnxruntime" and args.mode != "infer":
         raise ConfigError("--runtime=onnxruntime: only for --mode infer")
+    if args.conv_impl != "mindspore" and args.mode != "convs":
+        raise ConfigError("--conv_impl: only for --mode convs")
     if args.compare_torchvision and args.mode == "data":
         raise ConfigError("--compare_torchvision: only for --mode infer, train or convs")
     return args, cfg
@@ -282,8 +287,9 @@ def run_convs(args, cfg):
     for index, layer in enumerate(layers, 1):
         print(f"layer {index}/{len(layers)}: {layer['input']} -> {layer['out_channels']} channels, "
               f"kernel {layer['kernel']}, stride {layer['stride']}", file=sys.stderr, flush=True)
-        layer.update(time_layer(layer, args.steps, args.warmup))
-    result.update({"layers": layers, "totals": totals(layers), "peak_rss_mb": round(peak_rss_mb(), 1)})
+        layer.update(time_layer(layer, args.steps, args.warmup, args.conv_impl))
+    result.update({"conv_impl": args.conv_impl, "layers": layers, "totals": totals(layers),
+                   "peak_rss_mb": round(peak_rss_mb(), 1)})
     if args.compare_torchvision:
         result["ratio"] = {"fwd_bwd_ms": round(result["totals"]["fwd_bwd_ms"] /
                                                result["torchvision"]["totals"]["fwd_bwd_ms"], 3)}

@@ -1,0 +1,83 @@
+"""OneDNNConv2d: nn.Conv2d whose forward and backward run as oneDNN custom ops on CPU.
+
+Same constructor, parameters and checkpoint names as nn.Conv2d (it is one), so weights load
+either way; only construct differs. The kernels are src/ops/onednn_conv.cc, built on first use
+(src/ops/build.py). oneDNN picks blocked layouts and AVX-512 kernels itself, which only happens
+with MindSpore's ONEDNN_MAX_CPU_ISA cap lifted: under the cap (src/__init__.py sets AVX2) these
+ops run AVX2 kernels.
+"""
+import numpy as np
+from mindspore import Tensor, nn, ops
+
+from src.ops.build import build
+
+_LIBRARY = None
+
+
+def library():
+    """Path of the built custom-op library (built once per process, cached on disk)."""
+    global _LIBRARY
+    if _LIBRARY is None:
+        _LIBRARY = build("onednn_conv.cc", "libfcos_onednn_conv.so")
+    return _LIBRARY
+
+
+def _pair(value):
+    return tuple(value) if isinstance(value, (tuple, list)) else (value, value)
+
+
+def conv_attributes(cell):
+    """nn.Conv2d -> (stride, padding (h, w), dilation, groups) for the kernels; ValueError for the
+    padding they do not take (asymmetric pad, 'same')."""
+    pad = cell.padding if isinstance(cell.padding, (tuple, list)) else (cell.padding,) * 4
+    if cell.pad_mode == "valid":
+        pad = (0, 0, 0, 0)
+    elif cell.pad_mode != "pad" or pad[0] != pad[1] or pad[2] != pad[3]:
+        raise ValueError(f"OneDNNConv2d takes pad_mode 'valid' or a symmetric 'pad', got pad_mode={cell.pad_mode}, "
+                         f"padding={cell.padding}")
+    if cell.data_format != "NCHW":
+        raise ValueError("OneDNNConv2d takes NCHW")
+    return _pair(cell.stride), (pad[0], pad[2]), _pair(cell.dilation), cell.group
+
+
+class OneDNNConv2d(nn.Conv2d):
+    """nn.Conv2d computed by oneDNN custom ops: x (N, C, H, W) -> (N, out_channels, OH, OW)."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        stride, padding, dilation, groups = conv_attributes(self)
+        self.attrs = Tensor(np.array([*stride, *padding, *dilation, groups, int(self.has_bias)], np.int64))
+        kernel = self.kernel_size
+
+        def out_size(size, k, s, p, d):
+            return (size + 2 * p - d * (k - 1) - 1) // s + 1
+
+        def forward_shape(x, w, *rest):
+            return [x[0], w[0], out_size(x[2], kernel[0], stride[0], padding[0], dilation[0]),
+                    out_size(x[3], kernel[1], stride[1], padding[1], dilation[1])]
+
+        def forward_dtype(x, *rest):
+            return x
+
+        so = library()
+        if self.has_bias:
+            backward = ops.Custom(f"{so}:FcosConvBackward", out_shape=lambda x, w, dy, a: (x, w, [w[0]]),
+                                  out_dtype=lambda x, w, dy, a: (x, w, w), func_type="aot")
+
+            def bprop(x, w, b, attrs, out, dout):
+                dx, dw, db = backward(x, w, dout, attrs)
+                return dx, dw, db, ops.zeros_like(attrs)
+        else:
+            backward = ops.Custom(f"{so}:FcosConvBackward", out_shape=lambda x, w, dy, a: (x, w),
+                                  out_dtype=lambda x, w, dy, a: (x, w), func_type="aot")
+
+            def bprop(x, w, attrs, out, dout):
+                dx, dw = backward(x, w, dout, attrs)
+                return dx, dw, ops.zeros_like(attrs)
+        self.forward_op = ops.Custom(f"{so}:FcosConvForward", out_shape=forward_shape, out_dtype=forward_dtype,
+                                     func_type="aot", bprop=bprop)
+
+    def construct(self, x):
+        if self.has_bias:
+            return self.forward_op(x, self.weight, self.bias, self.attrs)
+        return self.forward_op(x, self.weight, self.attrs)

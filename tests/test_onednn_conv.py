@@ -1,0 +1,138 @@
+"""src/ops: OneDNNConv2d (oneDNN custom ops) against a float64 NumPy convolution and nn.Conv2d.
+
+Forward: the NumPy reference to float32 round-off. Backward: MindSpore's gradients of
+sum(conv(x) * dy) must equal nn.Conv2d's, and satisfy the adjoint identities of a linear map in
+float64 (<dy, conv_w(x)> = <dx, x> = <dw, w> without bias; db = sum of dy), which any wrong
+index in the backward kernels breaks. Stride, padding, dilation, groups and bias, in GRAPH and
+PyNative mode; the library is built from source by the first test (src/ops/build.py).
+"""
+import os
+
+import mindspore as ms
+import numpy as np
+import pytest
+from mindspore import Tensor, nn
+
+from src.ops.build import OpsUnavailable, build
+
+# (in, out, kernel, stride, padding, dilation, groups, bias, (H, W))
+CASES = [
+    (8, 16, 3, 1, 1, 1, 1, True, (12, 15)),
+    (8, 16, 3, 2, 1, 1, 1, False, (13, 16)),
+    (8, 16, 3, 1, 2, 2, 4, True, (11, 14)),    # dilated, grouped (ResNeXt)
+    (6, 4, 1, 2, 0, 1, 1, True, (9, 10)),      # 1x1 stride-2 projection
+    (3, 8, 7, 2, 3, 1, 1, False, (19, 22)),    # the stem
+]
+
+
+@pytest.fixture(scope="module")
+def ops_library(tmp_path_factory):
+    """Build the library into a fresh cache (a real g++ build) -> OneDNNConv2d."""
+    previous = os.environ.get("FCOS_OPS_CACHE")
+    os.environ["FCOS_OPS_CACHE"] = str(tmp_path_factory.mktemp("ops_cache"))
+    try:
+        build("onednn_conv.cc", "libfcos_onednn_conv.so")
+        from src.ops.conv import OneDNNConv2d
+
+        yield OneDNNConv2d
+    except OpsUnavailable as err:
+        pytest.skip(str(err))
+    finally:
+        if previous is None:
+            os.environ.pop("FCOS_OPS_CACHE")
+        else:
+            os.environ["FCOS_OPS_CACHE"] = previous
+
+
+def numpy_conv(x, w, b, stride, pad, dilation, groups):
+    """float64 reference: x (N, C, H, W), w (O, C/groups, KH, KW) -> (N, O, OH, OW)."""
+    n, c, h, wd = x.shape
+    o, cg, kh, kw = w.shape
+    xp = np.pad(x, ((0, 0), (0, 0), (pad, pad), (pad, pad)))
+    oh = (h + 2 * pad - dilation * (kh - 1) - 1) // stride + 1
+    ow = (wd + 2 * pad - dilation * (kw - 1) - 1) // stride + 1
+    out = np.zeros((n, o, oh, ow))
+    og = o // groups
+    for g in range(groups):
+        xs = xp[:, g * cg:(g + 1) * cg]
+        for i in range(kh):
+            for j in range(kw):
+                patch = xs[:, :, i * dilation:i * dilation + stride * oh:stride,
+                           j * dilation:j * dilation + stride * ow:stride][:, :, :oh, :ow]
+                out[:, g * og:(g + 1) * og] += np.einsum("nchw,oc->nohw", patch, w[g * og:(g + 1) * og, :, i, j])
+    return out if b is None else out + b[None, :, None, None]
+
+
+class _Objective(nn.Cell):
+    """sum(conv(x) * dy): its gradients are the backward of conv at dy."""
+
+    def __init__(self, conv):
+        super().__init__()
+        self.conv = conv
+
+    def construct(self, x, dy):
+        return (self.conv(x) * dy).sum()
+
+
+def gradients(conv, x, dy):
+    """-> (dx, dw[, db]) as float64 NumPy."""
+    grad = ms.value_and_grad(_Objective(conv), grad_position=0, weights=conv.trainable_params())
+    _, (dx, weight_grads) = grad(Tensor(x), Tensor(dy))
+    return [dx.asnumpy().astype(np.float64)] + [g.asnumpy().astype(np.float64) for g in weight_grads]
+
+
+@pytest.mark.parametrize("case", CASES, ids=lambda c: f"{c[0]}-{c[1]}-k{c[2]}s{c[3]}p{c[4]}d{c[5]}g{c[6]}b{int(c[7])}")
+def test_onednn_conv_matches_numpy_and_nn_conv2d(ops_library, mode, case):
+    c_in, c_out, k, stride, pad, dilation, groups, bias, (h, w) = case
+    rng = np.random.default_rng(sum(case[:7]))
+    kwargs = dict(stride=stride, pad_mode="pad", padding=pad, dilation=dilation, group=groups, has_bias=bias)
+    reference = nn.Conv2d(c_in, c_out, k, **kwargs)
+    ours = ops_library(c_in, c_out, k, **kwargs)
+    weight = rng.standard_normal(reference.weight.shape).astype(np.float32)
+    reference.weight.set_data(Tensor(weight))
+    ours.weight.set_data(Tensor(weight))
+    b = None
+    if bias:
+        b = rng.standard_normal(c_out).astype(np.float32)
+        reference.bias.set_data(Tensor(b))
+        ours.bias.set_data(Tensor(b))
+    assert [p.name for p in ours.get_parameters()] == [p.name for p in reference.get_parameters()]
+    x = rng.standard_normal((2, c_in, h, w)).astype(np.float32)
+
+    y = ours(Tensor(x)).asnumpy()
+    want = numpy_conv(x.astype(np.float64), weight.astype(np.float64), None if b is None else b.astype(np.float64),
+                      stride, pad, dilation, groups)
+    assert y.shape == want.shape
+    np.testing.assert_allclose(y, want, rtol=0, atol=2e-5 * np.abs(want).max())
+
+    dy = rng.standard_normal(y.shape).astype(np.float32)
+    got, theirs = gradients(ours, x, dy), gradients(reference, x, dy)
+    for name, g_ours, g_ref in zip(("dx", "dw", "db"), got, theirs):
+        np.testing.assert_allclose(g_ours, g_ref, rtol=0, atol=2e-5 * np.abs(g_ref).max(), err_msg=name)
+    dx, dw = got[0], got[1]
+    linear = numpy_conv(x.astype(np.float64), weight.astype(np.float64), None, stride, pad, dilation, groups)
+    inner = float((linear * dy).sum())
+    assert float((dx * x).sum()) == pytest.approx(inner, rel=1e-5)       # d/dx of a map linear in x
+    assert float((dw * weight).sum()) == pytest.approx(inner, rel=1e-5)  # ... and linear in w
+    if bias:
+        np.testing.assert_allclose(got[2], dy.astype(np.float64).sum(axis=(0, 2, 3)), rtol=1e-5, atol=1e-4)
+
+
+def test_onednn_conv_refuses_padding_it_does_not_take(ops_library):
+    with pytest.raises(ValueError, match="symmetric 'pad'"):
+        ops_library(4, 4, 3, pad_mode="pad", padding=(1, 0, 1, 1))
+    with pytest.raises(ValueError, match="pad_mode 'valid'"):
+        ops_library(4, 4, 3, pad_mode="same")
+
+
+def test_build_reports_missing_headers_in_one_line(tmp_path, monkeypatch):
+    monkeypatch.setenv("FCOS_OPS_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("ONEDNN_INCLUDE", str(tmp_path / "nowhere"))
+    import src.ops.build as ops_build
+
+    monkeypatch.setattr(ops_build.sys, "prefix", str(tmp_path))
+    monkeypatch.setattr(ops_build.sys, "base_prefix", str(tmp_path))
+    monkeypatch.setattr(ops_build.sysconfig, "get_paths", lambda: {"data": str(tmp_path)})
+    with pytest.raises(OpsUnavailable, match="no oneDNN headers .*pip install onednn-devel"):
+        build("onednn_conv.cc", "libfcos_onednn_conv.so")
+    assert not (tmp_path / "cache").exists()
