@@ -136,3 +136,27 @@ def test_build_reports_missing_headers_in_one_line(tmp_path, monkeypatch):
     with pytest.raises(OpsUnavailable, match="no oneDNN headers .*pip install onednn-devel"):
         build("onednn_conv.cc", "libfcos_onednn_conv.so")
     assert not (tmp_path / "cache").exists()
+
+
+class _TwoLayers(nn.Cell):
+    def __init__(self, conv_class):
+        super().__init__()
+        self.first = conv_class(3, 8, 3, pad_mode="pad", padding=1, has_bias=False)
+        self.second = conv_class(8, 4, 3, stride=2, pad_mode="pad", padding=1, has_bias=True)
+        self.relu = nn.ReLU()
+
+    def construct(self, x):
+        return self.second(self.relu(self.first(x)))
+
+
+def test_onednn_convs_with_and_without_bias_in_one_network(ops_library, mode):
+    """Layers with and without a bias in one graph: each kind keeps its own backward."""
+    rng = np.random.default_rng(5)
+    reference, ours = _TwoLayers(nn.Conv2d), _TwoLayers(ops_library)
+    for theirs, mine in zip(reference.get_parameters(), ours.get_parameters()):
+        mine.set_data(Tensor(rng.standard_normal(theirs.shape).astype(np.float32)))
+        theirs.set_data(Tensor(mine.asnumpy()))
+    x = rng.standard_normal((2, 3, 10, 12)).astype(np.float32)
+    dy = rng.standard_normal((2, 4, 5, 6)).astype(np.float32)
+    for got, want in zip(gradients(ours, x, dy), gradients(reference, x, dy)):
+        np.testing.assert_allclose(got, want, rtol=0, atol=2e-5 * np.abs(want).max())

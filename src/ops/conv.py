@@ -61,7 +61,7 @@ class OneDNNConv2d(nn.Conv2d):
 
         so = library()
         if self.has_bias:
-            backward = ops.Custom(f"{so}:FcosConvBackward", out_shape=lambda x, w, dy, a: (x, w, [w[0]]),
+            backward = ops.Custom(f"{so}:FcosConvBackwardBias", out_shape=lambda x, w, dy, a: (x, w, [w[0]]),
                                   out_dtype=lambda x, w, dy, a: (x, w, w), func_type="aot")
 
             def bprop(x, w, b, attrs, out, dout):
@@ -74,7 +74,8 @@ class OneDNNConv2d(nn.Conv2d):
             def bprop(x, w, attrs, out, dout):
                 dx, dw = backward(x, w, dout, attrs)
                 return dx, dw, ops.zeros_like(attrs)
-        self.forward_op = ops.Custom(f"{so}:FcosConvForward", out_shape=forward_shape, out_dtype=forward_dtype,
+        name = "FcosConvForwardBias" if self.has_bias else "FcosConvForward"  # see onednn_conv.cc's end
+        self.forward_op = ops.Custom(f"{so}:{name}", out_shape=forward_shape, out_dtype=forward_dtype,
                                      func_type="aot", bprop=bprop)
 
     def construct(self, x):

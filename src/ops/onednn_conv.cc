@@ -6,8 +6,8 @@
 // convolution of R50-FPN 800x1216 then runs forward + backward in 0.82x torch's time (docs/performance.md).
 //
 // Ops (MindSpore AOT signature; params are the inputs then the outputs, plain row-major):
-//   FcosConvForward:  x (N,C,H,W), w (O,C/g,KH,KW), [b (O)], attrs -> y (N,O,OH,OW)
-//   FcosConvBackward: x, w, dy, attrs -> dx, dw, [db]   (db when attrs says has_bias)
+//   FcosConvForward[Bias]:  x (N,C,H,W), w (O,C/g,KH,KW), [b (O)], attrs -> y (N,O,OH,OW)
+//   FcosConvBackward[Bias]: x, w, dy, attrs -> dx, dw, [db]   (db when attrs says has_bias)
 // attrs: int64 (8,) = stride_h, stride_w, pad_h, pad_w, dilation_h, dilation_w, groups, has_bias.
 // Primitives, reorders and the blocked buffers are built once per shape and attributes and kept.
 #include <algorithm>
@@ -330,4 +330,18 @@ extern "C" int FcosConvBackward(int nparam, void **params, int *ndims, int64_t *
     return 1;
   }
   return 0;
+}
+
+// The same kernels under other names for layers with a bias: MindSpore keys a custom op's bprop
+// by its function name, so one name used with and without a bias input gave the second kind of
+// layer the first kind's bprop ("The parameters number of the function is 4, but the number of
+// provided arguments is 3" in a network mixing the two).
+extern "C" int FcosConvForwardBias(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes,
+                                   void *stream, void *extra) {
+  return FcosConvForward(nparam, params, ndims, shapes, dtypes, stream, extra);
+}
+
+extern "C" int FcosConvBackwardBias(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes,
+                                    void *stream, void *extra) {
+  return FcosConvBackward(nparam, params, ndims, shapes, dtypes, stream, extra);
 }
