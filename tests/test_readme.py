@@ -4,6 +4,9 @@ import re
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 INSTALL = "pip install -r requirements.txt"
+# oneDNN's headers alone (1.2 MB) for src/ops: without --no-deps pip adds Intel's oneDNN, SYCL and
+# OpenMP runtimes (about 2 GB), none of which the build uses (it links the mindspore wheel's libdnnl).
+HEADERS = 'pip install --no-deps "onednn-devel>=2025,<2026"'
 TEST = "python -m pytest -q"
 
 
@@ -16,8 +19,8 @@ def test_ci_runs_the_readme_commands():
     ci_lines = [line.strip() for line in _read(".ci/run").splitlines()]
     for readme in ("README.md", "README_CN.md"):
         text = _read(readme)
-        assert f"```bash\n{INSTALL}\n```" in text and f"```bash\n{TEST}\n```" in text, readme
-    assert INSTALL in ci_lines and TEST in ci_lines
+        assert f"```bash\n{INSTALL}\n{HEADERS}\n```" in text and f"```bash\n{TEST}\n```" in text, readme
+    assert INSTALL in ci_lines and HEADERS in ci_lines and TEST in ci_lines
 
 
 def _commands(text):

@@ -33,7 +33,8 @@ def onednn_include():
     for folder in candidates:
         if folder and os.path.isfile(os.path.join(folder, "oneapi", "dnnl", "dnnl.hpp")):
             return folder
-    raise OpsUnavailable("no oneDNN headers (oneapi/dnnl/dnnl.hpp): pip install onednn-devel, or set ONEDNN_INCLUDE")
+    raise OpsUnavailable('no oneDNN headers (oneapi/dnnl/dnnl.hpp): pip install --no-deps "onednn-devel>=2025,<2026", '
+                         'or set ONEDNN_INCLUDE')
 
 
 def mindspore_libdnnl():
