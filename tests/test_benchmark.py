@@ -126,7 +126,7 @@ def test_compare_torchvision_reports_both_sides_and_the_ratio():
     assert result["ratio"]["median_s"] == pytest.approx(result["median_s"] / theirs["median_s"], rel=1e-2)
 
 
-def test_convs_mode_times_the_onednn_custom_ops_on_the_same_layers(tmp_path, monkeypatch):
+def test_conv_impl_onednn_times_the_custom_ops_alone_and_in_the_network(tmp_path, monkeypatch):
     from src.ops.build import OpsUnavailable, build
 
     monkeypatch.setenv("FCOS_OPS_CACHE", str(tmp_path))
@@ -139,6 +139,8 @@ def test_convs_mode_times_the_onednn_custom_ops_on_the_same_layers(tmp_path, mon
     shapes = [(layer["input"], layer["out_channels"], layer["kernel"], layer["count"]) for layer in ours["layers"]]
     assert len(shapes) > 10 and shapes[0] == ([2, 3, 64, 96], 64, [7, 7], 1)
     assert all(layer["fwd_ms"] > 0 and layer["fwd_bwd_ms"] > layer["fwd_ms"] for layer in ours["layers"])
+    _, network = run_benchmark(*SMALL, "--mode=infer", "--threads=1", "--conv_impl=onednn")
+    assert network["conv_impl"] == "onednn" and network["median_s"] > 0
 
 
 @pytest.mark.skipif(not os.environ.get("TORCH_PYTHON"), reason="set TORCH_PYTHON to a Python with torch + torchvision")

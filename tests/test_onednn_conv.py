@@ -160,3 +160,57 @@ def test_onednn_convs_with_and_without_bias_in_one_network(ops_library, mode):
     dy = rng.standard_normal((2, 4, 5, 6)).astype(np.float32)
     for got, want in zip(gradients(ours, x, dy), gradients(reference, x, dy)):
         np.testing.assert_allclose(got, want, rtol=0, atol=2e-5 * np.abs(want).max())
+
+
+class _NetworkObjective(nn.Cell):
+    """sum over the network's outputs of output * weight: gradients of every trainable parameter."""
+
+    def __init__(self, network, weights):
+        super().__init__()
+        self.network = network
+        self.weights = weights
+
+    def construct(self, x):
+        total = 0.0
+        for out, weight in zip(self.network(x), self.weights):
+            total = total + (out * weight).sum()
+        return total
+
+
+def _network_gradients(network, x, weights):
+    params = network.trainable_params()
+    grad = ms.value_and_grad(_NetworkObjective(network, weights), grad_position=None, weights=params)
+    value, grads = grad(Tensor(x))
+    return float(value.asnumpy()), {p.name: g.asnumpy() for p, g in zip(params, grads)}
+
+
+def test_use_onednn_convs_keeps_the_networks_outputs_and_gradients(ops_library):
+    from src.builder import build_model
+    from src.model_utils.config import load_config
+    from src.ops.conv import use_onednn_convs
+
+    cfg = load_config(["--config_path=configs/synthetic_cpu.yaml", "--fpn_out_channels=32", "--num_head_convs=1",
+                       "--min_size=[64]", "--max_size=96"])
+    ms.set_seed(0)
+    network = build_model(cfg)
+    network.head.set_stacking(False)
+    rng = np.random.default_rng(9)
+    x = rng.standard_normal((2, 3, 64, 96)).astype(np.float32)
+    weights = [Tensor(rng.standard_normal(out.shape).astype(np.float32)) for out in network(Tensor(x))]
+    convs = sum(type(cell) is nn.Conv2d for _, cell in network.cells_and_names())
+    want_value, want = _network_gradients(network, x, weights)
+
+    assert use_onednn_convs(network) == convs > 20
+    assert not any(type(cell) is nn.Conv2d for _, cell in network.cells_and_names())
+    got_value, got = _network_gradients(network, x, weights)
+    assert got_value == pytest.approx(want_value, rel=1e-4)
+    assert got.keys() == want.keys() and len(got) > 20
+    # Each array to 1e-3 of its largest value, plus 1e-5 of the largest of all: a conv bias right
+    # before GroupNorm has a gradient that is zero but for round-off (GN removes a constant).
+    largest = max(np.abs(grad).max() for grad in want.values())
+    errors = {name: np.abs(got[name] - grad).max() / (np.abs(grad).max() + 1e-2 * largest)
+              for name, grad in want.items()}
+    print("largest error over (max|grad| + 1% of the largest):", max(errors.values()))
+    for name, grad in want.items():
+        np.testing.assert_allclose(got[name], grad, rtol=0, atol=1e-3 * np.abs(grad).max() + 1e-5 * largest,
+                                   err_msg=name)

@@ -77,8 +77,35 @@ class OneDNNConv2d(nn.Conv2d):
         name = "FcosConvForwardBias" if self.has_bias else "FcosConvForward"  # see onednn_conv.cc's end
         self.forward_op = ops.Custom(f"{so}:{name}", out_shape=forward_shape, out_dtype=forward_dtype,
                                      func_type="aot", bprop=bprop)
+        # MindSpore reuses an inferred output shape for the same op name, attributes and input
+        # shapes: without the geometry among the attributes a stride-2 conv took the shape of a
+        # stride-1 conv on the same input (the FPN's P6 after P5's output conv).
+        geometry = f"{kernel}/{stride}/{padding}/{dilation}/{groups}"
+        self.forward_op.add_prim_attr("conv_geometry", geometry)
+        backward.add_prim_attr("conv_geometry", geometry)
 
     def construct(self, x):
         if self.has_bias:
             return self.forward_op(x, self.weight, self.bias, self.attrs)
         return self.forward_op(x, self.weight, self.attrs)
+
+
+def use_onednn_convs(network):
+    """Replace every nn.Conv2d of network, in place, by an OneDNNConv2d holding the same Parameter
+    objects (names, values, requires_grad) -> the number replaced. Cells that call ops.Conv2D
+    directly (the head's stacked convolutions: FCOSHead.set_stacking(False) turns them back into
+    their layers) are not reached."""
+    replaced = 0
+    for _, parent in list(network.cells_and_names()):
+        for name, child in list(parent.name_cells().items()):
+            if type(child) is not nn.Conv2d:
+                continue
+            new = OneDNNConv2d(child.in_channels, child.out_channels, child.kernel_size, stride=child.stride,
+                               pad_mode=child.pad_mode, padding=child.padding, dilation=child.dilation,
+                               group=child.group, has_bias=child.has_bias)
+            new.weight = child.weight
+            if child.has_bias:
+                new.bias = child.bias
+            parent.insert_child_to_cell(name, new)
+            replaced += 1
+    return replaced

@@ -3,7 +3,7 @@
 // Why: MindSpore's CPU Conv2D hands oneDNN plain NCHW tensors, which needs the AVX2 cap and an
 // im2col + sgemm path. Here oneDNN picks its own (blocked) layouts (format_tag::any) and the
 // tensors are reordered from and to NCHW around each call; on the 2-core dev machine every
-// convolution of R50-FPN 800x1216 then runs forward + backward in 0.82x torch's time (docs/performance.md).
+// convolution of R50-FPN 800x1216 then runs forward + backward in 0.95x torch's time (docs/performance.md).
 //
 // Ops (MindSpore AOT signature; params are the inputs then the outputs, plain row-major):
 //   FcosConvForward[Bias]:  x (N,C,H,W), w (O,C/g,KH,KW), [b (O)], attrs -> y (N,O,OH,OW)
@@ -38,8 +38,8 @@ using dt = memory::data_type;
 // MindSpore's libdnnl.so.3 is built for the threadpool runtime: without a pool oneDNN runs on
 // one thread. Workers spin for a moment before sleeping because oneDNN calls parallel_for several
 // times per convolution (reorders, then the kernel) and a sleeping thread takes tens of
-// microseconds to wake: with a plain condition variable the small config's convolutions took
-// 1.18x torch's time, with the spin 0.99x.
+// microseconds to wake: with a plain condition variable the small config's convolutions took (in a
+// standalone harness of these kernels) 1.18x torch's time, with the spin 0.99x.
 class SpinPool : public dnnl::threadpool_interop::threadpool_iface {
  public:
   explicit SpinPool(int threads) : threads_(std::max(threads, 1)) {

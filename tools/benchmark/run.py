@@ -97,8 +97,9 @@ def parse_args(argv=None):
                         help="infer: run the network in MindSpore, or export it to ONNX and run it in "
                              "onnxruntime (CPU), the same NumPy selection after either")
     parser.add_argument("--conv_impl", choices=("mindspore", "onednn"), default="mindspore",
-                        help="convs: time MindSpore's nn.Conv2d, or src/ops OneDNNConv2d (oneDNN custom ops; "
-                             "set ONEDNN_MAX_CPU_ISA=ALL for its AVX-512 kernels)")
+                        help="the network's convolutions (infer, train) or the layers timed (convs): MindSpore's "
+                             "nn.Conv2d, or src/ops OneDNNConv2d (oneDNN custom ops; ONEDNN_MAX_CPU_ISA=ALL "
+                             "gives them AVX-512 kernels and every other oneDNN op too)")
     parser.add_argument("--execution_mode", choices=("GRAPH", "PYNATIVE"),
                         help="the configuration's mode key (default: the configuration's)")
     parser.add_argument("--compare_torchvision", action="store_true",
@@ -123,8 +124,8 @@ def parse_args(argv=None):
         raise ConfigError("--steps must be at least 1 and --warmup at least 0")
     if args.runtime == "onnxruntime" and args.mode != "infer":
         raise ConfigError("--runtime=onnxruntime: only for --mode infer")
-    if args.conv_impl != "mindspore" and args.mode != "convs":
-        raise ConfigError("--conv_impl: only for --mode convs")
+    if args.conv_impl != "mindspore" and args.mode == "data":
+        raise ConfigError("--conv_impl: only for --mode infer, train or convs")
     if args.compare_torchvision and args.mode == "data":
         raise ConfigError("--compare_torchvision: only for --mode infer, train or convs")
     return args, cfg
@@ -148,11 +149,24 @@ def fixed_batch(args, cfg):
     return (images, *targets)
 
 
+def benchmark_model(args, cfg):
+    """The network as train.py builds it; --conv_impl onednn: with every convolution on src/ops's
+    OneDNNConv2d (the head unstacked so that its layers are nn.Conv2d too)."""
+    network = build_model(cfg)
+    if args.conv_impl == "onednn":
+        from src.ops.conv import use_onednn_convs
+
+        network.head.set_stacking(False)
+        count = use_onednn_convs(network)
+        print(f"--conv_impl onednn: {count} convolutions on OneDNNConv2d", file=sys.stderr, flush=True)
+    return network
+
+
 def infer_step(args, cfg, workdir):
     """-> (compiled cell or None, step, PlannedGraph or None) for FCOSInference + the NumPy
     selection; step returns its parts. --runtime onnxruntime exports the cell to ONNX in workdir
     and runs that in onnxruntime instead (no MindSpore graph to compile)."""
-    cell = build_inference(cfg, build_model(cfg))
+    cell = build_inference(cfg, benchmark_model(args, cfg))
     cell.set_train(False)
     images = fixed_batch(args, cfg)[0]
     if args.runtime == "onnxruntime":
@@ -187,7 +201,7 @@ def selecting_step(run_graph, args, cfg):
 def train_step(args, cfg):
     """-> (compiled cell, step, PlannedGraph) for one training step exactly as train.py builds it."""
     calls = 1 + args.warmup + args.steps
-    cell, _ = build_train_step(cfg, build_model(cfg), steps_per_epoch=calls, group_size=1)
+    cell, _ = build_train_step(cfg, benchmark_model(args, cfg), steps_per_epoch=calls, group_size=1)
     batch = fixed_batch(args, cfg)
     inputs = [ms.Tensor(x) for x in batch]
 
@@ -246,7 +260,7 @@ def describe_run(args, cfg):
         versions["onnxruntime"] = onnxruntime.__version__
     return {"framework": args.runtime, "mode": args.mode, "batch_size": cfg.batch_size,
             "input": f"{args.height}x{args.width}", "steps": args.steps, "warmup": args.warmup,
-            "versions": versions}
+            "conv_impl": args.conv_impl, "versions": versions}
 
 
 def run_mindspore(args, cfg):
@@ -288,8 +302,7 @@ def run_convs(args, cfg):
         print(f"layer {index}/{len(layers)}: {layer['input']} -> {layer['out_channels']} channels, "
               f"kernel {layer['kernel']}, stride {layer['stride']}", file=sys.stderr, flush=True)
         layer.update(time_layer(layer, args.steps, args.warmup, args.conv_impl))
-    result.update({"conv_impl": args.conv_impl, "layers": layers, "totals": totals(layers),
-                   "peak_rss_mb": round(peak_rss_mb(), 1)})
+    result.update({"layers": layers, "totals": totals(layers), "peak_rss_mb": round(peak_rss_mb(), 1)})
     if args.compare_torchvision:
         result["ratio"] = {"fwd_bwd_ms": round(result["totals"]["fwd_bwd_ms"] /
                                                result["torchvision"]["totals"]["fwd_bwd_ms"], 3)}
