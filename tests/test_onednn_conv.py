@@ -214,3 +214,29 @@ def test_use_onednn_convs_keeps_the_networks_outputs_and_gradients(ops_library):
     for name, grad in want.items():
         np.testing.assert_allclose(got[name], grad, rtol=0, atol=1e-3 * np.abs(grad).max() + 1e-5 * largest,
                                    err_msg=name)
+
+
+def test_use_onednn_convs_runs_every_swapped_layer(ops_library):
+    """Every OneDNNConv2d the swap puts in runs in the forward pass, those inside a SequentialCell
+    (the backbone's downsample projections) too: SequentialCell runs its own list of cells, which
+    insert_child_to_cell does not update (the old nn.Conv2d kept running there)."""
+    from src.builder import build_model
+    from src.model_utils.config import load_config
+    from src.ops.conv import use_onednn_convs
+
+    cfg = load_config(["--config_path=configs/synthetic_cpu.yaml", "--fpn_out_channels=32", "--num_head_convs=1",
+                       "--min_size=[64]", "--max_size=96"])
+    network = build_model(cfg)
+    network.head.set_stacking(False)
+    replaced = use_onednn_convs(network)
+    calls = {}
+    for name, cell in network.cells_and_names():
+        if isinstance(cell, ops_library):
+            cell.register_forward_hook(lambda cell, inputs, output, name=name: calls.__setitem__(name, 1))
+    ms.set_context(mode=ms.PYNATIVE_MODE)  # forward hooks run in PyNative
+    try:
+        network(Tensor(np.zeros((1, 3, 64, 96), np.float32)))
+    finally:
+        ms.set_context(mode=ms.GRAPH_MODE)
+    assert any("downsample" in name for name in calls)
+    assert len(calls) == replaced

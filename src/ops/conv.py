@@ -106,6 +106,11 @@ def use_onednn_convs(network):
             new.weight = child.weight
             if child.has_bias:
                 new.bias = child.bias
-            parent.insert_child_to_cell(name, new)
+            if isinstance(parent, (nn.SequentialCell, nn.CellList)):
+                # by index: SequentialCell runs a list of its cells that insert_child_to_cell
+                # leaves as it was (the old convolution kept running)
+                parent[int(name)] = new
+            else:
+                parent.insert_child_to_cell(name, new)
             replaced += 1
     return replaced
