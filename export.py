@@ -57,7 +57,7 @@ def main(argv=None):
                           f"use MINDIR or ONNX here")
     init_context(cfg.device_target, cfg.mode, cfg.device_id, distributed=False)
     setup_logging()
-    infer_cell = build_inference(cfg, load_network(cfg))
+    infer_cell = build_inference(cfg, load_network(cfg, portable=True))
     infer_cell.set_train(False)
     base = output_base(cfg.file_name, cfg.file_format)
     path = base + EXTENSIONS[cfg.file_format]

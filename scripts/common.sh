@@ -20,4 +20,3 @@ launch() { PYTHONPATH="$REPO_DIR${PYTHONPATH:+:$PYTHONPATH}" python -m src.engin
 
 REPO_DIR=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 export REPO_DIR
-export ONEDNN_MAX_CPU_ISA=${ONEDNN_MAX_CPU_ISA:-AVX2}

@@ -21,6 +21,9 @@ from src.inference.runtime import make_runtime
 from src.model.fcos import FCOS
 from src.model.loss import FCOSLoss
 from src.model_utils.config import ConfigError, require_files
+from src.ops.build import OpsUnavailable
+from src.ops.conv import use_onednn_convs
+from src.ops.select import select_conv_impl
 
 
 @contextlib.contextmanager
@@ -33,22 +36,38 @@ def model_errors():
         raise ConfigError(f"model configuration: {err}") from None
 
 
-def build_model(cfg):
-    """FCOS network from the configuration."""
+def build_model(cfg, portable=False):
+    """FCOS network from the configuration, its CPU convolutions as conv_impl selects
+    (src/ops/select.py); portable: MindSpore's own convolutions whatever conv_impl says, for
+    exports that must run anywhere. The parameters are the same either way."""
     with model_errors():
-        return FCOS(backbone=cfg.backbone, class_num=cfg.class_num, fpn_out_channels=cfg.fpn_out_channels,
+        network = FCOS(backbone=cfg.backbone, class_num=cfg.class_num, fpn_out_channels=cfg.fpn_out_channels,
                     use_p5=cfg.use_p5, use_GN_head=cfg.use_GN_head, num_head_convs=cfg.num_head_convs,
                     prior=cfg.prior, add_centerness=cfg.add_centerness, cnt_on_reg=cfg.cnt_on_reg,
                     norm_reg_targets=cfg.norm_reg_targets, freeze_bn=cfg.freeze_bn,
                     freeze_stage_1=cfg.freeze_stage_1, strides=cfg.strides, point_offset=cfg.point_offset,
                     point_strides=cfg.point_strides, backbone_norm=cfg.backbone_norm)
+    if not portable and conv_impl(cfg) == "onednn":
+        network.head.set_stacking(False)  # the stacked head convolutions call ops.Conv2D itself
+        use_onednn_convs(network)
+    return network
 
 
-def load_network(cfg):
+def conv_impl(cfg):
+    """conv_impl resolved for this run: "onednn" or "mindspore"; ConfigError when onednn was asked
+    for and cannot be had."""
+    try:
+        return select_conv_impl(cfg.conv_impl, cfg.device_target, cfg.amp_level)
+    except OpsUnavailable as err:
+        raise ConfigError(f"--conv_impl=onednn: {err}") from None
+
+
+def load_network(cfg, portable=False):
     """FCOS in inference mode with every parameter loaded from --ckpt_file (one-line ConfigError
-    otherwise): what eval, export and predict run."""
+    otherwise): what eval, export and predict run. portable (see build_model) for export, and for
+    --runtime=onnxruntime, which exports it too."""
     require_files(cfg, "ckpt_file")
-    network = build_model(cfg)
+    network = build_model(cfg, portable or cfg.runtime != "mindspore")
     try:
         load_weights(network, cfg.ckpt_file, strict_prefixes=("",))
     except (FileNotFoundError, ValueError) as err:

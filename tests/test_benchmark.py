@@ -26,9 +26,9 @@ REPORT_KEYS = set(RESULT_KEYS) | {"parts", "framework", "mode", "batch_size", "i
                                   "config", "versions"}
 
 
-def run_benchmark(*args, timeout=240):
+def run_benchmark(*args, timeout=240, env=None):
     """python -m tools.benchmark args... -> (stdout lines, the JSON of the last one)."""
-    done = subprocess.run([sys.executable, "-m", "tools.benchmark", *args], cwd=ROOT, text=True,
+    done = subprocess.run([sys.executable, "-m", "tools.benchmark", *args], cwd=ROOT, text=True, env=env,
                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, timeout=timeout)
     assert done.returncode == 0, done.stderr[-3000:]
     lines = done.stdout.strip().splitlines()
@@ -37,7 +37,11 @@ def run_benchmark(*args, timeout=240):
 
 @pytest.mark.parametrize("mode, parts", [("infer", {"graph", "select"}), ("train", set()), ("data", set())])
 def test_each_mode_prints_a_table_and_the_json_line_last(mode, parts):
-    lines, result = run_benchmark(*SMALL, f"--mode={mode}", "--min_size=[64]", "--max_size=96", "--threads=1")
+    # train as train.py runs it by default (oneDNN convolutions, the ISA cap lifted); infer with MindSpore's
+    env = {k: v for k, v in os.environ.items() if k not in ("ONEDNN_MAX_CPU_ISA", "FCOS_ISA_CAP_DEFAULT")}
+    conv_impl = "auto" if mode == "train" else "mindspore"
+    lines, result = run_benchmark(*SMALL, f"--mode={mode}", "--min_size=[64]", "--max_size=96", "--threads=1",
+                                  f"--conv_impl={conv_impl}", env=env)
     assert lines[0].split()[:2] == ["framework", "mode"]
     assert lines[1].split()[:4] == ["mindspore", mode, "2", "64x96"]
     assert REPORT_KEYS <= set(result)
@@ -51,6 +55,10 @@ def test_each_mode_prints_a_table_and_the_json_line_last(mode, parts):
     assert (config["backbone"], config["fpn_out_channels"], config["num_head_convs"]) == ("resnet18", 32, 1)
     assert (config["height"], config["width"], config["execution_mode"], config["threads"]) == (64, 96, "GRAPH", 1)
     assert len(config["cpus"]) == 1
+    if mode == "train":
+        assert result["conv_impl"] == "onednn" and config["onednn_isa_cap"] == "none"
+    elif mode == "infer":
+        assert result["conv_impl"] == "mindspore" and config["onednn_isa_cap"] == "AVX2"
     if mode == "data":
         # Synthetic 64x96 images, resized by min_size/max_size, padded to the landscape bucket.
         assert result["steady_state_compiles"] is None and result["pad_shapes"] == [[64, 96], [96, 64]]

@@ -7,12 +7,15 @@ index in the backward kernels breaks. Stride, padding, dilation, groups and bias
 PyNative mode; the library is built from source by the first test (src/ops/build.py).
 """
 import os
+import subprocess
+import sys
 
 import mindspore as ms
 import numpy as np
 import pytest
 from mindspore import Tensor, nn
 
+from conftest import ROOT
 from src.ops.build import OpsUnavailable, build
 
 # (in, out, kernel, stride, padding, dilation, groups, bias, (H, W))
@@ -22,6 +25,7 @@ CASES = [
     (8, 16, 3, 1, 2, 2, 4, True, (11, 14)),    # dilated, grouped (ResNeXt)
     (6, 4, 1, 2, 0, 1, 1, True, (9, 10)),      # 1x1 stride-2 projection
     (3, 8, 7, 2, 3, 1, 1, False, (19, 22)),    # the stem
+    (32, 48, 3, 1, 1, 1, 1, True, (9, 11)),    # channels in blocks of 16: blocked layouts
 ]
 
 
@@ -33,6 +37,11 @@ def ops_library(tmp_path_factory):
     try:
         build("onednn_conv.cc", "libfcos_onednn_conv.so")
         from src.ops.conv import OneDNNConv2d
+
+        if os.environ.get("FCOS_TEST_LIFT_ISA") == "1":
+            from src.ops.select import LIFTED, lift_isa_cap
+
+            assert lift_isa_cap() == LIFTED
 
         yield OneDNNConv2d
     except OpsUnavailable as err:
@@ -118,6 +127,18 @@ def test_onednn_conv_matches_numpy_and_nn_conv2d(ops_library, mode, case):
         np.testing.assert_allclose(got[2], dy.astype(np.float64).sum(axis=(0, 2, 3)), rtol=1e-5, atol=1e-4)
 
 
+def test_the_layers_again_with_the_isa_cap_lifted(ops_library):
+    """The checks above in a process of their own with oneDNN's ISA cap lifted, as a training run
+    has it: oneDNN then picks other kernels (AVX-512, blocked layouts) and other reorders."""
+    env = {k: v for k, v in os.environ.items() if k not in ("ONEDNN_MAX_CPU_ISA", "FCOS_ISA_CAP_DEFAULT")}
+    env["FCOS_TEST_LIFT_ISA"] = "1"
+    done = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__,
+                           "-k", "matches_numpy or with_and_without_bias"], cwd=ROOT, env=env, text=True,
+                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, timeout=600)
+    assert done.returncode == 0, done.stdout[-3000:]
+    assert f"{2 * len(CASES) + 2} passed" in done.stdout
+
+
 def test_onednn_conv_refuses_padding_it_does_not_take(ops_library):
     with pytest.raises(ValueError, match="symmetric 'pad'"):
         ops_library(4, 4, 3, pad_mode="pad", padding=(1, 0, 1, 1))
@@ -192,7 +213,7 @@ def test_use_onednn_convs_keeps_the_networks_outputs_and_gradients(ops_library):
     cfg = load_config(["--config_path=configs/synthetic_cpu.yaml", "--fpn_out_channels=32", "--num_head_convs=1",
                        "--min_size=[64]", "--max_size=96"])
     ms.set_seed(0)
-    network = build_model(cfg)
+    network = build_model(cfg, portable=True)
     network.head.set_stacking(False)
     rng = np.random.default_rng(9)
     x = rng.standard_normal((2, 3, 64, 96)).astype(np.float32)
@@ -226,7 +247,7 @@ def test_use_onednn_convs_runs_every_swapped_layer(ops_library):
 
     cfg = load_config(["--config_path=configs/synthetic_cpu.yaml", "--fpn_out_channels=32", "--num_head_convs=1",
                        "--min_size=[64]", "--max_size=96"])
-    network = build_model(cfg)
+    network = build_model(cfg, portable=True)
     network.head.set_stacking(False)
     replaced = use_onednn_convs(network)
     calls = {}
@@ -240,3 +261,73 @@ def test_use_onednn_convs_runs_every_swapped_layer(ops_library):
         ms.set_context(mode=ms.GRAPH_MODE)
     assert any("downsample" in name for name in calls)
     assert len(calls) == replaced
+
+
+def _small_config(*overrides):
+    from src.model_utils.config import load_config
+
+    return load_config(["--config_path=configs/synthetic_cpu.yaml", "--fpn_out_channels=32", "--num_head_convs=1",
+                        "--min_size=[64]", "--max_size=96", *overrides])
+
+
+@pytest.mark.parametrize("conv_impl, amp_level, portable, want", [
+    ("auto", "O0", False, True), ("onednn", "O0", False, True), ("mindspore", "O0", False, False),
+    ("auto", "O0", True, False), ("auto", "O3", False, False)])
+def test_build_model_puts_in_the_convolutions_conv_impl_selects(ops_library, conv_impl, amp_level, portable, want):
+    """Every convolution becomes a oneDNN custom op on CPU (the head unstacked, as its stacked
+    convs call ops.Conv2D), or none does: portable networks (exports) and mixed precision keep
+    MindSpore's."""
+    from src.builder import build_model
+
+    network = build_model(_small_config(f"--conv_impl={conv_impl}", f"--amp_level={amp_level}"), portable)
+    kinds = {type(cell) for _, cell in network.cells_and_names() if isinstance(cell, nn.Conv2d)}
+    assert kinds == ({ops_library} if want else {nn.Conv2d})
+    assert network.head.stack_towers is not want
+
+
+def test_conv_impl_on_other_devices_and_with_mixed_precision(ops_library):
+    from src.builder import build_model
+    from src.model_utils.config import ConfigError
+    from src.ops.select import select_conv_impl
+
+    assert select_conv_impl("onednn", "Ascend") == select_conv_impl("auto", "GPU") == "mindspore"
+    with pytest.raises(ConfigError, match=r"--conv_impl=onednn: .*float32 only \(amp_level=O2\)"):
+        build_model(_small_config("--conv_impl=onednn", "--amp_level=O2"))
+
+
+def test_without_the_ops_auto_falls_back_in_one_line_and_onednn_is_an_error(tmp_path, monkeypatch, caplog):
+    import logging
+
+    import src.ops.build as ops_build
+    import src.ops.conv as ops_conv
+    import src.ops.select as ops_select
+    from src.builder import build_model
+    from src.model_utils.config import ConfigError
+    from src.ops.conv import OneDNNConv2d
+
+    monkeypatch.setattr(ops_conv, "_LIBRARY", None)
+    monkeypatch.setattr(ops_select, "_said", set())
+    monkeypatch.setenv("FCOS_OPS_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("ONEDNN_INCLUDE", str(tmp_path / "nowhere"))
+    for name in ("prefix", "base_prefix"):
+        monkeypatch.setattr(ops_build.sys, name, str(tmp_path))
+    monkeypatch.setattr(ops_build.sysconfig, "get_paths", lambda: {"data": str(tmp_path)})
+    with caplog.at_level(logging.INFO, logger="fcos"):
+        network = build_model(_small_config())
+    assert not any(isinstance(cell, OneDNNConv2d) for _, cell in network.cells_and_names())
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 1 and warnings[0].startswith("CPU convolutions: MindSpore's Conv2D") and \
+        "no oneDNN headers" in warnings[0]
+    with pytest.raises(ConfigError, match=r"^--conv_impl=onednn: no oneDNN headers"):
+        build_model(_small_config("--conv_impl=onednn"))
+
+
+def test_export_refuses_a_network_with_custom_op_convolutions(ops_library, tmp_path):
+    from src.builder import build_inference, build_model
+    from src.deploy.export import export_model
+
+    cfg = _small_config("--conv_impl=onednn")
+    with pytest.raises(ValueError, match=r"portable=True"):
+        export_model(build_inference(cfg, build_model(cfg)), Tensor(np.zeros((1, 3, 64, 96), np.float32)),
+                     str(tmp_path / "fcos.mindir"), "MINDIR")
+    assert not list(tmp_path.iterdir())

@@ -37,6 +37,8 @@ import mindspore as ms
 import numpy as np
 
 from src.model_utils.config import schema
+from src.ops.conv import loaded_library
+from src.ops.select import isa_cap
 
 logger = logging.getLogger("fcos")
 
@@ -92,7 +94,7 @@ def source_digest():
 def plan_digest(cfg, graphs):
     """Name of the cache folder for this configuration and sequence of graphs (16 hex digits)."""
     identity = {"source": source_digest(), "mindspore": ms.__version__,
-                "isa": os.environ.get("ONEDNN_MAX_CPU_ISA", ""),
+                "isa": isa_cap(), "ops": loaded_library(),
                 "config": graph_config(cfg),
                 "graphs": [g.describe() for g in graphs]}
     return hashlib.sha256(json.dumps(identity, sort_keys=True, default=str).encode()).hexdigest()[:16]

@@ -22,6 +22,12 @@ def library():
     return _LIBRARY
 
 
+def loaded_library():
+    """The library's path when this process has built or loaded it, else None (compiled graphs
+    name it: the compile cache keys on it)."""
+    return _LIBRARY
+
+
 def _pair(value):
     return tuple(value) if isinstance(value, (tuple, list)) else (value, value)
 
@@ -60,20 +66,23 @@ class OneDNNConv2d(nn.Conv2d):
             return x
 
         so = library()
+        # Two backward ops: a graph that needs only one of dx and dw (the first layer, frozen
+        # layers) runs only that one.
+        backward_data = ops.Custom(f"{so}:FcosConvBackwardData", out_shape=lambda x, w, dy, a: x,
+                                   out_dtype=lambda x, w, dy, a: x, func_type="aot")
         if self.has_bias:
-            backward = ops.Custom(f"{so}:FcosConvBackwardBias", out_shape=lambda x, w, dy, a: (x, w, [w[0]]),
-                                  out_dtype=lambda x, w, dy, a: (x, w, w), func_type="aot")
+            backward_weights = ops.Custom(f"{so}:FcosConvBackwardWeights", out_shape=lambda x, w, dy, a: (w, [w[0]]),
+                                          out_dtype=lambda x, w, dy, a: (w, w), func_type="aot")
 
             def bprop(x, w, b, attrs, out, dout):
-                dx, dw, db = backward(x, w, dout, attrs)
-                return dx, dw, db, ops.zeros_like(attrs)
+                dw, db = backward_weights(x, w, dout, attrs)
+                return backward_data(x, w, dout, attrs), dw, db, ops.zeros_like(attrs)
         else:
-            backward = ops.Custom(f"{so}:FcosConvBackward", out_shape=lambda x, w, dy, a: (x, w),
-                                  out_dtype=lambda x, w, dy, a: (x, w), func_type="aot")
+            backward_weights = ops.Custom(f"{so}:FcosConvBackwardWeights", out_shape=lambda x, w, dy, a: w,
+                                          out_dtype=lambda x, w, dy, a: w, func_type="aot")
 
             def bprop(x, w, attrs, out, dout):
-                dx, dw = backward(x, w, dout, attrs)
-                return dx, dw, ops.zeros_like(attrs)
+                return backward_data(x, w, dout, attrs), backward_weights(x, w, dout, attrs), ops.zeros_like(attrs)
         name = "FcosConvForwardBias" if self.has_bias else "FcosConvForward"  # see onednn_conv.cc's end
         self.forward_op = ops.Custom(f"{so}:{name}", out_shape=forward_shape, out_dtype=forward_dtype,
                                      func_type="aot", bprop=bprop)
@@ -81,8 +90,8 @@ class OneDNNConv2d(nn.Conv2d):
         # shapes: without the geometry among the attributes a stride-2 conv took the shape of a
         # stride-1 conv on the same input (the FPN's P6 after P5's output conv).
         geometry = f"{kernel}/{stride}/{padding}/{dilation}/{groups}"
-        self.forward_op.add_prim_attr("conv_geometry", geometry)
-        backward.add_prim_attr("conv_geometry", geometry)
+        for op in (self.forward_op, backward_data, backward_weights):
+            op.add_prim_attr("conv_geometry", geometry)
 
     def construct(self, x):
         if self.has_bias:

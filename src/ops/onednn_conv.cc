@@ -6,22 +6,25 @@
 // convolution of R50-FPN 800x1216 then runs forward + backward in 0.95x torch's time (docs/performance.md).
 //
 // Ops (MindSpore AOT signature; params are the inputs then the outputs, plain row-major):
-//   FcosConvForward[Bias]:  x (N,C,H,W), w (O,C/g,KH,KW), [b (O)], attrs -> y (N,O,OH,OW)
-//   FcosConvBackward[Bias]: x, w, dy, attrs -> dx, dw, [db]   (db when attrs says has_bias)
+//   FcosConvForward[Bias]:   x (N,C,H,W), w (O,C/g,KH,KW), [b (O)], attrs -> y (N,O,OH,OW)
+//   FcosConvBackwardData:    x, w, dy, attrs -> dx
+//   FcosConvBackwardWeights: x, w, dy, attrs -> dw [, db]   (db when attrs says has_bias)
 // attrs: int64 (8,) = stride_h, stride_w, pad_h, pad_w, dilation_h, dilation_w, groups, has_bias.
-// Primitives, reorders and the blocked buffers are built once per shape and attributes and kept.
+// Primitives and reorders are built once per shape and attributes and kept; blocked copies of the
+// tensors live in scratch buffers shared by all layers.
 #include <algorithm>
 #include <atomic>
 #include <chrono>
 #include <condition_variable>
 #include <cstdint>
-#include <cstring>
+#include <cstdlib>
 #include <functional>
 #include <map>
 #include <memory>
 #include <mutex>
+#include <new>
 #include <thread>
-#include <tuple>
+#include <unordered_map>
 #include <vector>
 
 #include <sched.h>
@@ -137,29 +140,64 @@ Runtime &GetRuntime() {
   return runtime;
 }
 
+// Blocked copies of the tensors live in a few buffers shared by every layer, each grown to the
+// largest need: one convolution runs at a time (g_mutex), and per-layer buffers kept another copy
+// of every activation of the network (R50-FPN 800x1216 training: see docs/performance.md).
+class Scratch {
+ public:
+  void *Get(int slot, size_t bytes) {
+    Buffer &b = buffers_[slot];
+    if (b.size < bytes) {
+      std::free(b.data);
+      b.data = std::aligned_alloc(64, (bytes + 63) / 64 * 64);
+      if (b.data == nullptr) throw std::bad_alloc();
+      b.size = bytes;
+    }
+    return b.data;
+  }
+
+ private:
+  struct Buffer {
+    void *data = nullptr;
+    size_t size = 0;
+  };
+  Buffer buffers_[3];
+};
+
+Scratch &GetScratch() {
+  static Scratch scratch;
+  return scratch;
+}
+
 // One tensor argument of a primitive: the caller's plain buffer, wrapped, and, when the primitive
-// wants another layout, its own buffer and the two reorders.
+// wants another layout, a view of a scratch slot and the two reorders.
 struct Arg {
   memory user, prim;
   dnnl::reorder to_prim, to_user;
   bool reorder = false;
+  int slot = 0;
 
   Arg() = default;
-  Arg(const memory::desc &user_md, const memory::desc &want, const dnnl::engine &engine)
-      : user(user_md, engine, DNNL_MEMORY_NONE), reorder(want != user_md) {
-    prim = reorder ? memory(want, engine) : user;
+  Arg(const memory::desc &user_md, const memory::desc &want, const dnnl::engine &engine, int scratch_slot)
+      : user(user_md, engine, DNNL_MEMORY_NONE), reorder(want != user_md), slot(scratch_slot) {
+    prim = reorder ? memory(want, engine, DNNL_MEMORY_NONE) : user;
     if (reorder) {
       to_prim = dnnl::reorder(user, prim);
       to_user = dnnl::reorder(prim, user);
     }
   }
-  // Point at the caller's buffer; copy it into the primitive's layout if that differs.
-  void In(void *data, dnnl::stream &stream) {
+  // Point at the caller's buffer (and, if the layout differs, at the scratch slot).
+  void Bind(void *data) {
     user.set_data_handle(data);
+    prim.set_data_handle(reorder ? GetScratch().Get(slot, prim.get_desc().get_size()) : data);
+  }
+  // An input: bind, then copy it into the primitive's layout if that differs.
+  void In(void *data, dnnl::stream &stream) {
+    Bind(data);
     if (reorder) to_prim.execute(stream, user, prim);
   }
-  void Out(void *data, dnnl::stream &stream) {
-    user.set_data_handle(data);
+  // An output, after the primitive ran: copy it back to the caller's layout if that differs.
+  void Out(dnnl::stream &stream) {
     if (reorder) to_user.execute(stream, prim, user);
   }
 };
@@ -195,82 +233,92 @@ struct Geometry {
   }
 };
 
+// y = conv(x, w) [+ b]
 struct ForwardKernel {
   dnnl::convolution_forward conv;
   Arg x, w, y;
   memory bias;
   bool has_bias;
 
-  explicit ForwardKernel(const Geometry &g, const dnnl::engine &engine) : has_bias(g.has_bias) {
+  ForwardKernel(const Geometry &g, const dnnl::engine &engine) : has_bias(g.has_bias) {
     auto pd = g.Forward(engine);
     conv = dnnl::convolution_forward(pd);
-    x = Arg(g.src_u, pd.src_desc(), engine);
-    w = Arg(g.wei_u, pd.weights_desc(), engine);
-    y = Arg(g.dst_u, pd.dst_desc(), engine);
+    x = Arg(g.src_u, pd.src_desc(), engine, 0);
+    w = Arg(g.wei_u, pd.weights_desc(), engine, 1);
+    y = Arg(g.dst_u, pd.dst_desc(), engine, 2);
     bias = memory(g.bias_md, engine, DNNL_MEMORY_NONE);
   }
-  void Run(void *xd, void *wd, void *bd, void *yd, dnnl::stream &s) {
-    x.In(xd, s);
-    w.In(wd, s);
+  // params: x, w, [b,] attrs, y
+  void Run(void **params, dnnl::stream &s) {
+    x.In(params[0], s);
+    w.In(params[1], s);
+    y.Bind(params[has_bias ? 4 : 3]);
     std::unordered_map<int, memory> args{{DNNL_ARG_SRC, x.prim}, {DNNL_ARG_WEIGHTS, w.prim}, {DNNL_ARG_DST, y.prim}};
     if (has_bias) {
-      bias.set_data_handle(bd);
+      bias.set_data_handle(params[2]);
       args[DNNL_ARG_BIAS] = bias;
     }
-    y.user.set_data_handle(yd);
-    if (!y.reorder) y.prim.set_data_handle(yd);
     conv.execute(s, args);
-    y.Out(yd, s);
+    y.Out(s);
     s.wait();
   }
 };
 
-struct BackwardKernel {
+// dx = conv's adjoint in x, at dy
+struct BackwardDataKernel {
   dnnl::convolution_backward_data data;
+  Arg dy, w, dx;
+
+  BackwardDataKernel(const Geometry &g, const dnnl::engine &engine) {
+    auto pd = dnnl::convolution_backward_data::primitive_desc(
+        engine, dnnl::algorithm::convolution_direct, g.src_any, g.wei_any, g.dst_any, g.strides, g.dilates,
+        g.padding, g.padding, g.Forward(engine));
+    data = dnnl::convolution_backward_data(pd);
+    dy = Arg(g.dst_u, pd.diff_dst_desc(), engine, 0);
+    w = Arg(g.wei_u, pd.weights_desc(), engine, 1);
+    dx = Arg(g.src_u, pd.diff_src_desc(), engine, 2);
+  }
+  // params: x (for its shape), w, dy, attrs, dx
+  void Run(void **params, dnnl::stream &s) {
+    dy.In(params[2], s);
+    w.In(params[1], s);
+    dx.Bind(params[4]);
+    data.execute(s, {{DNNL_ARG_DIFF_DST, dy.prim}, {DNNL_ARG_WEIGHTS, w.prim}, {DNNL_ARG_DIFF_SRC, dx.prim}});
+    dx.Out(s);
+    s.wait();
+  }
+};
+
+// dw [, db] = conv's adjoint in w [and b], at x and dy
+struct BackwardWeightsKernel {
   dnnl::convolution_backward_weights weights;
-  Arg dy_d, w_d, dx, x_w, dy_w, dw;
+  Arg x, dy, dw;
   memory db;
   bool has_bias;
 
-  explicit BackwardKernel(const Geometry &g, const dnnl::engine &engine) : has_bias(g.has_bias) {
-    auto fwd = g.Forward(engine);
-    auto data_pd = dnnl::convolution_backward_data::primitive_desc(
-        engine, dnnl::algorithm::convolution_direct, g.src_any, g.wei_any, g.dst_any, g.strides, g.dilates,
-        g.padding, g.padding, fwd);
-    auto weights_pd = dnnl::convolution_backward_weights::primitive_desc(
+  BackwardWeightsKernel(const Geometry &g, const dnnl::engine &engine) : has_bias(g.has_bias) {
+    auto pd = dnnl::convolution_backward_weights::primitive_desc(
         engine, dnnl::algorithm::convolution_direct, g.src_any, g.wei_any, g.has_bias ? g.bias_md : memory::desc(),
-        g.dst_any, g.strides, g.dilates, g.padding, g.padding, fwd);
-    data = dnnl::convolution_backward_data(data_pd);
-    weights = dnnl::convolution_backward_weights(weights_pd);
-    dy_d = Arg(g.dst_u, data_pd.diff_dst_desc(), engine);
-    w_d = Arg(g.wei_u, data_pd.weights_desc(), engine);
-    dx = Arg(g.src_u, data_pd.diff_src_desc(), engine);
-    x_w = Arg(g.src_u, weights_pd.src_desc(), engine);
-    dy_w = Arg(g.dst_u, weights_pd.diff_dst_desc(), engine);
-    dw = Arg(g.wei_u, weights_pd.diff_weights_desc(), engine);
+        g.dst_any, g.strides, g.dilates, g.padding, g.padding, g.Forward(engine));
+    weights = dnnl::convolution_backward_weights(pd);
+    x = Arg(g.src_u, pd.src_desc(), engine, 0);
+    dy = Arg(g.dst_u, pd.diff_dst_desc(), engine, 1);
+    dw = Arg(g.wei_u, pd.diff_weights_desc(), engine, 2);
     db = memory(g.bias_md, engine, DNNL_MEMORY_NONE);
   }
-  static void Target(Arg &a, void *data) {
-    a.user.set_data_handle(data);
-    if (!a.reorder) a.prim.set_data_handle(data);
-  }
-  void Run(void *xd, void *wd, void *dyd, void *dxd, void *dwd, void *dbd, dnnl::stream &s) {
-    dy_d.In(dyd, s);
-    w_d.In(wd, s);
-    Target(dx, dxd);
-    data.execute(s, {{DNNL_ARG_DIFF_DST, dy_d.prim}, {DNNL_ARG_WEIGHTS, w_d.prim}, {DNNL_ARG_DIFF_SRC, dx.prim}});
-    dx.Out(dxd, s);
-    x_w.In(xd, s);
-    dy_w.In(dyd, s);
-    Target(dw, dwd);
-    std::unordered_map<int, memory> args{{DNNL_ARG_SRC, x_w.prim}, {DNNL_ARG_DIFF_DST, dy_w.prim},
+  // params: x, w (for its shape), dy, attrs, dw, [db]
+  void Run(void **params, dnnl::stream &s) {
+    x.In(params[0], s);
+    dy.In(params[2], s);
+    dw.Bind(params[4]);
+    std::unordered_map<int, memory> args{{DNNL_ARG_SRC, x.prim}, {DNNL_ARG_DIFF_DST, dy.prim},
                                          {DNNL_ARG_DIFF_WEIGHTS, dw.prim}};
     if (has_bias) {
-      db.set_data_handle(dbd);
+      db.set_data_handle(params[5]);
       args[DNNL_ARG_DIFF_BIAS] = db;
     }
     weights.execute(s, args);
-    dw.Out(dwd, s);
+    dw.Out(s);
     s.wait();
   }
 };
@@ -284,64 +332,67 @@ Key MakeKey(const int64_t *x, const int64_t *w, const int64_t *attrs) {
   return key;
 }
 
+std::mutex g_mutex;  // one convolution at a time: the kernels share the scratch buffers
+
+// Look up (or build) the kernel for this call's shapes and attributes and run it; 1 on any error.
+// x is params[0] and w params[1] in every op; attrs sits at attrs_index.
 template <typename Kernel>
-Kernel &Cached(std::map<Key, std::unique_ptr<Kernel>> &cache, const Key &key, const Geometry &g) {
-  auto it = cache.find(key);
-  if (it == cache.end()) it = cache.emplace(key, std::make_unique<Kernel>(g, GetRuntime().engine)).first;
-  return *it->second;
+int RunCached(void **params, int64_t **shapes, int attrs_index) {
+  static std::map<Key, std::unique_ptr<Kernel>> cache;
+  const int64_t *attrs = static_cast<const int64_t *>(params[attrs_index]);
+  try {
+    std::lock_guard<std::mutex> lock(g_mutex);
+    Key key = MakeKey(shapes[0], shapes[1], attrs);
+    auto it = cache.find(key);
+    if (it == cache.end()) {
+      it = cache.emplace(key, std::make_unique<Kernel>(Geometry(shapes[0], shapes[1], attrs), GetRuntime().engine))
+               .first;
+    }
+    it->second->Run(params, GetRuntime().stream);
+  } catch (const std::exception &) {  // dnnl::error, std::bad_alloc
+    return 1;
+  }
+  return 0;
 }
 
-std::mutex g_mutex;  // one convolution at a time: the kernels own their blocked buffers
+bool Conv4d(int *ndims) { return ndims[0] == 4 && ndims[1] == 4; }
+
+bool BiasMatches(void **params, int attrs_index, bool with_bias) {
+  return (static_cast<const int64_t *>(params[attrs_index])[7] != 0) == with_bias;
+}
 
 }  // namespace
 
+// Op names: MindSpore keys a custom op's bprop by its function name, so layers with and without a
+// bias have their own forward ops (one name used with both gave the second kind the first kind's
+// bprop: "The parameters number of the function is 4, but the number of provided arguments is 3").
+// Backward data and backward weights are separate ops so that a graph that needs only one of them
+// (the first layer's input gradient, a frozen layer's weights) runs only that one.
+
+// x, w, attrs -> y
 extern "C" int FcosConvForward(int nparam, void **params, int *ndims, int64_t **shapes, const char **, void *,
                                void *) {
-  if ((nparam != 4 && nparam != 5) || ndims[0] != 4 || ndims[1] != 4) return 1;
-  const bool with_bias = nparam == 5;
-  const int64_t *attrs = static_cast<const int64_t *>(params[with_bias ? 3 : 2]);
-  if ((attrs[7] != 0) != with_bias) return 1;
-  try {
-    std::lock_guard<std::mutex> lock(g_mutex);
-    static std::map<Key, std::unique_ptr<ForwardKernel>> cache;
-    Geometry g(shapes[0], shapes[1], attrs);
-    ForwardKernel &k = Cached(cache, MakeKey(shapes[0], shapes[1], attrs), g);
-    k.Run(params[0], params[1], with_bias ? params[2] : nullptr, params[nparam - 1], GetRuntime().stream);
-  } catch (const dnnl::error &) {
-    return 1;
-  }
-  return 0;
+  if (nparam != 4 || !Conv4d(ndims) || !BiasMatches(params, 2, false)) return 1;
+  return RunCached<ForwardKernel>(params, shapes, 2);
 }
 
-extern "C" int FcosConvBackward(int nparam, void **params, int *ndims, int64_t **shapes, const char **, void *,
-                                void *) {
-  if ((nparam != 6 && nparam != 7) || ndims[0] != 4 || ndims[1] != 4) return 1;
-  const int64_t *attrs = static_cast<const int64_t *>(params[3]);
-  const bool with_bias = nparam == 7;
-  if ((attrs[7] != 0) != with_bias) return 1;
-  try {
-    std::lock_guard<std::mutex> lock(g_mutex);
-    static std::map<Key, std::unique_ptr<BackwardKernel>> cache;
-    Geometry g(shapes[0], shapes[1], attrs);
-    BackwardKernel &k = Cached(cache, MakeKey(shapes[0], shapes[1], attrs), g);
-    k.Run(params[0], params[1], params[2], params[4], params[5], with_bias ? params[6] : nullptr,
-          GetRuntime().stream);
-  } catch (const dnnl::error &) {
-    return 1;
-  }
-  return 0;
+// x, w, b, attrs -> y
+extern "C" int FcosConvForwardBias(int nparam, void **params, int *ndims, int64_t **shapes, const char **, void *,
+                                   void *) {
+  if (nparam != 5 || !Conv4d(ndims) || !BiasMatches(params, 3, true)) return 1;
+  return RunCached<ForwardKernel>(params, shapes, 3);
 }
 
-// The same kernels under other names for layers with a bias: MindSpore keys a custom op's bprop
-// by its function name, so one name used with and without a bias input gave the second kind of
-// layer the first kind's bprop ("The parameters number of the function is 4, but the number of
-// provided arguments is 3" in a network mixing the two).
-extern "C" int FcosConvForwardBias(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes,
-                                   void *stream, void *extra) {
-  return FcosConvForward(nparam, params, ndims, shapes, dtypes, stream, extra);
+// x, w, dy, attrs -> dx
+extern "C" int FcosConvBackwardData(int nparam, void **params, int *ndims, int64_t **shapes, const char **, void *,
+                                    void *) {
+  if (nparam != 5 || !Conv4d(ndims)) return 1;
+  return RunCached<BackwardDataKernel>(params, shapes, 3);
 }
 
-extern "C" int FcosConvBackwardBias(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes,
-                                    void *stream, void *extra) {
-  return FcosConvBackward(nparam, params, ndims, shapes, dtypes, stream, extra);
+// x, w, dy, attrs -> dw [, db]
+extern "C" int FcosConvBackwardWeights(int nparam, void **params, int *ndims, int64_t **shapes, const char **,
+                                       void *, void *) {
+  if ((nparam != 5 && nparam != 6) || !Conv4d(ndims) || !BiasMatches(params, 3, nparam == 6)) return 1;
+  return RunCached<BackwardWeightsKernel>(params, shapes, 3);
 }

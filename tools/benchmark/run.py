@@ -59,8 +59,8 @@ import src  # noqa: F401  (sets the oneDNN ISA before mindspore loads)
 import mindspore as ms
 import numpy as np
 
-from src.builder import (build_inference, build_model, build_train_dataset, build_train_step, precompile_graphs,
-                         selection_kwargs)
+from src.builder import (build_inference, build_model, build_train_dataset, build_train_step, conv_impl,
+                         precompile_graphs, selection_kwargs)
 from src.data.pipeline import resolve_pad_buckets
 from src.deploy.export import export_model
 from src.engine.compile_cache import PlannedGraph
@@ -68,6 +68,7 @@ from src.engine.context import init_context
 from src.engine.lr_schedule import scaled_lr
 from src.inference.select import postprocess_batch
 from src.model_utils.config import ConfigError, guard_main, load_config, schema
+from src.ops.select import isa_cap
 from tools.benchmark.common import (CONV_TIME_KEYS, format_table, json_line, peak_rss_mb, summarise,
                                     synthetic_ground_truth, time_steps)
 from tools.benchmark.convs import format_layers, time_layer, totals, trace_layers
@@ -96,10 +97,6 @@ def parse_args(argv=None):
     parser.add_argument("--runtime", choices=("mindspore", "onnxruntime"), default="mindspore",
                         help="infer: run the network in MindSpore, or export it to ONNX and run it in "
                              "onnxruntime (CPU), the same NumPy selection after either")
-    parser.add_argument("--conv_impl", choices=("mindspore", "onednn"), default="mindspore",
-                        help="the network's convolutions (infer, train) or the layers timed (convs): MindSpore's "
-                             "nn.Conv2d, or src/ops OneDNNConv2d (oneDNN custom ops; ONEDNN_MAX_CPU_ISA=ALL "
-                             "gives them AVX-512 kernels and every other oneDNN op too)")
     parser.add_argument("--execution_mode", choices=("GRAPH", "PYNATIVE"),
                         help="the configuration's mode key (default: the configuration's)")
     parser.add_argument("--compare_torchvision", action="store_true",
@@ -124,8 +121,6 @@ def parse_args(argv=None):
         raise ConfigError("--steps must be at least 1 and --warmup at least 0")
     if args.runtime == "onnxruntime" and args.mode != "infer":
         raise ConfigError("--runtime=onnxruntime: only for --mode infer")
-    if args.conv_impl != "mindspore" and args.mode == "data":
-        raise ConfigError("--conv_impl: only for --mode infer, train or convs")
     if args.compare_torchvision and args.mode == "data":
         raise ConfigError("--compare_torchvision: only for --mode infer, train or convs")
     return args, cfg
@@ -149,24 +144,11 @@ def fixed_batch(args, cfg):
     return (images, *targets)
 
 
-def benchmark_model(args, cfg):
-    """The network as train.py builds it; --conv_impl onednn: with every convolution on src/ops's
-    OneDNNConv2d (the head unstacked so that its layers are nn.Conv2d too)."""
-    network = build_model(cfg)
-    if args.conv_impl == "onednn":
-        from src.ops.conv import use_onednn_convs
-
-        network.head.set_stacking(False)
-        count = use_onednn_convs(network)
-        print(f"--conv_impl onednn: {count} convolutions on OneDNNConv2d", file=sys.stderr, flush=True)
-    return network
-
-
 def infer_step(args, cfg, workdir):
     """-> (compiled cell or None, step, PlannedGraph or None) for FCOSInference + the NumPy
     selection; step returns its parts. --runtime onnxruntime exports the cell to ONNX in workdir
     and runs that in onnxruntime instead (no MindSpore graph to compile)."""
-    cell = build_inference(cfg, benchmark_model(args, cfg))
+    cell = build_inference(cfg, build_model(cfg, portable=args.runtime != "mindspore"))
     cell.set_train(False)
     images = fixed_batch(args, cfg)[0]
     if args.runtime == "onnxruntime":
@@ -201,7 +183,7 @@ def selecting_step(run_graph, args, cfg):
 def train_step(args, cfg):
     """-> (compiled cell, step, PlannedGraph) for one training step exactly as train.py builds it."""
     calls = 1 + args.warmup + args.steps
-    cell, _ = build_train_step(cfg, benchmark_model(args, cfg), steps_per_epoch=calls, group_size=1)
+    cell, _ = build_train_step(cfg, build_model(cfg), steps_per_epoch=calls, group_size=1)
     batch = fixed_batch(args, cfg)
     inputs = [ms.Tensor(x) for x in batch]
 
@@ -260,7 +242,7 @@ def describe_run(args, cfg):
         versions["onnxruntime"] = onnxruntime.__version__
     return {"framework": args.runtime, "mode": args.mode, "batch_size": cfg.batch_size,
             "input": f"{args.height}x{args.width}", "steps": args.steps, "warmup": args.warmup,
-            "conv_impl": args.conv_impl, "versions": versions}
+            "conv_impl": conv_impl(cfg) if args.runtime == "mindspore" else "onnxruntime", "versions": versions}
 
 
 def run_mindspore(args, cfg):
@@ -301,7 +283,7 @@ def run_convs(args, cfg):
     for index, layer in enumerate(layers, 1):
         print(f"layer {index}/{len(layers)}: {layer['input']} -> {layer['out_channels']} channels, "
               f"kernel {layer['kernel']}, stride {layer['stride']}", file=sys.stderr, flush=True)
-        layer.update(time_layer(layer, args.steps, args.warmup, args.conv_impl))
+        layer.update(time_layer(layer, args.steps, args.warmup, conv_impl(cfg)))
     result.update({"layers": layers, "totals": totals(layers), "peak_rss_mb": round(peak_rss_mb(), 1)})
     if args.compare_torchvision:
         result["ratio"] = {"fwd_bwd_ms": round(result["totals"]["fwd_bwd_ms"] /
@@ -350,7 +332,7 @@ def report_config(args, cfg):
                    "execution_mode": cfg.mode, "height": args.height, "width": args.width,
                    "batch_size": cfg.batch_size, "num_parallel_workers": cfg.num_parallel_workers,
                    "num_gt_boxes": args.num_gt_boxes, "threads": args.threads,
-                   "ONEDNN_MAX_CPU_ISA": os.environ.get("ONEDNN_MAX_CPU_ISA", "")})
+                   "onednn_isa_cap": isa_cap()})
     return config
 
 
