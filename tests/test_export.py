@@ -31,7 +31,7 @@ def model(tmp_path_factory):
     ckpt = str(tmp_path_factory.mktemp("ckpt") / "fcos.ckpt")
     cfg = load_config(MODEL_ARGS)
     ms.set_seed(0)
-    network = build_model(cfg)
+    network = build_model(cfg, portable=True)  # what export.py and --runtime=onnxruntime export
     ms.save_checkpoint(network, ckpt)
     infer_cell = build_inference(cfg, network)
     infer_cell.set_train(False)
