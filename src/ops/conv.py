@@ -2,9 +2,9 @@
 
 Same constructor, parameters and checkpoint names as nn.Conv2d (it is one), so weights load
 either way; only construct differs. The kernels are src/ops/onednn_conv.cc, built on first use
-(src/ops/build.py). oneDNN picks blocked layouts and AVX-512 kernels itself, which only happens
-with MindSpore's ONEDNN_MAX_CPU_ISA cap lifted: under the cap (src/__init__.py sets AVX2) these
-ops run AVX2 kernels.
+(src/ops/build.py). oneDNN picks blocked layouts and AVX-512 kernels itself once the AVX2 cap
+of src/__init__.py is lifted (src/ops/select.py does that when a run selects these convolutions);
+under the cap they run AVX2 kernels, same results.
 """
 import numpy as np
 from mindspore import Tensor, nn, ops
