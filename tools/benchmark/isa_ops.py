@@ -28,22 +28,22 @@ def cases(scale):
     h4, w4 = hw(200, 304)
     h8, w8 = hw(100, 152)
 
-    def batchnorm(nn, ops, norm):
+    def batchnorm(nn, norm):
         return nn.BatchNorm2d(256), [(1, 256, h4, w4)]
 
-    def frozen_batchnorm(nn, ops, norm):
+    def frozen_batchnorm(nn, norm):
         return norm.FrozenBatchNorm2d(256), [(1, 256, h4, w4)]
 
-    def maxpool(nn, ops, norm):
+    def maxpool(nn, norm):
         return nn.MaxPool2d(3, 2, pad_mode="same"), [(1, 64, h2, w2)]
 
-    def relu(nn, ops, norm):
+    def relu(nn, norm):
         return nn.ReLU(), [(1, 256, h4, w4)]
 
-    def group_norm(nn, ops, norm):
+    def group_norm(nn, norm):
         return norm.GroupNorm(32, 256), [(1, 256, h8, w8)]
 
-    def matmul(nn, ops, norm):
+    def matmul(nn, norm):
         return nn.Dense(1024, 1024, has_bias=False), [(h8 * 16, 1024)]
 
     return [("BatchNorm2d (training)", batchnorm), ("FrozenBatchNorm2d", frozen_batchnorm),
@@ -55,7 +55,7 @@ def run_child(scale, steps):
     """Time every case in this process (ISA as the environment left it) -> {name: (forward, gradient) ms}."""
     import mindspore as ms
     import numpy as np
-    from mindspore import Tensor, nn, ops
+    from mindspore import Tensor, nn
 
     from src.model import norm
     from tools.benchmark.common import best_ms
@@ -63,7 +63,7 @@ def run_child(scale, steps):
     ms.set_context(mode=ms.GRAPH_MODE)
     results = {}
     for name, make in cases(scale):
-        cell, shapes = make(nn, ops, norm)
+        cell, shapes = make(nn, norm)
         inputs = [Tensor(np.random.default_rng(0).standard_normal(s).astype(np.float32)) for s in shapes]
         grad = ms.jit(ms.grad(cell, grad_position=tuple(range(len(inputs)))))
 

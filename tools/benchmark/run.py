@@ -240,9 +240,12 @@ def describe_run(args, cfg):
         import onnxruntime
 
         versions["onnxruntime"] = onnxruntime.__version__
+    convolutions = None  # data: no network
+    if args.mode != "data":
+        convolutions = conv_impl(cfg) if args.runtime == "mindspore" else "onnxruntime"
     return {"framework": args.runtime, "mode": args.mode, "batch_size": cfg.batch_size,
             "input": f"{args.height}x{args.width}", "steps": args.steps, "warmup": args.warmup,
-            "conv_impl": conv_impl(cfg) if args.runtime == "mindspore" else "onnxruntime", "versions": versions}
+            "conv_impl": convolutions, "versions": versions}
 
 
 def run_mindspore(args, cfg):
