@@ -49,7 +49,7 @@ def build_model(cfg, portable=False):
                     point_strides=cfg.point_strides, backbone_norm=cfg.backbone_norm)
     if not portable and conv_impl(cfg) == "onednn":
         network.head.set_stacking(False)  # the stacked head convolutions call ops.Conv2D itself
-        use_onednn_convs(network)
+        use_onednn_convs(network, fold=network.backbone.frozen_norm_pairs())
     return network
 
 

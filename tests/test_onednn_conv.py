@@ -205,24 +205,44 @@ def _network_gradients(network, x, weights):
     return float(value.asnumpy()), {p.name: g.asnumpy() for p, g in zip(params, grads)}
 
 
-def test_use_onednn_convs_keeps_the_networks_outputs_and_gradients(ops_library):
+@pytest.mark.parametrize("freeze_bn", [False, True])
+def test_use_onednn_convs_keeps_the_networks_outputs_and_gradients(ops_library, freeze_bn):
+    """With freeze_bn the backbone's frozen BatchNorms are folded into the convolutions before
+    them in inference (cells are in inference mode here): outputs and every trainable gradient
+    stay those of the portable network; in training mode the norms run unfolded, same outputs."""
     from src.builder import build_model
     from src.model_utils.config import load_config
     from src.ops.conv import use_onednn_convs
 
     cfg = load_config(["--config_path=configs/synthetic_cpu.yaml", "--fpn_out_channels=32", "--num_head_convs=1",
-                       "--min_size=[64]", "--max_size=96"])
+                       "--min_size=[64]", "--max_size=96", f"--freeze_bn={freeze_bn}", "--freeze_stage_1=False"])
     ms.set_seed(0)
     network = build_model(cfg, portable=True)
     network.head.set_stacking(False)
     rng = np.random.default_rng(9)
+    pairs = network.backbone.frozen_norm_pairs()
+    for _, norm in pairs:  # statistics and affine far from the identity
+        for param, (low, high) in zip((norm.gamma, norm.beta, norm.moving_mean, norm.moving_variance),
+                                      ((0.5, 2.0), (-1.0, 1.0), (-1.0, 1.0), (0.2, 3.0))):
+            param.set_data(Tensor(rng.uniform(low, high, param.shape).astype(np.float32)))
+    # resnet18: the stem, 2 per block, 3 downsamples
+    assert len(pairs) == (1 + 2 * 8 + 3 if freeze_bn else 0)
     x = rng.standard_normal((2, 3, 64, 96)).astype(np.float32)
-    weights = [Tensor(rng.standard_normal(out.shape).astype(np.float32)) for out in network(Tensor(x))]
+    outputs = [out.asnumpy() for out in network(Tensor(x))]
+    weights = [Tensor(rng.standard_normal(out.shape).astype(np.float32)) for out in outputs]
     convs = sum(type(cell) is nn.Conv2d for _, cell in network.cells_and_names())
     want_value, want = _network_gradients(network, x, weights)
+    names = [p.name for p in network.get_parameters()]
 
-    assert use_onednn_convs(network) == convs > 20
+    assert use_onednn_convs(network, fold=pairs) == convs > 20
     assert not any(type(cell) is nn.Conv2d for _, cell in network.cells_and_names())
+    assert [p.name for p in network.get_parameters()] == names  # checkpoints unchanged
+    assert all(norm.folded for _, norm in pairs)
+    if freeze_bn:  # (trained BatchNorm would normalise by the batch in training mode)
+        network.set_train(True)
+        for trained, expected in zip(network(Tensor(x)), outputs):
+            np.testing.assert_allclose(trained.asnumpy(), expected, rtol=0, atol=1e-4 * np.abs(expected).max())
+        network.set_train(False)
     got_value, got = _network_gradients(network, x, weights)
     assert got_value == pytest.approx(want_value, rel=1e-4)
     assert got.keys() == want.keys() and len(got) > 20

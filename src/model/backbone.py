@@ -9,7 +9,7 @@ tools/convert_torchvision.py maps torchvision checkpoints by renaming leaves onl
 from mindspore import nn, ops
 from mindspore.common.initializer import HeNormal
 
-from .norm import backbone_norm
+from .norm import FrozenBatchNorm2d, backbone_norm
 
 
 def _conv(in_channels, out_channels, kernel_size, stride=1, groups=1):
@@ -153,6 +153,19 @@ class ResNet(nn.Cell):
             for cell in (self.conv1, self.bn1, self.layer1):
                 for param in cell.get_parameters():
                     param.requires_grad = False
+
+    def frozen_norm_pairs(self):
+        """-> [(conv, FrozenBatchNorm2d applied right after it)]: the stem's, each block's convN/bnN
+        and each downsample's; empty unless freeze_bn. What a convolution can fold in."""
+        pairs = []
+        for _, cell in self.cells_and_names():
+            children = cell.name_cells()
+            if isinstance(cell, nn.SequentialCell) and len(children) == 2:  # a downsample
+                pairs.append((cell[0], cell[1]))
+            for name, child in children.items():
+                if name.startswith("bn") and f"conv{name[2:]}" in children:
+                    pairs.append((children[f"conv{name[2:]}"], child))
+        return [(conv, norm) for conv, norm in pairs if isinstance(norm, FrozenBatchNorm2d)]
 
     def construct(self, x):
         x = self.maxpool(self.relu(self.bn1(self.conv1(x))))

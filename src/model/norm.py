@@ -40,13 +40,15 @@ class FrozenBatchNorm2d(nn.Cell):
     MindSpore's CPU backend keep an index workspace of 4x the activation per broadcasting op for
     good (R50 inference at 800x1216 peaked at 10.5 GB). The four tensors are Parameters with
     requires_grad=False: they travel in checkpoints but receive no gradient and are left out of
-    trainable_params().
+    trainable_params(). With ``folded`` set, in inference the convolution before it applies
+    scale_shift() (src/ops/conv.py OneDNNConv2d) and this layer passes its input through.
 
     Input and output (B, C, H, W).
     """
 
     def __init__(self, num_features, eps=1e-5):
         super().__init__()
+        self.eps = eps
         self.gamma = Parameter(Tensor(np.ones(num_features, np.float32)), name="gamma", requires_grad=False)
         self.beta = Parameter(Tensor(np.zeros(num_features, np.float32)), name="beta", requires_grad=False)
         self.moving_mean = Parameter(Tensor(np.zeros(num_features, np.float32)), name="moving_mean",
@@ -54,8 +56,17 @@ class FrozenBatchNorm2d(nn.Cell):
         self.moving_variance = Parameter(Tensor(np.ones(num_features, np.float32)), name="moving_variance",
                                          requires_grad=False)
         self.affine = ChannelAffine(eps)
+        self.rsqrt = ops.Rsqrt()
+        self.folded = False
+
+    def scale_shift(self):
+        """-> (scale, shift), each (C,): this layer is y = x * scale + shift per channel."""
+        scale = self.gamma * self.rsqrt(self.moving_variance + self.eps)
+        return scale, self.beta - self.moving_mean * scale
 
     def construct(self, x):
+        if self.folded and not self.training:
+            return x
         return self.affine(x, self.moving_mean, self.moving_variance, self.gamma, self.beta)
 
 
