@@ -11,6 +11,7 @@ import numpy as np
 
 from src.data.coco import DatasetError
 from src.data.pipeline import PadBucketError, create_eval_dataset, create_train_dataset, resolve_pad_buckets
+from src.data.transforms import TrainTransform
 from src.engine.checkpoint import load_weights
 from src.engine.compile_cache import PlannedGraph, precompile
 from src.engine.lr_schedule import build_lr_schedule, scaled_lr
@@ -125,16 +126,21 @@ def dataset_errors(ann_key):
         raise ConfigError(f"--{ann_key}: {err}") from None
 
 
+def train_transform(cfg):
+    """The TrainTransform (augmentation) of the configuration's training keys."""
+    return TrainTransform(
+        cfg.min_size, cfg.max_size, flip_prob=cfg.flip_prob, vflip_prob=cfg.vflip_prob, rot90_prob=cfg.rot90_prob,
+        color_jitter=cfg.color_jitter, hue_jitter=cfg.hue_jitter, crop_prob=cfg.crop_prob,
+        crop_min_scale=cfg.crop_min_scale, rotate_degrees=cfg.rotate_degrees, window=cfg.train_window,
+        window_scale=cfg.window_scale)
+
+
 def build_train_dataset(cfg, rank=0, group_size=1, start_epoch=0):
     """create_train_dataset from the configuration; ConfigError for an unusable dataset."""
     with dataset_errors("train_ann_file"):
         return create_train_dataset(
-            cfg.train_img_dir, cfg.train_ann_file, batch_size=cfg.batch_size, min_size=cfg.min_size,
-            max_size=cfg.max_size, pad_buckets=cfg.pad_buckets, max_gt_boxes=cfg.max_gt_boxes,
-            flip_prob=cfg.flip_prob, color_jitter=cfg.color_jitter, crop_prob=cfg.crop_prob,
-            crop_min_scale=cfg.crop_min_scale, rotate_degrees=cfg.rotate_degrees, vflip_prob=cfg.vflip_prob,
-            rot90_prob=cfg.rot90_prob, hue_jitter=cfg.hue_jitter, window=cfg.train_window,
-            window_scale=cfg.window_scale,
+            cfg.train_img_dir, cfg.train_ann_file, train_transform(cfg), batch_size=cfg.batch_size,
+            pad_buckets=cfg.pad_buckets, max_gt_boxes=cfg.max_gt_boxes,
             skip_empty_images=cfg.skip_empty_images, num_parallel_workers=cfg.num_parallel_workers,
             rank=rank, group_size=group_size, seed=cfg.seed, size_divisor=cfg.size_divisor,
             start_epoch=start_epoch)

@@ -13,13 +13,21 @@ from src.builder import build_eval_dataset, build_train_dataset
 from src.data.coco import CocoDataset
 from src.data.pipeline import (PAD_IMAGE_ID, create_eval_dataset, create_train_dataset, group_by_bucket, pad_targets,
                                plan_eval_batches, plan_train_epoch, resolve_pad_buckets)
+from src.data.transforms import TrainTransform
 from src.model_utils.config import load_config
 from tools.synthetic import make_synthetic_coco
 
 DEEPFOREST = os.path.join(ROOT, "data", "deepforest")
-TRAIN_ARGS = dict(min_size=[96, 128], max_size=160, pad_buckets=[], max_gt_boxes=8, flip_prob=0.5,
-                  color_jitter=0.2, crop_prob=0.5, crop_min_scale=0.6, rotate_degrees=5.0,
-                  skip_empty_images=True, seed=11)
+AUGMENT = dict(min_sizes=[96, 128], max_size=160, flip_prob=0.5, color_jitter=0.2, crop_prob=0.5,
+               crop_min_scale=0.6, rotate_degrees=5.0)
+NO_AUGMENT = dict(flip_prob=0.0, color_jitter=0.0, crop_prob=0.0, rotate_degrees=0.0)
+DATASET_ARGS = dict(pad_buckets=[], max_gt_boxes=8, skip_empty_images=True, seed=11)
+
+
+def _train_dataset(img_dir, ann_file, augment=None, **kwargs):
+    """create_train_dataset with AUGMENT (updated by ``augment``) and DATASET_ARGS (by kwargs)."""
+    transform = TrainTransform(**{**AUGMENT, **(augment or {})})
+    return create_train_dataset(img_dir, ann_file, transform, **{**DATASET_ARGS, **kwargs})
 
 
 @pytest.fixture(scope="module")
@@ -111,8 +119,7 @@ def _collect(dataset, epochs=1):
 
 def test_train_dataset_shapes_buckets_and_epochs(mixed):
     img_dir, ann_file = mixed
-    dataset, info = create_train_dataset(img_dir, ann_file, batch_size=3, num_parallel_workers=2,
-                                         **TRAIN_ARGS)
+    dataset, info = _train_dataset(img_dir, ann_file, batch_size=3, num_parallel_workers=2)
     assert info.num_images == 19 and info.batches_per_epoch == 4 + 2
     assert info.label_to_cat_id == [1, 2, 3] and info.class_names[0] == "rectangle"
     assert dataset.get_dataset_size() == 6
@@ -137,20 +144,17 @@ def test_train_dataset_shapes_buckets_and_epochs(mixed):
     third = _collect(dataset)[0]  # a new iterator continues with the next epoch
     assert not any(np.array_equal(third[0][0], b[0]) for e in epochs for b in e)
     # The same seed reproduces the same batches.
-    again, _ = create_train_dataset(img_dir, ann_file, batch_size=3, num_parallel_workers=1,
-                                    **TRAIN_ARGS)
+    again, _ = _train_dataset(img_dir, ann_file, batch_size=3, num_parallel_workers=1)
     for a, b in zip(epochs[0][0], _collect(again)[0][0]):
         np.testing.assert_array_equal(a, b)
 
 
 def test_train_dataset_shards_see_disjoint_images(mixed):
     img_dir, ann_file = mixed
-    args = {**TRAIN_ARGS, "flip_prob": 0.0, "color_jitter": 0.0, "crop_prob": 0.0,
-            "rotate_degrees": 0.0, "min_size": [128]}
     per_rank = []
     for rank in (0, 1):
-        dataset, info = create_train_dataset(img_dir, ann_file, batch_size=2, rank=rank,
-                                             group_size=2, num_parallel_workers=1, **args)
+        dataset, info = _train_dataset(img_dir, ann_file, {**NO_AUGMENT, "min_sizes": [128]}, batch_size=2,
+                                       rank=rank, group_size=2, num_parallel_workers=1)
         assert info.batches_per_epoch == 4  # global batches of 4: 3 landscape, 1 portrait
         # Without augmentation an image's first GT row identifies it.
         per_rank.append({tuple(b[0]) for _, boxes, _, _ in _collect(dataset)[0] for b in boxes})
@@ -164,8 +168,8 @@ def test_unreadable_images_are_skipped_and_counted(mixed, tmp_path):
     shutil.copytree(img_dir, broken)
     os.remove(broken / "port" / "images" / "000001.jpg")
     (broken / "land" / "images" / "000002.jpg").write_bytes(b"not an image at all")
-    dataset, info = create_train_dataset(str(broken), str(broken / "annotations.json"),
-                                         batch_size=2, num_parallel_workers=2, **TRAIN_ARGS)
+    dataset, info = _train_dataset(str(broken), str(broken / "annotations.json"), batch_size=2,
+                                   num_parallel_workers=2)
     assert info.skipped_missing == 1 and info.num_images == 18
     assert info.batches_per_epoch == 6 + 3  # every image is in the epoch's plan
     batches = _collect(dataset)[0]
@@ -195,10 +199,9 @@ def test_eval_dataset_keeps_every_image(mixed):
 def test_deepforest_train_and_eval():
     img = os.path.join(DEEPFOREST, "{}")
     ann = os.path.join(DEEPFOREST, "annotations", "{}.json")
-    dataset, info = create_train_dataset(img.format("train"), ann.format("train"), batch_size=2,
-                                         num_parallel_workers=1,
-                                         **{**TRAIN_ARGS, "min_size": [320], "max_size": 352,
-                                            "pad_buckets": [[352, 352]], "max_gt_boxes": 100})
+    dataset, info = _train_dataset(img.format("train"), ann.format("train"), {"min_sizes": [320], "max_size": 352},
+                                   batch_size=2, num_parallel_workers=1, pad_buckets=[[352, 352]],
+                                   max_gt_boxes=100)
     assert info.num_images == 18 and info.class_names == ["Tree"]
     assert info.cleaning["crowd"] > 0 and info.cleaning["kept_boxes"] == 421
     images, boxes, labels, mask = _collect(dataset)[0][0]
@@ -219,10 +222,8 @@ def test_window_mode_samples_by_area_with_distinct_windows():
     image by area, every copy its own window, reproducible from the seed."""
     voc = os.path.join(ROOT, "data", "deepforest_voc")
     ann = os.path.join(DEEPFOREST, "annotations", "heldout_train.json")
-    args = {**TRAIN_ARGS, "min_size": [400], "max_size": 400, "max_gt_boxes": 100, "flip_prob": 0.0,
-            "color_jitter": 0.0, "crop_prob": 0.0, "rotate_degrees": 0.0}
-    dataset, info = create_train_dataset(voc, ann, batch_size=2, num_parallel_workers=1, window=100,
-                                         window_scale=(1.0, 1.0), **args)
+    augment = {**NO_AUGMENT, "min_sizes": [400], "max_size": 400, "window": 100, "window_scale": (1.0, 1.0)}
+    dataset, info = _train_dataset(voc, ann, augment, batch_size=2, num_parallel_workers=1, max_gt_boxes=100)
     coco = CocoDataset(voc, ann)
     copies = [round(coco.image_info(i)["height"] * coco.image_info(i)["width"] / 100 ** 2) for i in coco.image_ids]
     assert info.num_images == 2 and info.batches_per_epoch == sum(copies) // 2
@@ -235,8 +236,7 @@ def test_window_mode_samples_by_area_with_distinct_windows():
     assert all(image.shape == (3, 128, 128) for image in images)
     assert len({image.tobytes() for image in images}) == len(images)  # each copy is another window
     assert all(not image[:, 100:].any() and not image[:, :, 100:].any() for image in images)
-    again, _ = create_train_dataset(voc, ann, batch_size=2, num_parallel_workers=2, window=100,
-                                    window_scale=(1.0, 1.0), **args)
+    again, _ = _train_dataset(voc, ann, augment, batch_size=2, num_parallel_workers=2, max_gt_boxes=100)
     for a, b in zip(batches, _collect(again)[0]):
         for x, y in zip(a, b):
             np.testing.assert_array_equal(x, y)

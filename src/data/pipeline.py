@@ -21,7 +21,7 @@ import mindspore.dataset as ds
 import numpy as np
 
 from .coco import CocoDataset, DatasetError
-from .transforms import TrainTransform, default_pad_buckets, pad_shape_for, preprocess_image
+from .transforms import default_pad_buckets, pad_shape_for, preprocess_image
 
 logger = logging.getLogger("fcos")
 
@@ -377,24 +377,23 @@ def _min_sizes(min_size):
     return [int(min_size)] if np.isscalar(min_size) else [int(s) for s in min_size]
 
 
-def create_train_dataset(img_dir, ann_file, *, batch_size, min_size, max_size, pad_buckets,
-                         max_gt_boxes, flip_prob, color_jitter, crop_prob, crop_min_scale,
-                         rotate_degrees, skip_empty_images, num_parallel_workers, vflip_prob=0.0,
-                         rot90_prob=0.0, hue_jitter=0.0, window=0, window_scale=(1.0, 1.0), rank=0, group_size=1,
-                         seed, shuffle=True, size_divisor=32, start_epoch=0):
+def create_train_dataset(img_dir, ann_file, transform, *, batch_size, pad_buckets, max_gt_boxes,
+                         skip_empty_images, num_parallel_workers, seed, rank=0, group_size=1, shuffle=True,
+                         size_divisor=32, start_epoch=0):
     """Training dataset -> (dataset, info).
 
+    ``transform`` (TrainTransform) augments every sample; its sizes choose the pad buckets.
     Columns: images (B,3,H,W) float32, gt_boxes (B,M,4) float32, gt_labels (B,M) int32,
     gt_mask (B,M) bool, M = max_gt_boxes; (H,W) is one of the pad buckets, or in window mode
-    (``window`` > 0: random windows, see window_samples) the one shape window x window rounded up
-    to size_divisor. Images whose file is missing are left out up front; one that fails to decode
+    (``transform.window`` > 0: random windows, see window_samples) the one shape window x window
+    rounded up to size_divisor. Images whose file is missing are left out up front; one that fails to decode
     is replaced in its batch by another image of its bucket. ``shuffle=False`` keeps a fixed
     batch order (augmentation still changes with the epoch); ``start_epoch`` continues the epoch
     sequence when resuming.
 
     info: TrainDataInfo.
     """
-    min_sizes = _min_sizes(min_size)
+    min_sizes, max_size, window = transform.min_sizes, transform.max_size, transform.window
     coco = CocoDataset(img_dir, ann_file, skip_empty=skip_empty_images)
     present = present_images(coco, coco.image_ids, "training")
     missing = len(coco.image_ids) - len(present)
@@ -414,10 +413,6 @@ def create_train_dataset(img_dir, ann_file, *, batch_size, min_size, max_size, p
         index = {image_id: i for i, image_id in enumerate(present)}
         members = [[index[i] for i in ids]
                    for ids in group_by_bucket(coco, present, max(min_sizes), max_size, buckets)]
-    transform = TrainTransform(min_sizes, max_size, flip_prob=flip_prob, vflip_prob=vflip_prob,
-                               rot90_prob=rot90_prob, color_jitter=color_jitter, hue_jitter=hue_jitter,
-                               crop_prob=crop_prob, crop_min_scale=crop_min_scale, rotate_degrees=rotate_degrees,
-                               window=window, window_scale=window_scale)
     failed = FailedImages(coco, present)
     source = TrainBatches(coco, samples, members, buckets, transform, batch_size=batch_size,
                           max_gt_boxes=max_gt_boxes, seed=seed, rank=rank, group_size=group_size,
