@@ -130,7 +130,8 @@ def train_transform(cfg):
     """The TrainTransform (augmentation) of the configuration's training keys."""
     return TrainTransform(
         cfg.min_size, cfg.max_size, flip_prob=cfg.flip_prob, vflip_prob=cfg.vflip_prob, rot90_prob=cfg.rot90_prob,
-        color_jitter=cfg.color_jitter, hue_jitter=cfg.hue_jitter, crop_prob=cfg.crop_prob,
+        color_jitter=cfg.color_jitter, hue_jitter=cfg.hue_jitter, invert_lightness_prob=cfg.invert_lightness_prob,
+        random_conv_prob=cfg.random_conv_prob, crop_prob=cfg.crop_prob,
         crop_min_scale=cfg.crop_min_scale, rotate_degrees=cfg.rotate_degrees, window=cfg.train_window,
         window_scale=cfg.window_scale)
 

@@ -14,8 +14,9 @@ from hypothesis import strategies as st
 from conftest import parity_dir
 from src.data.coco import load_image_rgb
 from src.data.transforms import (IMAGENET_MEAN, IMAGENET_STD, TrainTransform, choose_pad_shape, color_jitter,
-                                 default_pad_buckets, hflip, hue_shift, keep_ratio_size, normalize_and_pad,
-                                 preprocess_image, random_crop, random_window, resize, rot90, rotate, vflip)
+                                 default_pad_buckets, hflip, hue_shift, invert_lightness, keep_ratio_size,
+                                 normalize_and_pad, preprocess_image, random_conv, random_crop, random_window, resize,
+                                 rot90, rotate, vflip)
 
 PROPERTY = settings(max_examples=40, deadline=None)
 TOLERANCE = 2.0  # pixels: interpolation blurs a painted edge by about one pixel
@@ -214,6 +215,67 @@ def test_hue_shift_turns_the_hue_by_the_drawn_angle():
         expected[index] = np.round(np.array(colorsys.hsv_to_rgb((h + turn) % 1.0, s, v)) * 255)
     assert np.abs(shifted.astype(int) - expected).max() <= 1
     np.testing.assert_array_equal(shifted[0], image[0])
+
+
+def _srgb_to_lab(rgb):
+    """Reference CIE L*a*b* (D65) of sRGB in [0, 1], float64, from the standard's formulas."""
+    lin = np.where(rgb <= 0.04045, rgb / 12.92, ((rgb + 0.055) / 1.055) ** 2.4)
+    xyz = lin @ np.array([[0.412453, 0.357580, 0.180423], [0.212671, 0.715160, 0.072169],
+                          [0.019334, 0.119193, 0.950227]]).T / np.array([0.950456, 1.0, 1.088754])
+    f = np.where(xyz > (6 / 29) ** 3, np.cbrt(xyz), xyz / (3 * (6 / 29) ** 2) + 4 / 29)
+    return np.stack([116 * f[..., 1] - 16, 500 * (f[..., 0] - f[..., 1]), 200 * (f[..., 1] - f[..., 2])], -1)
+
+
+def test_invert_lightness_against_a_reference_lab():
+    """L* becomes 100 - L*, a* and b* stay (colours that stay in the sRGB gamut, to uint8 rounding);
+    black and white swap."""
+    rng = np.random.default_rng(5)
+    grey = rng.integers(0, 256, (1, 40, 1)).astype(np.uint8).repeat(3, axis=2)
+    muted = (110 + rng.integers(-25, 26, (30, 40, 3))).astype(np.uint8)  # low chroma, mid lightness
+    for image in (grey, muted):
+        inverted = invert_lightness(image)
+        assert inverted.dtype == np.uint8 and inverted.shape == image.shape
+        before, after = _srgb_to_lab(image / 255.0), _srgb_to_lab(inverted / 255.0)
+        assert np.abs(after[..., 0] - (100 - before[..., 0])).max() < 0.8
+        assert np.abs(after[..., 1:] - before[..., 1:]).max() < 1.5
+    extremes = np.array([[[0, 0, 0], [255, 255, 255]]], np.uint8)
+    np.testing.assert_allclose(invert_lightness(extremes), extremes[:, ::-1], atol=1)
+
+
+def _correlate_reflect(channel, kernel):
+    """cv2.filter2D with BORDER_REFLECT, written out: correlation over a symmetric-padded image."""
+    k = kernel.shape[0]
+    padded = np.pad(channel, k // 2, mode="symmetric")
+    out = np.zeros(channel.shape, np.float64)
+    for dy in range(k):
+        for dx in range(k):
+            out += kernel[dy, dx] * padded[dy:dy + channel.shape[0], dx:dx + channel.shape[1]]
+    return out
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2, 3])
+def test_random_conv_against_numpy(seed):
+    """The drawn kernel size, weights and blend, recomputed in float64 NumPy: the filtered image
+    with each channel's input mean and spread, blended into the input."""
+    image = np.random.default_rng(10 + seed).integers(40, 216, (24, 31, 3)).astype(np.uint8)
+    out = random_conv(image, np.random.default_rng(seed))
+    rng = np.random.default_rng(seed)
+    k = int(rng.choice((1, 3, 5)))
+    weights = rng.normal(0.0, 1.0 / np.sqrt(3 * k * k), size=(3, 3, k, k)).astype(np.float32)
+    blend = rng.uniform(0.0, 1.0)
+    source = image.astype(np.float64)
+    filtered = np.stack([sum(_correlate_reflect(source[..., i], weights[o, i]) for i in range(3))
+                         for o in range(3)], -1)
+    matched = (filtered - filtered.mean((0, 1))) / filtered.std((0, 1)) * source.std((0, 1)) + source.mean((0, 1))
+    expected = np.clip(blend * source + (1 - blend) * matched, 0, 255)
+    assert out.dtype == np.uint8 and out.shape == image.shape
+    assert np.abs(out - expected).max() <= 1.0
+    np.testing.assert_array_equal(out, random_conv(image, np.random.default_rng(seed)))
+
+
+def test_random_conv_keeps_a_flat_image():
+    flat = np.full((9, 7, 3), (30, 140, 200), np.uint8)
+    np.testing.assert_array_equal(random_conv(flat, np.random.default_rng(0)), flat)
 
 
 def test_normalize_and_pad():

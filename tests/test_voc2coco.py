@@ -12,7 +12,7 @@ import pytest
 
 from conftest import ROOT
 from src.data.coco import CocoDataset, DatasetError
-from tools.make_deepforest import make_deepforest
+from tools.make_deepforest import grid_windows, held_out_fold, make_deepforest
 from tools.voc2coco import parse_voc_xml, voc_box_to_coco, voc_to_coco
 
 VOC_XML = """<annotation><filename>{filename}</filename>
@@ -140,3 +140,36 @@ def test_shipped_deepforest_is_reproducible_and_split_cleanly(deepforest_voc, tm
         assert (boxes[:, 2:] > 0).all()
     assert os.path.getsize(os.path.join(shipped, "LICENSE")) == \
         os.path.getsize(os.path.join(deepforest_voc, "LICENSE"))
+
+
+@pytest.mark.parametrize("width,height,max_tile", [(1249, 1035, 420), (400, 400, 420), (421, 90, 420), (7, 5, 2)])
+def test_grid_windows_tile_the_image_exactly(width, height, max_tile):
+    windows = grid_windows(width, height, max_tile)
+    covered = np.zeros((height, width), np.int32)
+    for x0, y0, x1, y1 in windows:
+        assert 0 < x1 - x0 <= max_tile and 0 < y1 - y0 <= max_tile
+        covered[y0:y1, x0:x1] += 1
+    assert (covered == 1).all()
+    assert len(windows) == -(-width // max_tile) * -(-height // max_tile)
+
+
+def test_held_out_fold_validates_a_large_image_as_tiles(deepforest_voc, tmp_path):
+    large = "2019_YELL_2_541000_4977000_image_crop"
+    train_dir, val_dir = held_out_fold(deepforest_voc, large, str(tmp_path))
+    train = json.load(open(tmp_path / "annotations" / "train.json"))
+    val = json.load(open(tmp_path / "annotations" / "val.json"))
+    assert train_dir == deepforest_voc and val_dir == str(tmp_path / "val")
+    assert {img["file_name"] for img in train["images"]} == {"OSBS_029.png", "SOAP_061.png"}
+    assert len(val["images"]) == 9
+    for img in val["images"]:
+        assert max(img["height"], img["width"]) <= 420
+        tile = CocoDataset(val_dir, str(tmp_path / "annotations" / "val.json")).load_image(img["id"])
+        assert tile.shape[:2] == (img["height"], img["width"])
+    # every crown is in some tile, whole or as an ignore region where a tile edge cuts it
+    assert sum(not a["iscrowd"] for a in val["annotations"]) >= 279 - 2 * sum(a["iscrowd"] for a in val["annotations"])
+    assert sum(img["height"] * img["width"] for img in val["images"]) == 1249 * 1035
+    # a small held-out image stays whole, referring to the source PNG
+    train_dir, val_dir = held_out_fold(deepforest_voc, "OSBS_029", str(tmp_path / "osbs"))
+    val = json.load(open(tmp_path / "osbs" / "annotations" / "val.json"))
+    assert val_dir == deepforest_voc and [img["file_name"] for img in val["images"]] == ["OSBS_029.png"]
+    assert len(val["annotations"]) == 61

@@ -38,6 +38,7 @@ SMALL = ("SOAP_061", "OSBS_029")
 SMALL_SPLIT_X = 240  # the small images' columns from here on are validation
 MIN_VISIBLE = 0.5
 HELD_OUT = "OSBS_029"  # validation image of the held-out-image split
+VAL_TILE_MAX = 420  # held_out_fold validates a larger held-out image as tiles of at most this side
 CLASS_NAME = "Tree"
 
 
@@ -130,6 +131,39 @@ def whole_image_split(voc_dir, held_out):
                                             "area": (x2 - x1) * (y2 - y1), "iscrowd": 0})
         result[split] = coco
     return result
+
+
+def grid_windows(width, height, max_tile):
+    """Non-overlapping windows (x0, y0, x1, y1) of a near-equal grid covering width x height with
+    sides of at most max_tile (one window when the image is no larger)."""
+    xs = np.linspace(0, width, -(-width // max_tile) + 1).round().astype(int)
+    ys = np.linspace(0, height, -(-height // max_tile) + 1).round().astype(int)
+    return [(int(x0), int(y0), int(x1), int(y1)) for y0, y1 in zip(ys[:-1], ys[1:])
+            for x0, x1 in zip(xs[:-1], xs[1:])]
+
+
+def held_out_fold(voc_dir, held_out, out_dir, max_tile=VAL_TILE_MAX):
+    """One fold of leave-one-image-out validation, written to out_dir/annotations/{train,val}.json
+    -> (train_img_dir, val_img_dir). Training is the whole other images (files in voc_dir); the
+    held-out image is validated whole when no side exceeds max_tile, else as a grid of tiles
+    (out_dir/val/*.jpg, cut as the tile split cuts) - one image of the large orthophoto holds
+    more crowns than COCO's 100 scored detections."""
+    split = whole_image_split(voc_dir, held_out)
+    image, boxes = _read_sample(voc_dir, held_out)
+    height, width = image.shape[:2]
+    val_img_dir = voc_dir
+    if max(height, width) > max_tile:
+        writer = _SplitWriter(out_dir, "val")
+        for x0, y0, x1, y1 in grid_windows(width, height, max_tile):
+            tile, tile_boxes, crowd = cut(image, boxes, (x0, y0, x1, y1))
+            writer.add(f"{held_out}_x{x0:04d}_y{y0:04d}", tile, tile_boxes, crowd)
+        split["heldout_val"], val_img_dir = writer.coco(), writer.img_dir
+    ann_dir = os.path.join(out_dir, "annotations")
+    os.makedirs(ann_dir, exist_ok=True)
+    for name, key in (("train", "heldout_train"), ("val", "heldout_val")):
+        with open(os.path.join(ann_dir, f"{name}.json"), "w", encoding="utf-8") as f:
+            json.dump(split[key], f, indent=1)
+    return voc_dir, val_img_dir
 
 
 def make_deepforest(voc_dir, out_dir, held_out=HELD_OUT):

@@ -1,5 +1,6 @@
-"""Sample transforms: keep-ratio resize, flips and 90-degree turns, photometric jitter, crops
-(keep-ratio or fixed-size windows), rotation, normalise, pad.
+"""Sample transforms: keep-ratio resize, flips and 90-degree turns, photometric jitter (colour,
+lightness inversion, random convolutions), crops (keep-ratio or fixed-size windows), rotation,
+normalise, pad.
 
 A sample is an image (H,W,3) uint8 RGB, boxes (N,4) float32 x1,y1,x2,y2 in continuous pixel
 coordinates (pixel column i spans [i, i+1)) and labels (N,) int32. Every geometric transform
@@ -130,6 +131,38 @@ def hue_shift(image, fraction, rng):
     hsv[..., 0] = np.mod(hsv[..., 0] + 360.0 * rng.uniform(-fraction, fraction), 360.0)
     rgb = cv2.cvtColor(hsv, cv2.COLOR_HSV2RGB)
     return np.round(np.clip(rgb * 255.0, 0.0, 255.0)).astype(np.uint8)
+
+
+def invert_lightness(image):
+    """Turn CIE L* into 100 - L*, keeping a* and b* (hue and chroma): what was brighter than its
+    surroundings becomes darker, colours stay. (H,W,3) uint8 RGB -> the same; colours that leave
+    the RGB gamut are clipped. Tree crowns are brighter than a shadowed understory on one site
+    and darker than bright sand or soil on another."""
+    lab = cv2.cvtColor(image.astype(np.float32) / 255.0, cv2.COLOR_RGB2Lab)  # L* in [0, 100]
+    lab[..., 0] = 100.0 - lab[..., 0]
+    rgb = cv2.cvtColor(lab, cv2.COLOR_Lab2RGB)
+    return np.round(np.clip(rgb * 255.0, 0.0, 255.0)).astype(np.uint8)
+
+
+def random_conv(image, rng, kernel_sizes=(1, 3, 5)):
+    """RandConv (Xu et al., ICLR 2021): filter the image with a random 3->3 channel convolution
+    (k x k, k drawn from kernel_sizes, weights ~ N(0, 1/(3 k^2))), give each output channel the
+    mean and standard deviation of the input channel, and blend with the image by a factor drawn
+    from U(0, 1). (H,W,3) uint8 -> the same. New colours and local textures, shapes kept: a
+    detector trained on a few sites leans less on their look."""
+    k = int(rng.choice(kernel_sizes))
+    weights = rng.normal(0.0, 1.0 / np.sqrt(3 * k * k), size=(3, 3, k, k)).astype(np.float32)
+    src = image.astype(np.float32)
+    out = np.zeros_like(src)
+    for o in range(3):
+        for i in range(3):
+            out[..., o] += cv2.filter2D(src[..., i], -1, weights[o, i], borderType=cv2.BORDER_REFLECT)
+    src_mean, src_std = src.mean(axis=(0, 1)), src.std(axis=(0, 1))
+    out_mean, out_std = out.mean(axis=(0, 1)), out.std(axis=(0, 1))
+    out = (out - out_mean) * (src_std / np.maximum(out_std, 1e-3)) + src_mean
+    blend = rng.uniform(0.0, 1.0)
+    out = blend * src + (1.0 - blend) * out
+    return np.round(np.clip(out, 0.0, 255.0)).astype(np.uint8)
 
 
 def _keep_visible(moved, unclipped_area, width, height, min_visible):
@@ -315,6 +348,8 @@ class TrainTransform:
             top-down (nadir) imagery. A turned non-square image is shrunk to fit its pad shape.
         color_jitter: photometric strength (0 = off).
         hue_jitter: largest hue turn as a fraction of the colour circle (0 = off, at most 0.5).
+        invert_lightness_prob: probability of invert_lightness.
+        random_conv_prob: probability of random_conv.
         crop_prob, crop_min_scale: probability and smallest side fraction of a random crop.
         rotate_degrees: rotation angle drawn from U(-rotate_degrees, rotate_degrees) (0 = off).
         window: > 0 replaces crop and resize by a random window that becomes window x window
@@ -322,8 +357,8 @@ class TrainTransform:
     """
 
     def __init__(self, min_sizes, max_size, *, flip_prob=0.5, vflip_prob=0.0, rot90_prob=0.0,
-                 color_jitter=0.0, hue_jitter=0.0, crop_prob=0.0, crop_min_scale=0.6,
-                 rotate_degrees=0.0, window=0, window_scale=(1.0, 1.0)):
+                 color_jitter=0.0, hue_jitter=0.0, invert_lightness_prob=0.0, random_conv_prob=0.0,
+                 crop_prob=0.0, crop_min_scale=0.6, rotate_degrees=0.0, window=0, window_scale=(1.0, 1.0)):
         if not min_sizes or min(min_sizes) <= 0 or max_size <= 0:
             raise ValueError(f"min_size {min_sizes} and max_size {max_size} must be positive")
         if not 0.0 < crop_min_scale <= 1.0:
@@ -337,6 +372,8 @@ class TrainTransform:
         self.rot90_prob = float(rot90_prob)
         self.color_jitter = float(color_jitter)
         self.hue_jitter = float(hue_jitter)
+        self.invert_lightness_prob = float(invert_lightness_prob)
+        self.random_conv_prob = float(random_conv_prob)
         self.crop_prob = float(crop_prob)
         self.crop_min_scale = float(crop_min_scale)
         self.rotate_degrees = float(rotate_degrees)
@@ -359,7 +396,12 @@ class TrainTransform:
         return normalize_and_pad(image, pad_hw), boxes, labels
 
     def _photometric(self, image, rng):
-        return hue_shift(color_jitter(image, self.color_jitter, rng), self.hue_jitter, rng)
+        image = hue_shift(color_jitter(image, self.color_jitter, rng), self.hue_jitter, rng)
+        if self.invert_lightness_prob > 0 and rng.random() < self.invert_lightness_prob:
+            image = invert_lightness(image)
+        if self.random_conv_prob > 0 and rng.random() < self.random_conv_prob:
+            image = random_conv(image, rng)
+        return image
 
     def _turns(self, image, boxes, rng):
         """Random vertical flip and 90-degree turn."""
