@@ -22,7 +22,7 @@ echo "== 2/3 evaluating $CKPT"
 python eval.py --config_path="$CONFIG" --ckpt_file="$CKPT" --output_dir="$OUTPUT_DIR/eval" "$@"
 
 echo "== 3/3 drawing predictions on a validation image"
-python predict.py --config_path="$CONFIG" --ckpt_file="$CKPT" --input "$IMAGE" --draw_score_threshold=0.5 \
+python predict.py --config_path="$CONFIG" --ckpt_file="$CKPT" --input "$IMAGE" --draw_score_threshold=0.4 \
   --output_dir="$OUTPUT_DIR/predictions" "$@"
 
 echo "done in $(( $(date +%s) - start )) s: metrics $OUTPUT_DIR/eval/eval_result.json, pictures in $OUTPUT_DIR/predictions"
