@@ -146,7 +146,11 @@ def test_conv_impl_onednn_times_the_custom_ops_alone_and_in_the_network(tmp_path
     assert ours["conv_impl"] == "onednn"
     shapes = [(layer["input"], layer["out_channels"], layer["kernel"], layer["count"]) for layer in ours["layers"]]
     assert len(shapes) > 10 and shapes[0] == ([2, 3, 64, 96], 64, [7, 7], 1)
-    assert all(layer["fwd_ms"] > 0 and layer["fwd_bwd_ms"] > layer["fwd_ms"] for layer in ours["layers"])
+    assert all(layer["fwd_ms"] > 0 and layer["fwd_bwd_ms"] > 0 for layer in ours["layers"])
+    # The backward is timed too. Compared over the whole layer set: a single layer of a few
+    # microseconds measured forward+backward under its forward once in a full clean-clone run
+    # (446 passed; it passed alone), timer noise on 2 loaded cores, not a missing backward.
+    assert sum(layer["fwd_bwd_ms"] for layer in ours["layers"]) > 1.5 * sum(layer["fwd_ms"] for layer in ours["layers"])
     _, network = run_benchmark(*SMALL, "--mode=infer", "--threads=1", "--conv_impl=onednn")
     assert network["conv_impl"] == "onednn" and network["median_s"] > 0
 

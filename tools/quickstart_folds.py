@@ -12,11 +12,9 @@ resolution, whole or (larger than tools.make_deepforest.VAL_TILE_MAX) as a grid 
 Prints one line per run and a table; writes <out>/summary.json. Logs: <out>/<fold>/seed<s>/.
 """
 import argparse
-import glob
 import json
 import math
 import os
-import re
 import subprocess
 import sys
 import time
@@ -25,6 +23,7 @@ import numpy as np
 
 from src.data.coco import CocoDataset
 from src.data.pipeline import window_samples
+from src.engine.checkpoint import CheckpointKeeper
 from src.model_utils.config import load_config
 from tools.make_deepforest import held_out_fold
 
@@ -44,15 +43,6 @@ def eval_size_overrides(ann_file):
     short = min(min(img["height"], img["width"]) for img in images)
     long = max(max(img["height"], img["width"]) for img in images)
     return [f"--min_size=[{short}]", f"--max_size={long}"]
-
-
-def newest_checkpoint(folder):
-    """The fcos-<epoch>_<step>.ckpt with the largest step in folder."""
-    found = [(int(m.group(1)), path) for path in glob.glob(os.path.join(folder, "fcos-*.ckpt"))
-             if (m := re.search(r"_(\d+)\.ckpt$", path))]
-    if not found:
-        raise SystemExit(f"no checkpoint in {folder}")
-    return max(found)[1]
 
 
 def run(args, log_path):
@@ -77,7 +67,9 @@ def run_fold(stem, seed, out_dir, config_path, cfg, steps, extra):
     os.makedirs(run_dir, exist_ok=True)
     run(["train.py", *common, f"--epochs={epochs}", f"--save_ckpt_epochs={epochs}", f"--output_dir={run_dir}"],
         os.path.join(run_dir, "train.out"))
-    ckpt = newest_checkpoint(os.path.join(run_dir, "checkpoints"))
+    ckpt = CheckpointKeeper(os.path.join(run_dir, "checkpoints")).latest()
+    if ckpt is None:
+        raise SystemExit(f"no checkpoint in {run_dir}/checkpoints")
     run(["eval.py", *common, f"--ckpt_file={ckpt}", f"--output_dir={os.path.join(run_dir, 'eval')}"],
         os.path.join(run_dir, "eval.out"))
     with open(os.path.join(run_dir, "eval", "eval_result.json"), encoding="utf-8") as f:
