@@ -53,17 +53,23 @@ def run(args, log_path):
         raise SystemExit(f"{' '.join(args[:1])} failed (exit {code}), see {log_path}")
 
 
-def run_fold(stem, seed, out_dir, config_path, cfg, steps, extra):
-    """Train and score one fold and seed -> eval_result.json's metrics."""
+def prepare_fold(stem, voc_dir, out_dir, config_path, cfg, steps, extra):
+    """Write one fold's split (once for all its seeds) -> (fold folder, train.py/eval.py arguments
+    without the seed, training epochs)."""
     fold_dir = os.path.join(out_dir, stem)
-    train_dir, val_dir = held_out_fold(os.path.join(ROOT, cfg.train_img_dir), stem, os.path.join(fold_dir, "data"))
+    train_dir, val_dir = held_out_fold(voc_dir, stem, os.path.join(fold_dir, "data"))
     train_ann = os.path.join(fold_dir, "data", "annotations", "train.json")
     val_ann = os.path.join(fold_dir, "data", "annotations", "val.json")
     epochs = math.ceil(steps / batches_per_epoch(train_dir, train_ann, cfg))
-    run_dir = os.path.join(fold_dir, f"seed{seed}")
     common = [f"--config_path={config_path}", f"--train_img_dir={train_dir}", f"--train_ann_file={train_ann}",
-              f"--val_img_dir={val_dir}", f"--val_ann_file={val_ann}", f"--seed={seed}",
-              *eval_size_overrides(val_ann), *extra]
+              f"--val_img_dir={val_dir}", f"--val_ann_file={val_ann}", *eval_size_overrides(val_ann), *extra]
+    return fold_dir, common, epochs
+
+
+def run_fold(fold_dir, seed, common, epochs):
+    """Train and score one fold and seed -> eval_result.json's metrics."""
+    run_dir = os.path.join(fold_dir, f"seed{seed}")
+    common = [*common, f"--seed={seed}"]
     os.makedirs(run_dir, exist_ok=True)
     run(["train.py", *common, f"--epochs={epochs}", f"--save_ckpt_epochs={epochs}", f"--output_dir={run_dir}"],
         os.path.join(run_dir, "train.out"))
@@ -104,17 +110,18 @@ def main(argv=None):
     cfg = load_config([f"--config_path={args.config_path}", *extra])
     if not cfg.train_window:
         raise SystemExit(f"{args.config_path}: the folds need window-mode training (train_window > 0)")
-    steps = cfg.epochs * batches_per_epoch(os.path.join(ROOT, cfg.train_img_dir),
-                                           os.path.join(ROOT, cfg.train_ann_file), cfg)
     voc_dir = os.path.join(ROOT, cfg.train_img_dir)
+    steps = cfg.epochs * batches_per_epoch(voc_dir, os.path.join(ROOT, cfg.train_ann_file), cfg)
     stems = args.held_out or sorted(name[:-4] for name in os.listdir(voc_dir) if name.endswith(".xml"))
     out_dir = os.path.abspath(args.out)
     print(f"{len(stems)} folds x {len(args.seeds)} seeds, {steps} steps each, results in {out_dir}", flush=True)
     results = {}
     for stem in stems:
+        fold_dir, common, epochs = prepare_fold(stem, voc_dir, out_dir, os.path.abspath(args.config_path), cfg,
+                                                steps, extra)
         for seed in args.seeds:
             start = time.time()
-            metrics = run_fold(stem, seed, out_dir, os.path.abspath(args.config_path), cfg, steps, extra)
+            metrics = run_fold(fold_dir, seed, common, epochs)
             results.setdefault(stem, {})[seed] = metrics
             print(f"held out {stem} seed {seed}: AP50 {metrics['AP50']:.3f} AP {metrics['AP']:.3f} "
                   f"AR100 {metrics['AR100']:.3f} ({time.time() - start:.0f} s)", flush=True)
