@@ -24,6 +24,7 @@ from src.model.loss import FCOSLoss
 from src.model_utils.config import ConfigError, require_files
 from src.ops.build import OpsUnavailable
 from src.ops.conv import use_onednn_convs
+from src.ops.group_norm import use_native_group_norms
 from src.ops.select import select_conv_impl
 
 
@@ -38,9 +39,9 @@ def model_errors():
 
 
 def build_model(cfg, portable=False):
-    """FCOS network from the configuration, its CPU convolutions as conv_impl selects
-    (src/ops/select.py); portable: MindSpore's own convolutions whatever conv_impl says, for
-    exports that must run anywhere. The parameters are the same either way."""
+    """FCOS network from the configuration, its CPU convolutions (and GroupNorms) on the custom ops
+    where conv_impl selects them (src/ops/select.py); portable: MindSpore's own kernels whatever
+    conv_impl says, for exports that must run anywhere. The parameters are the same either way."""
     with model_errors():
         network = FCOS(backbone=cfg.backbone, class_num=cfg.class_num, fpn_out_channels=cfg.fpn_out_channels,
                     use_p5=cfg.use_p5, use_GN_head=cfg.use_GN_head, num_head_convs=cfg.num_head_convs,
@@ -51,6 +52,7 @@ def build_model(cfg, portable=False):
     if not portable and conv_impl(cfg) == "onednn":
         network.head.set_stacking(False)  # the stacked head convolutions call ops.Conv2D itself
         use_onednn_convs(network, fold=network.backbone.frozen_norm_pairs())
+        use_native_group_norms(network)
     return network
 
 

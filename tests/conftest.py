@@ -54,6 +54,33 @@ def mode(request):
     ms.set_context(mode=previous)
 
 
+@pytest.fixture(scope="module")
+def ops_library(tmp_path_factory):
+    """Build the custom-op library into a fresh cache (a real g++ build, once per test module) ->
+    OneDNNConv2d; skips where it cannot be built."""
+    from src.ops.build import OpsUnavailable, build
+
+    previous = os.environ.get("FCOS_OPS_CACHE")
+    os.environ["FCOS_OPS_CACHE"] = str(tmp_path_factory.mktemp("ops_cache"))
+    try:
+        build()
+        from src.ops.conv import OneDNNConv2d
+
+        if os.environ.get("FCOS_TEST_LIFT_ISA") == "1":
+            from src.ops.select import LIFTED, lift_isa_cap
+
+            assert lift_isa_cap() == LIFTED
+
+        yield OneDNNConv2d
+    except OpsUnavailable as err:
+        pytest.skip(str(err))
+    finally:
+        if previous is None:
+            os.environ.pop("FCOS_OPS_CACHE")
+        else:
+            os.environ["FCOS_OPS_CACHE"] = previous
+
+
 @pytest.fixture(scope="session")
 def parity_path():
     return parity_dir()

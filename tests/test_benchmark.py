@@ -139,7 +139,7 @@ def test_conv_impl_onednn_times_the_custom_ops_alone_and_in_the_network(tmp_path
 
     monkeypatch.setenv("FCOS_OPS_CACHE", str(tmp_path))
     try:
-        build("onednn_conv.cc", "libfcos_onednn_conv.so")
+        build()
     except OpsUnavailable as err:
         pytest.skip(str(err))
     _, ours = run_benchmark(*SMALL, "--mode=convs", "--threads=1", "--conv_impl=onednn")

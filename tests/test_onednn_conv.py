@@ -29,30 +29,6 @@ CASES = [
 ]
 
 
-@pytest.fixture(scope="module")
-def ops_library(tmp_path_factory):
-    """Build the library into a fresh cache (a real g++ build) -> OneDNNConv2d."""
-    previous = os.environ.get("FCOS_OPS_CACHE")
-    os.environ["FCOS_OPS_CACHE"] = str(tmp_path_factory.mktemp("ops_cache"))
-    try:
-        build("onednn_conv.cc", "libfcos_onednn_conv.so")
-        from src.ops.conv import OneDNNConv2d
-
-        if os.environ.get("FCOS_TEST_LIFT_ISA") == "1":
-            from src.ops.select import LIFTED, lift_isa_cap
-
-            assert lift_isa_cap() == LIFTED
-
-        yield OneDNNConv2d
-    except OpsUnavailable as err:
-        pytest.skip(str(err))
-    finally:
-        if previous is None:
-            os.environ.pop("FCOS_OPS_CACHE")
-        else:
-            os.environ["FCOS_OPS_CACHE"] = previous
-
-
 def numpy_conv(x, w, b, stride, pad, dilation, groups):
     """float64 reference: x (N, C, H, W), w (O, C/groups, KH, KW) -> (N, O, OH, OW)."""
     n, c, h, wd = x.shape
@@ -155,7 +131,7 @@ def test_build_reports_missing_headers_in_one_line(tmp_path, monkeypatch):
     monkeypatch.setattr(ops_build.sys, "base_prefix", str(tmp_path))
     monkeypatch.setattr(ops_build.sysconfig, "get_paths", lambda: {"data": str(tmp_path)})
     with pytest.raises(OpsUnavailable, match=r"no oneDNN headers .*pip install --no-deps \"onednn-devel"):
-        build("onednn_conv.cc", "libfcos_onednn_conv.so")
+        build()
     assert not (tmp_path / "cache").exists()
 
 
@@ -208,11 +184,12 @@ def _network_gradients(network, x, weights):
 @pytest.mark.parametrize("freeze_bn", [False, True])
 def test_use_onednn_convs_keeps_the_networks_outputs_and_gradients(ops_library, freeze_bn):
     """With freeze_bn the backbone's frozen BatchNorms are folded into the convolutions before
-    them in inference (cells are in inference mode here): outputs and every trainable gradient
-    stay those of the portable network; in training mode the norms run unfolded, same outputs."""
+    them (the *Scaled ops, in training and inference), and the head's GroupNorms run on the
+    GroupNorm ops: outputs and every trainable gradient stay those of the portable network."""
     from src.builder import build_model
     from src.model_utils.config import load_config
     from src.ops.conv import use_onednn_convs
+    from src.ops.group_norm import use_native_group_norms
 
     cfg = load_config(["--config_path=configs/synthetic_cpu.yaml", "--fpn_out_channels=32", "--num_head_convs=1",
                        "--min_size=[64]", "--max_size=96", f"--freeze_bn={freeze_bn}", "--freeze_stage_1=False"])
@@ -238,6 +215,7 @@ def test_use_onednn_convs_keeps_the_networks_outputs_and_gradients(ops_library, 
     assert not any(type(cell) is nn.Conv2d for _, cell in network.cells_and_names())
     assert [p.name for p in network.get_parameters()] == names  # checkpoints unchanged
     assert all(norm.folded for _, norm in pairs)
+    assert use_native_group_norms(network) == 2  # one GroupNorm per tower
     if freeze_bn:  # (trained BatchNorm would normalise by the batch in training mode)
         network.set_train(True)
         for trained, expected in zip(network(Tensor(x)), outputs):
@@ -264,6 +242,7 @@ def test_use_onednn_convs_runs_every_swapped_layer(ops_library):
     from src.builder import build_model
     from src.model_utils.config import load_config
     from src.ops.conv import use_onednn_convs
+    from src.ops.group_norm import use_native_group_norms
 
     cfg = load_config(["--config_path=configs/synthetic_cpu.yaml", "--fpn_out_channels=32", "--num_head_convs=1",
                        "--min_size=[64]", "--max_size=96"])
@@ -319,13 +298,13 @@ def test_without_the_ops_auto_falls_back_in_one_line_and_onednn_is_an_error(tmp_
     import logging
 
     import src.ops.build as ops_build
-    import src.ops.conv as ops_conv
     import src.ops.select as ops_select
     from src.builder import build_model
     from src.model_utils.config import ConfigError
     from src.ops.conv import OneDNNConv2d
+    from src.ops.group_norm import NativeGroupNormFunction
 
-    monkeypatch.setattr(ops_conv, "_LIBRARY", None)
+    monkeypatch.setattr(ops_build, "_LIBRARY", None)
     monkeypatch.setattr(ops_select, "_said", set())
     monkeypatch.setenv("FCOS_OPS_CACHE", str(tmp_path / "cache"))
     monkeypatch.setenv("ONEDNN_INCLUDE", str(tmp_path / "nowhere"))
@@ -334,7 +313,7 @@ def test_without_the_ops_auto_falls_back_in_one_line_and_onednn_is_an_error(tmp_
     monkeypatch.setattr(ops_build.sysconfig, "get_paths", lambda: {"data": str(tmp_path)})
     with caplog.at_level(logging.INFO, logger="fcos"):
         network = build_model(_small_config())
-    assert not any(isinstance(cell, OneDNNConv2d) for _, cell in network.cells_and_names())
+    assert not any(isinstance(cell, (OneDNNConv2d, NativeGroupNormFunction)) for _, cell in network.cells_and_names())
     warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
     assert len(warnings) == 1 and warnings[0].startswith("CPU convolutions: MindSpore's Conv2D") and \
         "no oneDNN headers" in warnings[0]

@@ -2,6 +2,7 @@
 import mindspore as ms
 
 from src.ops.conv import OneDNNConv2d
+from src.ops.group_norm import NativeGroupNormFunction
 from src.utils.io import atomic_path
 
 EXTENSIONS = {"MINDIR": ".mindir", "AIR": ".air", "ONNX": ".onnx"}
@@ -11,12 +12,13 @@ def export_model(infer_cell, inputs, path, file_format):
     """Export infer_cell at the shape of inputs to path; a failure never leaves half a model.
 
     ONNX gets named inputs and outputs (images -> boxes, scores, labels), as onnxruntime users
-    address them. A cell with oneDNN custom-op convolutions is refused (ValueError): its file would
+    address them. A cell with custom ops (convolutions, GroupNorm) is refused (ValueError): its file would
     name a library on this machine; build it with builder.build_model(cfg, portable=True).
     """
-    custom = [name for name, cell in infer_cell.cells_and_names() if isinstance(cell, OneDNNConv2d)]
+    custom = [name for name, cell in infer_cell.cells_and_names()
+              if isinstance(cell, (OneDNNConv2d, NativeGroupNormFunction))]
     if custom:
-        raise ValueError(f"export needs MindSpore's own convolutions, {custom[0]} is a oneDNN custom op "
+        raise ValueError(f"export needs MindSpore's own kernels, {custom[0]} is a custom op "
                          "(build the network with portable=True)")
     with atomic_path(path) as tmp:
         if file_format == "ONNX":

@@ -37,7 +37,7 @@ import mindspore as ms
 import numpy as np
 
 from src.model_utils.config import schema
-from src.ops.conv import loaded_library
+from src.ops.build import loaded_library
 from src.ops.select import isa_cap
 
 logger = logging.getLogger("fcos")

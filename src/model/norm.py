@@ -40,8 +40,8 @@ class FrozenBatchNorm2d(nn.Cell):
     MindSpore's CPU backend keep an index workspace of 4x the activation per broadcasting op for
     good (R50 inference at 800x1216 peaked at 10.5 GB). The four tensors are Parameters with
     requires_grad=False: they travel in checkpoints but receive no gradient and are left out of
-    trainable_params(). With ``folded`` set, in inference the convolution before it applies
-    scale_shift() (src/ops/conv.py OneDNNConv2d) and this layer passes its input through.
+    trainable_params(). With ``folded`` set, the convolution before it applies scale_shift()
+    (src/ops/conv.py OneDNNConv2d) and this layer passes its input through.
 
     Input and output (B, C, H, W).
     """
@@ -65,7 +65,7 @@ class FrozenBatchNorm2d(nn.Cell):
         return scale, self.beta - self.moving_mean * scale
 
     def construct(self, x):
-        if self.folded and not self.training:
+        if self.folded:
             return x
         return self.affine(x, self.moving_mean, self.moving_variance, self.gamma, self.beta)
 

@@ -1,4 +1,5 @@
-"""Build the C++ custom ops of src/ops once, on first use, into a cache folder.
+"""Build the C++ custom ops of src/ops once, on first use, into a cache folder: one library with
+every kernel (the convolutions, GroupNorm), so that they share one thread pool (runtime.h).
 
 The library is compiled with g++ against the oneDNN headers of the PyPI package onednn-devel and
 linked to the libdnnl.so.3 that the MindSpore wheel ships (one oneDNN in the process). It lands
@@ -15,6 +16,10 @@ import sys
 import sysconfig
 
 HERE = os.path.dirname(os.path.abspath(__file__))
+SOURCES = ("onednn_conv.cc", "group_norm.cc")
+HEADERS = ("runtime.h",)
+LIBRARY_NAME = "libfcos_ops.so"
+_LIBRARY = None
 
 
 class OpsUnavailable(RuntimeError):
@@ -52,16 +57,17 @@ def _header_version(include):
         return ".".join(re.findall(r"#define DNNL_VERSION_(?:MAJOR|MINOR|PATCH) (\d+)", f.read()))
 
 
-def build(source_name, library_name):
-    """Compile src/ops/<source_name> into <cache>/<digest>/<library_name> unless there -> its path."""
+def build(sources=SOURCES, library_name=LIBRARY_NAME, headers=HEADERS):
+    """Compile src/ops/<sources> into <cache>/<digest>/<library_name> unless there -> its path."""
     compiler = shutil.which(os.environ.get("CXX", "g++"))
     if compiler is None:
         raise OpsUnavailable("no C++ compiler (g++, or CXX) to build the oneDNN convolution")
     include, libdnnl = onednn_include(), mindspore_libdnnl()
-    source = os.path.join(HERE, source_name)
+    paths = [os.path.join(HERE, name) for name in sources]
     digest = hashlib.sha256()
-    with open(source, "rb") as f:
-        digest.update(f.read())
+    for path in paths + [os.path.join(HERE, name) for name in headers]:
+        with open(path, "rb") as f:
+            digest.update(f.read())
     stat = os.stat(libdnnl)
     digest.update(f"{_header_version(include)}|{libdnnl}|{stat.st_size}|{stat.st_mtime_ns}|{compiler}".encode())
     folder = os.path.join(cache_root(), digest.hexdigest()[:16])
@@ -71,13 +77,28 @@ def build(source_name, library_name):
     os.makedirs(folder, exist_ok=True)
     tmp = f"{target}.{os.getpid()}.tmp"
     lib_dir = os.path.dirname(libdnnl)
-    command = [compiler, "-O2", "-std=c++17", "-shared", "-fPIC", "-pthread", f"-I{include}", source, "-o", tmp,
-               f"-L{lib_dir}", "-l:libdnnl.so.3", f"-Wl,-rpath,{lib_dir}"]
+    # -fopenmp-simd: the loops' simd pragmas, without an OpenMP runtime (the kernels share one pool)
+    command = [compiler, "-O2", "-fopenmp-simd", "-std=c++17", "-shared", "-fPIC", "-pthread", f"-I{include}",
+               f"-I{HERE}", *paths, "-o", tmp, f"-L{lib_dir}", "-l:libdnnl.so.3", f"-Wl,-rpath,{lib_dir}"]
     done = subprocess.run(command, capture_output=True, text=True)
     if done.returncode != 0:
         if os.path.exists(tmp):
             os.remove(tmp)
         first = next((line for line in done.stderr.splitlines() if "error" in line), done.stderr.strip()[:200])
-        raise OpsUnavailable(f"building {source_name} failed: {first}")
+        raise OpsUnavailable(f"building {', '.join(sources)} failed: {first}")
     os.replace(tmp, target)
     return target
+
+
+def library():
+    """Path of the built custom-op library (built once per process, cached on disk)."""
+    global _LIBRARY
+    if _LIBRARY is None:
+        _LIBRARY = build()
+    return _LIBRARY
+
+
+def loaded_library():
+    """The library's path when this process has built or loaded it, else None (compiled graphs
+    name it: the compile cache keys on it)."""
+    return _LIBRARY

@@ -9,23 +9,7 @@ under the cap they run AVX2 kernels, same results.
 import numpy as np
 from mindspore import Tensor, nn, ops
 
-from src.ops.build import build
-
-_LIBRARY = None
-
-
-def library():
-    """Path of the built custom-op library (built once per process, cached on disk)."""
-    global _LIBRARY
-    if _LIBRARY is None:
-        _LIBRARY = build("onednn_conv.cc", "libfcos_onednn_conv.so")
-    return _LIBRARY
-
-
-def loaded_library():
-    """The library's path when this process has built or loaded it, else None (compiled graphs
-    name it: the compile cache keys on it)."""
-    return _LIBRARY
+from src.ops.build import library
 
 
 def _pair(value):
@@ -49,11 +33,11 @@ def conv_attributes(cell):
 class OneDNNConv2d(nn.Conv2d):
     """nn.Conv2d computed by oneDNN custom ops: x (N, C, H, W) -> (N, out_channels, OH, OW).
 
-    folded_norm: a bias-free layer's following FrozenBatchNorm2d, which in inference (not
-    training) is applied here as conv(x, w * scale) + shift (its scale_shift()) while it passes its
-    input through: one pass over the output instead of two. Not in training: there it made R50-FPN
-    800x1216 steps 6% faster but held 0.8 GB more (docs/performance.md). The norm's Parameters
-    stay its own (names, checkpoints); it is kept out of this cell's children for that.
+    folded_norm: a bias-free layer's following FrozenBatchNorm2d, applied here as
+    conv(x, w * scale) + shift (its scale_shift(); the ops scale the weights) while the norm passes
+    its input through: one pass over the output instead of two, forward and backward (R50-FPN
+    800x1216 training step 4.42 -> see docs/performance.md). The norm's Parameters stay its own
+    (names, checkpoints); it is kept out of this cell's children for that.
     """
 
     def __init__(self, *args, folded_norm=None, **kwargs):
@@ -62,16 +46,19 @@ class OneDNNConv2d(nn.Conv2d):
             if self.has_bias:
                 raise ValueError("OneDNNConv2d folds a norm only into a bias-free convolution")
             folded_norm.folded = True
+            self.forward_op, self.attrs = self._scaled_forward()
+        else:
+            self.forward_op, self.attrs = self._forward(self.has_bias)
         object.__setattr__(self, "folded_norm", folded_norm)
-        self.forward_op, self.attrs = self._forward(self.has_bias)
-        if folded_norm is not None:
-            self.folded_op, self.folded_attrs = self._forward(True)
 
-    def _forward(self, with_bias):
-        """-> (the forward custom op with its bprop, its attrs tensor) for this layer's geometry,
-        with or without a bias input."""
+    def _attrs(self, with_bias):
+        """The kernels' attrs tensor for this layer's geometry, saying whether a bias goes in."""
         stride, padding, dilation, groups = conv_attributes(self)
-        attrs = Tensor(np.array([*stride, *padding, *dilation, groups, int(with_bias)], np.int64))
+        return Tensor(np.array([*stride, *padding, *dilation, groups, int(with_bias)], np.int64))
+
+    def _forward_shape(self):
+        """-> out_shape function of the forward ops: (x's shape, w's shape, ...) -> y's shape."""
+        stride, padding, dilation, _ = conv_attributes(self)
         kernel = self.kernel_size
 
         def out_size(size, k, s, p, d):
@@ -81,9 +68,21 @@ class OneDNNConv2d(nn.Conv2d):
             return [x[0], w[0], out_size(x[2], kernel[0], stride[0], padding[0], dilation[0]),
                     out_size(x[3], kernel[1], stride[1], padding[1], dilation[1])]
 
-        def forward_dtype(x, *rest):
-            return x
+        return forward_shape
 
+    def _tag(self, ops_, with_bias):
+        """MindSpore reuses an inferred output shape for the same op name, attributes and input
+        shapes: without the geometry among the attributes a stride-2 conv took the shape of a
+        stride-1 conv on the same input (the FPN's P6 after P5's output conv), and without the
+        bias a folded stem's backward-weights op got one output (dw) where it has two (dw, db)."""
+        stride, padding, dilation, groups = conv_attributes(self)
+        geometry = f"{self.kernel_size}/{stride}/{padding}/{dilation}/{groups}/bias={int(with_bias)}"
+        for op in ops_:
+            op.add_prim_attr("conv_geometry", geometry)
+
+    def _forward(self, with_bias):
+        """-> (the forward custom op with its bprop, its attrs tensor), with or without a bias input."""
+        attrs = self._attrs(with_bias)
         so = library()
         # Two backward ops: a graph that needs only one of dx and dw (the first layer, frozen
         # layers) runs only that one.
@@ -103,21 +102,35 @@ class OneDNNConv2d(nn.Conv2d):
             def bprop(x, w, attrs, out, dout):
                 return backward_data(x, w, dout, attrs), backward_weights(x, w, dout, attrs), ops.zeros_like(attrs)
         name = "FcosConvForwardBias" if with_bias else "FcosConvForward"  # see onednn_conv.cc's end
-        forward_op = ops.Custom(f"{so}:{name}", out_shape=forward_shape, out_dtype=forward_dtype,
+        forward_op = ops.Custom(f"{so}:{name}", out_shape=self._forward_shape(), out_dtype=lambda x, *rest: x,
                                 func_type="aot", bprop=bprop)
-        # MindSpore reuses an inferred output shape for the same op name, attributes and input
-        # shapes: without the geometry among the attributes a stride-2 conv took the shape of a
-        # stride-1 conv on the same input (the FPN's P6 after P5's output conv), and without the
-        # bias a folded stem's backward-weights op got one output (dw) where it has two (dw, db).
-        geometry = f"{kernel}/{stride}/{padding}/{dilation}/{groups}/bias={int(with_bias)}"
-        for op in (forward_op, backward_data, backward_weights):
-            op.add_prim_attr("conv_geometry", geometry)
+        self._tag((forward_op, backward_data, backward_weights), with_bias)
+        return forward_op, attrs
+
+    def _scaled_forward(self):
+        """-> (the forward op of conv(x, w * scale) + shift with its bprop, its attrs tensor): the
+        folded norm's scale and shift go in as inputs and get no gradient."""
+        attrs, weights_attrs = self._attrs(True), self._attrs(False)
+        so = library()
+        backward_data = ops.Custom(f"{so}:FcosConvBackwardDataScaled", out_shape=lambda x, w, s, dy, a: x,
+                                   out_dtype=lambda x, w, s, dy, a: x, func_type="aot")
+        backward_weights = ops.Custom(f"{so}:FcosConvBackwardWeightsScaled", out_shape=lambda x, w, s, dy, a: w,
+                                      out_dtype=lambda x, w, s, dy, a: w, func_type="aot")
+        zeros_like = ops.ZerosLike()
+
+        def bprop(x, w, scale, shift, attrs, out, dout):
+            return (backward_data(x, w, scale, dout, attrs), backward_weights(x, w, scale, dout, weights_attrs),
+                    zeros_like(scale), zeros_like(shift), zeros_like(attrs))
+
+        forward_op = ops.Custom(f"{so}:FcosConvForwardScaled", out_shape=self._forward_shape(),
+                                out_dtype=lambda x, *rest: x, func_type="aot", bprop=bprop)
+        self._tag((forward_op, backward_data, backward_weights), True)
         return forward_op, attrs
 
     def construct(self, x):
-        if self.folded_norm is not None and not self.training:
+        if self.folded_norm is not None:
             scale, shift = self.folded_norm.scale_shift()
-            return self.folded_op(x, self.weight * scale.reshape(-1, 1, 1, 1), shift, self.folded_attrs)
+            return self.forward_op(x, self.weight, scale, shift, self.attrs)
         if self.has_bias:
             return self.forward_op(x, self.weight, self.bias, self.attrs)
         return self.forward_op(x, self.weight, self.attrs)

@@ -9,139 +9,31 @@
 //   FcosConvForward[Bias]:   x (N,C,H,W), w (O,C/g,KH,KW), [b (O)], attrs -> y (N,O,OH,OW)
 //   FcosConvBackwardData:    x, w, dy, attrs -> dx
 //   FcosConvBackwardWeights: x, w, dy, attrs -> dw [, db]   (db when attrs says has_bias)
+//   FcosConv*Scaled:         the same with a frozen BatchNorm folded in (scale, shift; see below)
 // attrs: int64 (8,) = stride_h, stride_w, pad_h, pad_w, dilation_h, dilation_w, groups, has_bias.
 // Primitives and reorders are built once per shape and attributes and kept; blocked copies of the
 // tensors live in scratch buffers shared by all layers.
-#include <algorithm>
-#include <atomic>
-#include <chrono>
-#include <condition_variable>
 #include <cstdint>
 #include <cstdlib>
-#include <functional>
 #include <map>
 #include <memory>
 #include <mutex>
 #include <new>
-#include <thread>
 #include <unordered_map>
 #include <vector>
 
-#include <sched.h>
-
 #include "oneapi/dnnl/dnnl.hpp"
-#include "oneapi/dnnl/dnnl_threadpool.hpp"
+#include "runtime.h"
 
 namespace {
 
+using fcos_ops::GetRuntime;
 using dnnl::memory;
 using tag = memory::format_tag;
 using dt = memory::data_type;
 
-// MindSpore's libdnnl.so.3 is built for the threadpool runtime: without a pool oneDNN runs on
-// one thread. Workers spin for a moment before sleeping because oneDNN calls parallel_for several
-// times per convolution (reorders, then the kernel) and a sleeping thread takes tens of
-// microseconds to wake: with a plain condition variable the small config's convolutions took (in a
-// standalone harness of these kernels) 1.18x torch's time, with the spin 0.99x.
-class SpinPool : public dnnl::threadpool_interop::threadpool_iface {
- public:
-  explicit SpinPool(int threads) : threads_(std::max(threads, 1)) {
-    for (int t = 1; t < threads_; ++t) workers_.emplace_back([this] { Work(); });
-  }
-  ~SpinPool() override {
-    {
-      std::lock_guard<std::mutex> lock(mutex_);
-      stop_.store(true);
-    }
-    wake_.notify_all();
-    for (auto &worker : workers_) worker.join();
-  }
-  int get_num_threads() const override { return threads_; }
-  bool get_in_parallel() const override { return in_parallel_; }
-  uint64_t get_flags() const override { return 0; }  // synchronous: parallel_for returns when done
-  void parallel_for(int n, const std::function<void(int, int)> &fn) override {
-    if (n <= 1 || threads_ == 1 || in_parallel_) {
-      for (int i = 0; i < n; ++i) fn(i, n);
-      return;
-    }
-    fn_ = &fn;
-    jobs_ = n;
-    next_.store(0);
-    pending_.store(threads_ - 1);
-    {
-      std::lock_guard<std::mutex> lock(mutex_);
-      generation_.fetch_add(1);
-    }
-    wake_.notify_all();
-    Run();
-    while (pending_.load(std::memory_order_acquire) != 0) std::this_thread::yield();
-    fn_ = nullptr;
-  }
-
- private:
-  void Run() {
-    in_parallel_ = true;
-    for (int i = next_.fetch_add(1); i < jobs_; i = next_.fetch_add(1)) (*fn_)(i, jobs_);
-    in_parallel_ = false;
-  }
-  void Work() {
-    long seen = 0;
-    for (;;) {
-      auto until = std::chrono::steady_clock::now() + std::chrono::microseconds(200);
-      while (generation_.load(std::memory_order_acquire) == seen && !stop_.load() &&
-             std::chrono::steady_clock::now() < until) {
-        std::this_thread::yield();
-      }
-      if (generation_.load() == seen && !stop_.load()) {
-        std::unique_lock<std::mutex> lock(mutex_);
-        wake_.wait(lock, [&] { return stop_.load() || generation_.load() != seen; });
-      }
-      if (stop_.load()) return;
-      seen = generation_.load();
-      Run();
-      pending_.fetch_sub(1, std::memory_order_release);
-    }
-  }
-
-  int threads_;
-  std::vector<std::thread> workers_;
-  std::mutex mutex_;
-  std::condition_variable wake_;
-  const std::function<void(int, int)> *fn_ = nullptr;
-  int jobs_ = 0;
-  std::atomic<int> next_{0};
-  std::atomic<int> pending_{0};
-  std::atomic<long> generation_{0};
-  std::atomic<bool> stop_{false};
-  static thread_local bool in_parallel_;
-};
-thread_local bool SpinPool::in_parallel_ = false;
-
-// The CPUs this process may run on (a pinned benchmark or rank gets fewer than the machine has;
-// spinning threads on a shared CPU would take turns instead of working).
-int AllowedCpus() {
-  cpu_set_t set;
-  if (sched_getaffinity(0, sizeof(set), &set) == 0) return std::max(CPU_COUNT(&set), 1);
-  return std::max(static_cast<int>(std::thread::hardware_concurrency()), 1);
-}
-
-struct Runtime {
-  SpinPool pool;
-  dnnl::engine engine;
-  dnnl::stream stream;
-  Runtime()
-      : pool(AllowedCpus()),
-        engine(dnnl::engine::kind::cpu, 0),
-        stream(dnnl::threadpool_interop::make_stream(engine, &pool)) {}
-};
-
-Runtime &GetRuntime() {
-  static Runtime runtime;
-  return runtime;
-}
-
 // Blocked copies of the tensors live in a few buffers shared by every layer, each grown to the
-// largest need: one convolution runs at a time (g_mutex), and per-layer buffers kept another copy
+// largest need: one kernel runs at a time (Runtime::mutex), and per-layer buffers kept another copy
 // of every activation of the network (R50-FPN 800x1216 training: see docs/performance.md).
 class Scratch {
  public:
@@ -332,8 +224,6 @@ Key MakeKey(const int64_t *x, const int64_t *w, const int64_t *attrs) {
   return key;
 }
 
-std::mutex g_mutex;  // one convolution at a time: the kernels share the scratch buffers
-
 // Look up (or build) the kernel for this call's shapes and attributes and run it; 1 on any error.
 // x is params[0] and w params[1] in every op; attrs sits at attrs_index.
 template <typename Kernel>
@@ -341,7 +231,7 @@ int RunCached(void **params, int64_t **shapes, int attrs_index) {
   static std::map<Key, std::unique_ptr<Kernel>> cache;
   const int64_t *attrs = static_cast<const int64_t *>(params[attrs_index]);
   try {
-    std::lock_guard<std::mutex> lock(g_mutex);
+    std::lock_guard<std::mutex> lock(GetRuntime().mutex);
     Key key = MakeKey(shapes[0], shapes[1], attrs);
     auto it = cache.find(key);
     if (it == cache.end()) {
@@ -361,6 +251,18 @@ bool BiasMatches(void **params, int attrs_index, bool with_bias) {
   return (static_cast<const int64_t *>(params[attrs_index])[7] != 0) == with_bias;
 }
 
+// w (O, ...) with each output channel's row times scale[o], in a buffer of the calling thread.
+const float *ScaledWeights(const void *w, const void *scale, const int64_t *w_shape) {
+  thread_local std::vector<float> scaled;
+  const int64_t rows = w_shape[0], row = w_shape[1] * w_shape[2] * w_shape[3];
+  scaled.resize(rows * row);
+  const float *src = static_cast<const float *>(w), *factor = static_cast<const float *>(scale);
+  for (int64_t o = 0; o < rows; ++o) {
+    for (int64_t k = 0; k < row; ++k) scaled[o * row + k] = src[o * row + k] * factor[o];
+  }
+  return scaled.data();
+}
+
 }  // namespace
 
 // Op names: MindSpore keys a custom op's bprop by its function name, so layers with and without a
@@ -368,6 +270,12 @@ bool BiasMatches(void **params, int attrs_index, bool with_bias) {
 // bprop: "The parameters number of the function is 4, but the number of provided arguments is 3").
 // Backward data and backward weights are separate ops so that a graph that needs only one of them
 // (the first layer's input gradient, a frozen layer's weights) runs only that one.
+
+// A convolution followed by a frozen BatchNorm, y = conv(x, w * scale) + shift with scale and shift
+// (O,) per output channel, has ops of its own (the *Scaled ones) that scale the weights here: the
+// same product as a MindSpore Mul broadcasting (O,) over w kept an index workspace per layer for
+// good (R50-FPN 800x1216 training held 0.8 GB more; docs/performance.md). No gradient reaches
+// scale and shift (the norm is frozen): dw = scale * conv's adjoint in w.
 
 // x, w, attrs -> y
 extern "C" int FcosConvForward(int nparam, void **params, int *ndims, int64_t **shapes, const char **, void *,
@@ -395,4 +303,37 @@ extern "C" int FcosConvBackwardWeights(int nparam, void **params, int *ndims, in
                                        void *, void *) {
   if ((nparam != 5 && nparam != 6) || !Conv4d(ndims) || !BiasMatches(params, 3, nparam == 6)) return 1;
   return RunCached<BackwardWeightsKernel>(params, shapes, 3);
+}
+
+// x, w, scale, shift, attrs -> y   (attrs say has_bias: the shift is the bias)
+extern "C" int FcosConvForwardScaled(int nparam, void **params, int *ndims, int64_t **shapes, const char **, void *,
+                                     void *) {
+  if (nparam != 6 || !Conv4d(ndims) || !BiasMatches(params, 4, true)) return 1;
+  void *standard[] = {params[0], const_cast<float *>(ScaledWeights(params[1], params[2], shapes[1])), params[3],
+                      params[4], params[5]};
+  return RunCached<ForwardKernel>(standard, shapes, 3);
+}
+
+// x, w, scale, dy, attrs -> dx
+extern "C" int FcosConvBackwardDataScaled(int nparam, void **params, int *ndims, int64_t **shapes, const char **,
+                                          void *, void *) {
+  if (nparam != 6 || !Conv4d(ndims)) return 1;
+  void *standard[] = {params[0], const_cast<float *>(ScaledWeights(params[1], params[2], shapes[1])), params[3],
+                      params[4], params[5]};
+  return RunCached<BackwardDataKernel>(standard, shapes, 3);
+}
+
+// x, w, scale, dy, attrs -> dw   (attrs say no bias: the shift gets no gradient)
+extern "C" int FcosConvBackwardWeightsScaled(int nparam, void **params, int *ndims, int64_t **shapes,
+                                             const char **, void *, void *) {
+  if (nparam != 6 || !Conv4d(ndims) || !BiasMatches(params, 4, false)) return 1;
+  void *standard[] = {params[0], params[1], params[3], params[4], params[5]};
+  if (RunCached<BackwardWeightsKernel>(standard, shapes, 3) != 0) return 1;
+  const int64_t rows = shapes[1][0], row = shapes[1][1] * shapes[1][2] * shapes[1][3];
+  float *dw = static_cast<float *>(params[5]);
+  const float *scale = static_cast<const float *>(params[2]);
+  for (int64_t o = 0; o < rows; ++o) {
+    for (int64_t k = 0; k < row; ++k) dw[o * row + k] *= scale[o];
+  }
+  return 0;
 }

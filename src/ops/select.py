@@ -15,7 +15,7 @@ import ctypes
 import logging
 import os
 
-from src.ops.build import OpsUnavailable, mindspore_libdnnl
+from src.ops.build import OpsUnavailable, library, mindspore_libdnnl
 
 logger = logging.getLogger("fcos")
 _said = set()  # log lines already written in this process (models are built more than once)
@@ -43,8 +43,6 @@ def select_conv_impl(requested, device_target, amp_level="O0"):
             raise OpsUnavailable(f"the oneDNN convolutions are float32 only (amp_level={amp_level})")
         _say_once(logging.INFO, f"CPU convolutions: MindSpore's Conv2D (amp_level={amp_level}; the oneDNN ones are float32)")
         return "mindspore"
-    from src.ops.conv import library
-
     try:
         library()
     except OpsUnavailable as err:

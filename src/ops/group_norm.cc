@@ -1,0 +1,186 @@
+// GroupNorm forward and backward on CPU, as MindSpore AOT custom ops (src/ops/group_norm.py).
+//
+// Why: MindSpore has no fast CPU GroupNorm; src/model/norm.py builds a portable one from MatMul and
+// BatchNorm kernels, about 12 kernels forward and 20 backward per call, which made GroupNorm and
+// its kernel launches a large share of a small-configuration training step (docs/performance.md).
+// oneDNN's group normalization has only a reference backward for plain NCHW tensors (350 ms on
+// 256x100x152 on one thread, against 5 ms forward), so both directions are written here: one
+// pass over a group's block for its mean, one for its variance about that mean (no cancellation
+// of large means), one to write, as src/model/norm.py's GroupNormFunction.
+//
+// Ops (params are the inputs then the outputs, plain row-major float32):
+//   FcosGroupNormForward:  x (N,C,H,W), gamma (C), beta (C), attrs -> y (N,C,H,W), mean (N,G), rstd (N,G)
+//   FcosGroupNormBackward: x, gamma, mean, rstd, dy, attrs -> dx (N,C,H,W), dgamma (C), dbeta (C)
+// attrs: float64 (2,) = groups, eps. rstd = 1 / sqrt(biased variance + eps), torch's definition.
+// A group's channels are contiguous in NCHW, so one task is one (image, group) block.
+#include <cmath>
+#include <cstdint>
+#include <mutex>
+#include <vector>
+
+#include "runtime.h"
+
+namespace {
+
+using fcos_ops::GetRuntime;
+
+// The loops below are compiled for AVX-512, AVX2 and baseline x86-64 and picked at load time
+// (GCC function multi-versioning), since the library is built once for whatever CPU runs it.
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+#define FCOS_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
+#else
+#define FCOS_CLONES
+#endif
+
+// sum of x[0:n]
+FCOS_CLONES double Sum(const float *x, int64_t n) {
+  float s = 0.0f;
+#pragma omp simd reduction(+ : s)
+  for (int64_t i = 0; i < n; ++i) s += x[i];
+  return s;
+}
+
+// sum of (x - m)^2
+FCOS_CLONES double SumSquares(const float *x, int64_t n, float m) {
+  float s = 0.0f;
+#pragma omp simd reduction(+ : s)
+  for (int64_t i = 0; i < n; ++i) s += (x[i] - m) * (x[i] - m);
+  return s;
+}
+
+// y = (x - m) * a + b
+FCOS_CLONES void Affine(const float *x, float *y, int64_t n, float m, float a, float b) {
+#pragma omp simd
+  for (int64_t i = 0; i < n; ++i) y[i] = (x[i] - m) * a + b;
+}
+
+// sum of dy -> *s1, sum of dy * (x - m) -> *s2
+FCOS_CLONES void SumDy(const float *dy, const float *x, int64_t n, float m, double *s1, double *s2) {
+  float a = 0.0f, b = 0.0f;
+#pragma omp simd reduction(+ : a, b)
+  for (int64_t i = 0; i < n; ++i) {
+    a += dy[i];
+    b += dy[i] * (x[i] - m);
+  }
+  *s1 = a;
+  *s2 = b;
+}
+
+// dx = dy * a + (x - m) * c + b
+FCOS_CLONES void BackwardRow(const float *dy, const float *x, float *dx, int64_t n, float m, float a, float b,
+                             float c) {
+#pragma omp simd
+  for (int64_t i = 0; i < n; ++i) dx[i] = dy[i] * a + (x[i] - m) * c + b;
+}
+
+struct Shape {
+  int64_t n, c, hw, groups, per_group;
+  float eps;
+  Shape(const int64_t *x, const double *attrs)
+      : n(x[0]), c(x[1]), hw(x[2] * x[3]), groups(static_cast<int64_t>(attrs[0])),
+        per_group(groups > 0 ? x[1] / groups : 0), eps(static_cast<float>(attrs[1])) {}
+  bool Valid() const { return groups > 0 && c % groups == 0; }
+};
+
+// Runs task(t) for t in [0, tasks) on the shared pool, one kernel at a time.
+template <typename Task>
+void ForEachTask(int64_t tasks, const Task &task) {
+  auto &runtime = GetRuntime();
+  std::lock_guard<std::mutex> lock(runtime.mutex);
+  runtime.pool.parallel_for(runtime.pool.get_num_threads(), [&](int thread, int threads) {
+    for (int64_t t = thread; t < tasks; t += threads) task(t);
+  });
+}
+
+void Forward(const Shape &s, const float *x, const float *gamma, const float *beta, float *y, float *mean,
+             float *rstd) {
+  const int64_t block = s.per_group * s.hw;
+  ForEachTask(s.n * s.groups, [&](int64_t t) {
+    const int64_t g = t % s.groups;
+    const float *xb = x + t * block;
+    double total = 0.0;
+    for (int64_t k = 0; k < s.per_group; ++k) total += Sum(xb + k * s.hw, s.hw);
+    const float m = static_cast<float>(total / block);
+    double squares = 0.0;
+    for (int64_t k = 0; k < s.per_group; ++k) squares += SumSquares(xb + k * s.hw, s.hw, m);
+    const float r = static_cast<float>(1.0 / std::sqrt(squares / block + s.eps));
+    mean[t] = m;
+    rstd[t] = r;
+    for (int64_t k = 0; k < s.per_group; ++k) {
+      const int64_t ch = g * s.per_group + k;
+      Affine(xb + k * s.hw, y + t * block + k * s.hw, s.hw, m, r * gamma[ch], beta[ch]);
+    }
+  });
+}
+
+// With xhat = (x - mean) * rstd over a group of M values:
+// dx = rstd * (gamma * dy - mean_g(gamma * dy) - xhat * mean_g(gamma * dy * xhat)),
+// dgamma = sum over images and pixels of dy * xhat, dbeta = sum of dy.
+void Backward(const Shape &s, const float *x, const float *gamma, const float *mean, const float *rstd,
+              const float *dy, float *dx, float *dgamma, float *dbeta) {
+  const int64_t block = s.per_group * s.hw;
+  std::vector<double> sum_dy(s.n * s.c), sum_dy_xhat(s.n * s.c);  // per image and channel
+  ForEachTask(s.n * s.groups, [&](int64_t t) {
+    const int64_t n = t / s.groups, g = t % s.groups;
+    const float m = mean[t], r = rstd[t];
+    double mean_dy = 0.0, mean_dy_xhat = 0.0;
+    for (int64_t k = 0; k < s.per_group; ++k) {
+      const int64_t ch = g * s.per_group + k, offset = t * block + k * s.hw;
+      double s1, s2;
+      SumDy(dy + offset, x + offset, s.hw, m, &s1, &s2);
+      sum_dy[n * s.c + ch] = s1;
+      sum_dy_xhat[n * s.c + ch] = s2 * r;
+      mean_dy += gamma[ch] * s1;
+      mean_dy_xhat += gamma[ch] * s2 * r;
+    }
+    mean_dy /= block;
+    mean_dy_xhat /= block;
+    const float b = static_cast<float>(-r * mean_dy), c = static_cast<float>(-r * r * mean_dy_xhat);
+    for (int64_t k = 0; k < s.per_group; ++k) {
+      const int64_t ch = g * s.per_group + k, offset = t * block + k * s.hw;
+      BackwardRow(dy + offset, x + offset, dx + offset, s.hw, m, r * gamma[ch], b, c);
+    }
+  });
+  for (int64_t ch = 0; ch < s.c; ++ch) {
+    double dg = 0.0, db = 0.0;
+    for (int64_t n = 0; n < s.n; ++n) {
+      dg += sum_dy_xhat[n * s.c + ch];
+      db += sum_dy[n * s.c + ch];
+    }
+    dgamma[ch] = static_cast<float>(dg);
+    dbeta[ch] = static_cast<float>(db);
+  }
+}
+
+bool Expected(int nparam, int want, const int *ndims) { return nparam == want && ndims[0] == 4; }
+
+}  // namespace
+
+// x, gamma, beta, attrs -> y, mean, rstd
+extern "C" int FcosGroupNormForward(int nparam, void **params, int *ndims, int64_t **shapes, const char **, void *,
+                                    void *) {
+  if (!Expected(nparam, 7, ndims)) return 1;
+  Shape s(shapes[0], static_cast<const double *>(params[3]));
+  if (!s.Valid()) return 1;
+  Forward(s, static_cast<const float *>(params[0]), static_cast<const float *>(params[1]),
+          static_cast<const float *>(params[2]), static_cast<float *>(params[4]), static_cast<float *>(params[5]),
+          static_cast<float *>(params[6]));
+  return 0;
+}
+
+// x, gamma, mean, rstd, dy, attrs -> dx, dgamma, dbeta
+extern "C" int FcosGroupNormBackward(int nparam, void **params, int *ndims, int64_t **shapes, const char **, void *,
+                                     void *) {
+  if (!Expected(nparam, 9, ndims)) return 1;
+  Shape s(shapes[0], static_cast<const double *>(params[5]));
+  if (!s.Valid()) return 1;
+  try {
+    Backward(s, static_cast<const float *>(params[0]), static_cast<const float *>(params[1]),
+             static_cast<const float *>(params[2]), static_cast<const float *>(params[3]),
+             static_cast<const float *>(params[4]), static_cast<float *>(params[6]), static_cast<float *>(params[7]),
+             static_cast<float *>(params[8]));
+  } catch (const std::exception &) {  // std::bad_alloc
+    return 1;
+  }
+  return 0;
+}
