@@ -24,6 +24,7 @@ from src.model.loss import FCOSLoss
 from src.model_utils.config import ConfigError, require_files
 from src.ops.build import OpsUnavailable
 from src.ops.conv import use_onednn_convs
+from src.ops.global_norm import NativeSquaredNorm
 from src.ops.group_norm import use_native_group_norms
 from src.ops.select import select_conv_impl
 
@@ -175,7 +176,9 @@ def build_train_step(cfg, network, steps_per_epoch, group_size):
         network = network.mixed_precision(cfg.amp_level)
         scaler = ms.amp.DynamicLossScaler(2.0 ** 16, 2, 1000)
     net_with_loss = FCOSWithLoss(network, loss)
-    step = TrainStep(net_with_loss, optimizer, cfg.grad_clip_norm, distributed=group_size > 1, loss_scaler=scaler)
+    squared_norm = NativeSquaredNorm() if conv_impl(cfg) == "onednn" else None  # the custom ops are in
+    step = TrainStep(net_with_loss, optimizer, cfg.grad_clip_norm, distributed=group_size > 1, loss_scaler=scaler,
+                     squared_norm=squared_norm)
     step.set_train(True)
     logging.getLogger("fcos").info("global batch %d, peak lr %.5f, %d steps", global_batch, lr, len(schedule))
     return step, schedule

@@ -149,9 +149,10 @@ def test_train_py_stops_after_a_streak_with_its_checkpoint_intact(tmp_path):
     load_weights(build_model(load_config(MODEL_ARGS)), epoch_1, strict_prefixes=("",))
 
 
-@pytest.mark.parametrize("bad", [None, np.nan, np.inf, -np.inf])
+@pytest.mark.parametrize("bad", [None, np.nan, np.inf, -np.inf, 1e20])
 def test_squared_global_norm_flags_non_finite_and_clipping_scales(bad):
-    """The one squared norm behind the finiteness guard and clipping, against NumPy."""
+    """The one squared norm behind the finiteness guard and clipping, against NumPy (1e20: the
+    sum overflows float32)."""
     from src.engine.train_step import clip_by_global_norm, squared_global_norm
     rng = np.random.default_rng(1)
     grads = [rng.standard_normal(shape).astype(np.float32) for shape in [(8, 3, 3, 3), (8,), ()]]
@@ -166,6 +167,24 @@ def test_squared_global_norm_flags_non_finite_and_clipping_scales(bad):
         for before, after in zip(grads, clipped):
             assert after.shape == before.shape
             np.testing.assert_allclose(after.asnumpy(), before * scale, rtol=1e-5, atol=1e-7)
+    else:
+        assert not np.isfinite(squared)
+
+
+@pytest.mark.parametrize("bad", [None, np.nan, -np.inf, 1e20])
+def test_native_squared_norm_is_squared_global_norm(ops_library, mode, bad):
+    """The custom op (src/ops/global_norm.cc) against NumPy in float64, over tensors of many
+    sizes (0-d, and larger than one task's chunk), and non-finite where the function is."""
+    from src.ops.global_norm import NativeSquaredNorm
+    rng = np.random.default_rng(2)
+    grads = [rng.standard_normal(shape).astype(np.float32) for shape in [(), (5,), (3, 300001), (64, 32, 3, 3)]]
+    if bad is not None:
+        grads[2][1, 200000] = bad
+    squared = NativeSquaredNorm()(tuple(Tensor(g) for g in grads)).asnumpy()
+    assert squared.shape == () and squared.dtype == np.float32
+    if bad is None:
+        expected = sum(float(np.sum(g.astype(np.float64) ** 2)) for g in grads)
+        np.testing.assert_allclose(squared, expected, rtol=1e-6)
     else:
         assert not np.isfinite(squared)
 

@@ -42,14 +42,18 @@ class TrainStep(nn.Cell):
 
     construct(*inputs) -> (total, cls, reg, ctr, finite): the loss terms before the update and
     whether the update was applied. With a loss scaler (mixed precision) the loss is scaled
-    for backward and the scale adapts to overflows. Gradients are averaged across devices
+    for backward and the scale adapts to overflows. squared_norm: a cell computing
+    squared_global_norm's value (src/ops/global_norm.py on CPU with the custom ops), else that
+    function. Gradients are averaged across devices
     before the finiteness check, so every rank takes the same decision. A skipped step also
     puts back the BatchNorm running statistics its forward pass moved, so that it changes
     nothing: a NaN batch would otherwise poison them for good.
     """
 
-    def __init__(self, net_with_loss, optimizer, grad_clip_norm=0.0, distributed=False, loss_scaler=None):
+    def __init__(self, net_with_loss, optimizer, grad_clip_norm=0.0, distributed=False, loss_scaler=None,
+                 squared_norm=None):
         super().__init__(auto_prefix=False)
+        self.squared_norm = squared_norm if squared_norm is not None else squared_global_norm
         self.net_with_loss = net_with_loss
         self.optimizer = optimizer
         self.weights = optimizer.parameters
@@ -80,7 +84,7 @@ class TrainStep(nn.Cell):
         if self.loss_scaler is not None:
             total = self.loss_scaler.unscale(total)
             grads = self.loss_scaler.unscale(grads)
-        squared_norm = squared_global_norm(grads)
+        squared_norm = self.squared_norm(grads)
         finite = ops.isfinite(squared_norm)
         if self.loss_scaler is not None:
             self.loss_scaler.adjust(finite)
