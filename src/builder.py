@@ -26,6 +26,7 @@ from src.ops.build import OpsUnavailable
 from src.ops.conv import use_onednn_convs
 from src.ops.global_norm import NativeSquaredNorm
 from src.ops.group_norm import use_native_group_norms
+from src.ops.pooling import use_native_pooling
 from src.ops.select import select_conv_impl
 
 
@@ -54,6 +55,7 @@ def build_model(cfg, portable=False):
         network.head.set_stacking(False)  # the stacked head convolutions call ops.Conv2D itself
         use_onednn_convs(network, fold=network.backbone.frozen_norm_pairs())
         use_native_group_norms(network)
+        use_native_pooling(network)
     return network
 
 

@@ -1,0 +1,41 @@
+"""The stem's max-pool computed by C++ custom ops on CPU (src/ops/pooling.cc).
+
+NativeStemMaxPool has StemMaxPool's contract (torch's MaxPool2d(3, 2, padding=1)); use_native_pooling
+swaps it into a network whose convolutions run on the custom ops (no Parameters involved).
+"""
+from mindspore import nn, ops
+
+from src.model.backbone import StemMaxPool
+from src.ops.build import library
+
+
+class NativeStemMaxPool(nn.Cell):
+    """(B, C, H, W) -> (B, C, ceil(H/2), ceil(W/2)): the maximum of each 3x3 window at stride 2,
+    padding -inf; its gradient goes to the window's first maximum (row-major)."""
+
+    def __init__(self):
+        super().__init__()
+        so = library()
+        backward = ops.Custom(f"{so}:FcosMaxPoolBackward", out_shape=lambda x, dy: x, out_dtype=lambda x, dy: x,
+                              func_type="aot")
+
+        def bprop(x, out, dout):
+            return (backward(x, dout),)
+
+        self.forward = ops.Custom(f"{so}:FcosMaxPoolForward",
+                                  out_shape=lambda x: [x[0], x[1], (x[2] + 1) // 2, (x[3] + 1) // 2],
+                                  out_dtype=lambda x: x, func_type="aot", bprop=bprop)
+
+    def construct(self, x):
+        return self.forward(x)
+
+
+def use_native_pooling(network):
+    """Replace every StemMaxPool of network by NativeStemMaxPool, in place -> how many."""
+    replaced = 0
+    for _, parent in list(network.cells_and_names()):
+        for name, child in list(parent.name_cells().items()):
+            if isinstance(child, StemMaxPool):
+                parent.insert_child_to_cell(name, NativeStemMaxPool())
+                replaced += 1
+    return replaced
