@@ -27,6 +27,7 @@ from src.ops.conv import use_onednn_convs
 from src.ops.global_norm import NativeSquaredNorm
 from src.ops.group_norm import use_native_group_norms
 from src.ops.pooling import use_native_pooling
+from src.ops.upsample import use_native_upsampling
 from src.ops.select import select_conv_impl
 
 
@@ -56,6 +57,7 @@ def build_model(cfg, portable=False):
         use_onednn_convs(network, fold=network.backbone.frozen_norm_pairs())
         use_native_group_norms(network)
         use_native_pooling(network)
+        use_native_upsampling(network)
     return network
 
 

@@ -184,13 +184,14 @@ def _network_gradients(network, x, weights):
 @pytest.mark.parametrize("freeze_bn", [False, True])
 def test_use_onednn_convs_keeps_the_networks_outputs_and_gradients(ops_library, freeze_bn):
     """With freeze_bn the backbone's frozen BatchNorms are folded into the convolutions before
-    them (the *Scaled ops, in training and inference), and the head's GroupNorms and the stem's
-    max-pool run on their custom ops: outputs and every trainable gradient stay those of the portable network."""
+    them (the *Scaled ops, in training and inference), and the head's GroupNorms, the stem's
+    max-pool and the FPN's merge run on their custom ops: outputs and every trainable gradient stay those of the portable network."""
     from src.builder import build_model
     from src.model_utils.config import load_config
     from src.ops.conv import use_onednn_convs
     from src.ops.group_norm import use_native_group_norms
     from src.ops.pooling import use_native_pooling
+    from src.ops.upsample import use_native_upsampling
 
     cfg = load_config(["--config_path=configs/synthetic_cpu.yaml", "--fpn_out_channels=32", "--num_head_convs=1",
                        "--min_size=[64]", "--max_size=96", f"--freeze_bn={freeze_bn}", "--freeze_stage_1=False"])
@@ -218,6 +219,7 @@ def test_use_onednn_convs_keeps_the_networks_outputs_and_gradients(ops_library, 
     assert all(norm.folded for _, norm in pairs)
     assert use_native_group_norms(network) == 2  # one GroupNorm per tower
     assert use_native_pooling(network) == 1
+    assert use_native_upsampling(network) == 1
     if freeze_bn:  # (trained BatchNorm would normalise by the batch in training mode)
         network.set_train(True)
         for trained, expected in zip(network(Tensor(x)), outputs):
@@ -246,6 +248,7 @@ def test_use_onednn_convs_runs_every_swapped_layer(ops_library):
     from src.ops.conv import use_onednn_convs
     from src.ops.group_norm import use_native_group_norms
     from src.ops.pooling import use_native_pooling
+    from src.ops.upsample import use_native_upsampling
 
     cfg = load_config(["--config_path=configs/synthetic_cpu.yaml", "--fpn_out_channels=32", "--num_head_convs=1",
                        "--min_size=[64]", "--max_size=96"])

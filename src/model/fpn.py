@@ -31,12 +31,13 @@ class FPN(nn.Cell):
         self.extra = nn.CellList([_conv(p6_in, out_channels, 3, 2),
                                   _conv(out_channels, out_channels, 3, 2)][:self.num_extra])
         self.relu = nn.ReLU()
+        self.merge = UpsampleAdd()
 
     def construct(self, features):
         c3, c4, c5 = features
         inner5 = self.lateral[2](c5)
-        inner4 = self.lateral[1](c4) + _upsample_like(inner5, c4)
-        inner3 = self.lateral[0](c3) + _upsample_like(inner4, c3)
+        inner4 = self.merge(self.lateral[1](c4), inner5)
+        inner3 = self.merge(self.lateral[0](c3), inner4)
         p3 = self.output[0](inner3)
         p4 = self.output[1](inner4)
         p5 = self.output[2](inner5)
@@ -47,6 +48,14 @@ class FPN(nn.Cell):
             if self.num_extra > 1:
                 outs += (self.extra[1](self.relu(p6)),)
         return outs
+
+
+class UpsampleAdd(nn.Cell):
+    """The top-down merge: construct(lateral (B, C, H, W), top (B, C, h, w)) -> lateral + top
+    nearest-upsampled to (H, W). A cell, so that CPU runs can swap in src/ops' fused kernel."""
+
+    def construct(self, lateral, top):
+        return lateral + _upsample_like(top, lateral)
 
 
 def _upsample_like(x, reference):

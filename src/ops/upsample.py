@@ -1,0 +1,40 @@
+"""The FPN's top-down merge computed by C++ custom ops on CPU (src/ops/upsample.cc).
+
+NativeUpsampleAdd has UpsampleAdd's contract (src/model/fpn.py); use_native_upsampling swaps it
+into a network whose convolutions run on the custom ops (no Parameters involved).
+"""
+from mindspore import nn, ops
+
+from src.model.fpn import UpsampleAdd
+from src.ops.build import library
+
+
+class NativeUpsampleAdd(nn.Cell):
+    """construct(lateral (B, C, H, W), top (B, C, h, w)) -> lateral + top nearest-upsampled to
+    (H, W), source index floor(dst * h / H)."""
+
+    def __init__(self):
+        super().__init__()
+        so = library()
+        backward = ops.Custom(f"{so}:FcosUpsampleAddBackward", out_shape=lambda top, dy: top,
+                              out_dtype=lambda top, dy: top, func_type="aot")
+
+        def bprop(lateral, top, out, dout):
+            return dout, backward(top, dout)
+
+        self.forward = ops.Custom(f"{so}:FcosUpsampleAdd", out_shape=lambda lateral, top: lateral,
+                                  out_dtype=lambda lateral, top: lateral, func_type="aot", bprop=bprop)
+
+    def construct(self, lateral, top):
+        return self.forward(lateral, top)
+
+
+def use_native_upsampling(network):
+    """Replace every UpsampleAdd of network by NativeUpsampleAdd, in place -> how many."""
+    replaced = 0
+    for _, parent in list(network.cells_and_names()):
+        for name, child in list(parent.name_cells().items()):
+            if isinstance(child, UpsampleAdd):
+                parent.insert_child_to_cell(name, NativeUpsampleAdd())
+                replaced += 1
+    return replaced
