@@ -52,7 +52,8 @@ class FPN(nn.Cell):
 
 class UpsampleAdd(nn.Cell):
     """The top-down merge: construct(lateral (B, C, H, W), top (B, C, h, w)) -> lateral + top
-    nearest-upsampled to (H, W). A cell, so that CPU runs can swap in src/ops' fused kernel."""
+    nearest-upsampled to (H, W). A cell, so that CPU runs with the custom ops swap in src/ops'
+    fused kernel (src/ops/upsample.py; unlike the forms below, the 2-rank test passes with it)."""
 
     def construct(self, lateral, top):
         return lateral + _upsample_like(top, lateral)
