@@ -42,12 +42,12 @@ class TrainStep(nn.Cell):
 
     construct(*inputs) -> (total, cls, reg, ctr, finite): the loss terms before the update and
     whether the update was applied. With a loss scaler (mixed precision) the loss is scaled
-    for backward and the scale adapts to overflows. squared_norm: a cell computing
-    squared_global_norm's value (src/ops/global_norm.py on CPU with the custom ops), else that
-    function. Gradients are averaged across devices
+    for backward and the scale adapts to overflows. Gradients are averaged across devices
     before the finiteness check, so every rank takes the same decision. A skipped step also
     puts back the BatchNorm running statistics its forward pass moved, so that it changes
-    nothing: a NaN batch would otherwise poison them for good.
+    nothing: a NaN batch would otherwise poison them for good. squared_norm: a cell computing
+    squared_global_norm's value (src/ops/global_norm.py on CPU with the custom ops), else that
+    function.
     """
 
     def __init__(self, net_with_loss, optimizer, grad_clip_norm=0.0, distributed=False, loss_scaler=None,

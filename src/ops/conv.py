@@ -10,6 +10,7 @@ import numpy as np
 from mindspore import Tensor, nn, ops
 
 from src.ops.build import library
+from src.ops.swap import replace_cells
 
 
 def _pair(value):
@@ -143,22 +144,14 @@ def use_onednn_convs(network, fold=()):
     directly (the head's stacked convolutions: FCOSHead.set_stacking(False) turns them back into
     their layers) are not reached."""
     norms = {id(conv): norm for conv, norm in fold}
-    replaced = 0
-    for _, parent in list(network.cells_and_names()):
-        for name, child in list(parent.name_cells().items()):
-            if type(child) is not nn.Conv2d:
-                continue
-            new = OneDNNConv2d(child.in_channels, child.out_channels, child.kernel_size, stride=child.stride,
-                               pad_mode=child.pad_mode, padding=child.padding, dilation=child.dilation,
-                               group=child.group, has_bias=child.has_bias, folded_norm=norms.get(id(child)))
-            new.weight = child.weight
-            if child.has_bias:
-                new.bias = child.bias
-            if isinstance(parent, (nn.SequentialCell, nn.CellList)):
-                # by index: SequentialCell runs a list of its cells that insert_child_to_cell
-                # leaves as it was (the old convolution kept running)
-                parent[int(name)] = new
-            else:
-                parent.insert_child_to_cell(name, new)
-            replaced += 1
-    return replaced
+
+    def make(child):
+        new = OneDNNConv2d(child.in_channels, child.out_channels, child.kernel_size, stride=child.stride,
+                           pad_mode=child.pad_mode, padding=child.padding, dilation=child.dilation,
+                           group=child.group, has_bias=child.has_bias, folded_norm=norms.get(id(child)))
+        new.weight = child.weight
+        if child.has_bias:
+            new.bias = child.bias
+        return new
+
+    return replace_cells(network, lambda cell: type(cell) is nn.Conv2d, make)

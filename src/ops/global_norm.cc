@@ -5,8 +5,8 @@
 // Op: FcosSquaredNorm: t_1, ..., t_n (float32, any shapes) -> (1,) float32 = sum of every t_i^2,
 // accumulated in float64 per chunk; NaN or infinity in any input, or a sum beyond float32's range,
 // gives a non-finite result, as the dot products did.
+#include <algorithm>
 #include <cstdint>
-#include <mutex>
 #include <vector>
 
 #include "runtime.h"
@@ -46,13 +46,8 @@ extern "C" int FcosSquaredNorm(int nparam, void **params, int *ndims, int64_t **
       }
     }
     std::vector<double> partial(chunks.size());
-    auto &runtime = fcos_ops::GetRuntime();
-    {
-      std::lock_guard<std::mutex> lock(runtime.mutex);
-      runtime.pool.parallel_for(runtime.pool.get_num_threads(), [&](int thread, int threads) {
-        for (size_t c = thread; c < chunks.size(); c += threads) partial[c] = SumSquares(chunks[c].data, chunks[c].size);
-      });
-    }
+    fcos_ops::ForEachTask(static_cast<int64_t>(chunks.size()),
+                          [&](int64_t c) { partial[c] = SumSquares(chunks[c].data, chunks[c].size); });
     double total = 0.0;
     for (double p : partial) total += p;
     *static_cast<float *>(params[nparam - 1]) = static_cast<float>(total);

@@ -15,14 +15,13 @@
 // A group's channels are contiguous in NCHW, so one task is one (image, group) block.
 #include <cmath>
 #include <cstdint>
-#include <mutex>
 #include <vector>
 
 #include "runtime.h"
 
 namespace {
 
-using fcos_ops::GetRuntime;
+using fcos_ops::ForEachTask;
 
 // The loops below are compiled for AVX-512, AVX2 and baseline x86-64 and picked at load time
 // (GCC function multi-versioning), since the library is built once for whatever CPU runs it.
@@ -81,16 +80,6 @@ struct Shape {
         per_group(groups > 0 ? x[1] / groups : 0), eps(static_cast<float>(attrs[1])) {}
   bool Valid() const { return groups > 0 && c % groups == 0; }
 };
-
-// Runs task(t) for t in [0, tasks) on the shared pool, one kernel at a time.
-template <typename Task>
-void ForEachTask(int64_t tasks, const Task &task) {
-  auto &runtime = GetRuntime();
-  std::lock_guard<std::mutex> lock(runtime.mutex);
-  runtime.pool.parallel_for(runtime.pool.get_num_threads(), [&](int thread, int threads) {
-    for (int64_t t = thread; t < tasks; t += threads) task(t);
-  });
-}
 
 void Forward(const Shape &s, const float *x, const float *gamma, const float *beta, float *y, float *mean,
              float *rstd) {

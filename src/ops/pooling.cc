@@ -14,7 +14,6 @@
 // order (torch's choice) and recomputes it from x instead of storing indices.
 #include <cstdint>
 #include <cstring>
-#include <mutex>
 
 #include "runtime.h"
 
@@ -24,16 +23,6 @@ struct Plane {
   int64_t planes, h, w, oh, ow;
   explicit Plane(const int64_t *x) : planes(x[0] * x[1]), h(x[2]), w(x[3]), oh((x[2] + 1) / 2), ow((x[3] + 1) / 2) {}
 };
-
-// Runs task(p) for every plane p (one image's channel) on the shared pool.
-template <typename Task>
-void ForEachPlane(int64_t planes, const Task &task) {
-  auto &runtime = fcos_ops::GetRuntime();
-  std::lock_guard<std::mutex> lock(runtime.mutex);
-  runtime.pool.parallel_for(runtime.pool.get_num_threads(), [&](int thread, int threads) {
-    for (int64_t p = thread; p < planes; p += threads) task(p);
-  });
-}
 
 // Index (in the plane) of the first maximum of output (i, j)'s window.
 inline int64_t ArgMax(const float *x, const Plane &s, int64_t i, int64_t j) {
@@ -57,7 +46,7 @@ extern "C" int FcosMaxPoolForward(int nparam, void **params, int *ndims, int64_t
   const Plane s(shapes[0]);
   const float *x = static_cast<const float *>(params[0]);
   float *y = static_cast<float *>(params[1]);
-  ForEachPlane(s.planes, [&](int64_t p) {
+  fcos_ops::ForEachTask(s.planes, [&](int64_t p) {
     const float *xp = x + p * s.h * s.w;
     float *yp = y + p * s.oh * s.ow;
     for (int64_t i = 0; i < s.oh; ++i) {
@@ -74,7 +63,7 @@ extern "C" int FcosMaxPoolBackward(int nparam, void **params, int *ndims, int64_
   const Plane s(shapes[0]);
   const float *x = static_cast<const float *>(params[0]), *dy = static_cast<const float *>(params[1]);
   float *dx = static_cast<float *>(params[2]);
-  ForEachPlane(s.planes, [&](int64_t p) {
+  fcos_ops::ForEachTask(s.planes, [&](int64_t p) {
     const float *xp = x + p * s.h * s.w, *dyp = dy + p * s.oh * s.ow;
     float *dxp = dx + p * s.h * s.w;
     std::memset(dxp, 0, sizeof(float) * s.h * s.w);

@@ -7,6 +7,7 @@ from mindspore import nn, ops
 
 from src.model.backbone import StemMaxPool
 from src.ops.build import library
+from src.ops.swap import replace_cells
 
 
 class NativeStemMaxPool(nn.Cell):
@@ -32,10 +33,4 @@ class NativeStemMaxPool(nn.Cell):
 
 def use_native_pooling(network):
     """Replace every StemMaxPool of network by NativeStemMaxPool, in place -> how many."""
-    replaced = 0
-    for _, parent in list(network.cells_and_names()):
-        for name, child in list(parent.name_cells().items()):
-            if isinstance(child, StemMaxPool):
-                parent.insert_child_to_cell(name, NativeStemMaxPool())
-                replaced += 1
-    return replaced
+    return replace_cells(network, lambda cell: isinstance(cell, StemMaxPool), lambda _: NativeStemMaxPool())

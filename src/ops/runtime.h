@@ -125,6 +125,17 @@ inline Runtime &GetRuntime() {
   return runtime;
 }
 
+// Runs task(t) for t in [0, tasks) on the pool, tasks dealt round-robin to its threads, one
+// kernel at a time (the kernels that are plain loops, not oneDNN primitives).
+template <typename Task>
+void ForEachTask(int64_t tasks, const Task &task) {
+  Runtime &runtime = GetRuntime();
+  std::lock_guard<std::mutex> lock(runtime.mutex);
+  runtime.pool.parallel_for(runtime.pool.get_num_threads(), [&](int thread, int threads) {
+    for (int64_t t = thread; t < tasks; t += threads) task(t);
+  });
+}
+
 }  // namespace fcos_ops
 
 #endif  // FCOS_OPS_RUNTIME_H_

@@ -13,7 +13,6 @@
 // ResizeNearestNeighbor without align_corners), the same for columns; any sizes.
 #include <cstdint>
 #include <cstring>
-#include <mutex>
 #include <vector>
 
 #include "runtime.h"
@@ -25,15 +24,6 @@ std::vector<int64_t> SourceIndex(int64_t out, int64_t in) {
   std::vector<int64_t> index(out);
   for (int64_t i = 0; i < out; ++i) index[i] = i * in / out;
   return index;
-}
-
-template <typename Task>
-void ForEachPlane(int64_t planes, const Task &task) {
-  auto &runtime = fcos_ops::GetRuntime();
-  std::lock_guard<std::mutex> lock(runtime.mutex);
-  runtime.pool.parallel_for(runtime.pool.get_num_threads(), [&](int thread, int threads) {
-    for (int64_t p = thread; p < planes; p += threads) task(p);
-  });
 }
 
 bool Compatible(int *ndims, int64_t **shapes) {
@@ -52,7 +42,7 @@ extern "C" int FcosUpsampleAdd(int nparam, void **params, int *ndims, int64_t **
     const std::vector<int64_t> rows = SourceIndex(H, h), cols = SourceIndex(W, w);
     const float *lateral = static_cast<const float *>(params[0]), *top = static_cast<const float *>(params[1]);
     float *y = static_cast<float *>(params[2]);
-    ForEachPlane(planes, [&](int64_t p) {
+    fcos_ops::ForEachTask(planes, [&](int64_t p) {
       for (int64_t i = 0; i < H; ++i) {
         const float *src = top + (p * h + rows[i]) * w, *lat = lateral + (p * H + i) * W;
         float *out = y + (p * H + i) * W;
@@ -75,7 +65,7 @@ extern "C" int FcosUpsampleAddBackward(int nparam, void **params, int *ndims, in
     const std::vector<int64_t> rows = SourceIndex(H, h), cols = SourceIndex(W, w);
     const float *dy = static_cast<const float *>(params[1]);
     float *dtop = static_cast<float *>(params[2]);
-    ForEachPlane(planes, [&](int64_t p) {
+    fcos_ops::ForEachTask(planes, [&](int64_t p) {
       float *out = dtop + p * h * w;
       std::memset(out, 0, sizeof(float) * h * w);
       for (int64_t i = 0; i < H; ++i) {

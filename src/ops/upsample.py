@@ -7,6 +7,7 @@ from mindspore import nn, ops
 
 from src.model.fpn import UpsampleAdd
 from src.ops.build import library
+from src.ops.swap import replace_cells
 
 
 class NativeUpsampleAdd(nn.Cell):
@@ -31,10 +32,4 @@ class NativeUpsampleAdd(nn.Cell):
 
 def use_native_upsampling(network):
     """Replace every UpsampleAdd of network by NativeUpsampleAdd, in place -> how many."""
-    replaced = 0
-    for _, parent in list(network.cells_and_names()):
-        for name, child in list(parent.name_cells().items()):
-            if isinstance(child, UpsampleAdd):
-                parent.insert_child_to_cell(name, NativeUpsampleAdd())
-                replaced += 1
-    return replaced
+    return replace_cells(network, lambda cell: isinstance(cell, UpsampleAdd), lambda _: NativeUpsampleAdd())
