@@ -22,6 +22,7 @@ from src.inference.runtime import make_runtime
 from src.model.fcos import FCOS
 from src.model.loss import FCOSLoss
 from src.model_utils.config import ConfigError, require_files
+from src.ops.batch_norm import use_native_batch_norms
 from src.ops.build import OpsUnavailable
 from src.ops.conv import use_onednn_convs
 from src.ops.global_norm import NativeSquaredNorm
@@ -43,7 +44,7 @@ def model_errors():
 
 def build_model(cfg, portable=False):
     """FCOS network from the configuration; where conv_impl selects the custom ops (src/ops/select.py)
-    its convolutions, GroupNorms, stem max-pool and FPN merge run on them. portable: MindSpore's own
+    its convolutions, GroupNorms, trained BatchNorms, stem max-pool and FPN merge run on them. portable: MindSpore's own
     kernels whatever conv_impl says, for exports that must run anywhere. The parameters are the
     same either way."""
     with model_errors():
@@ -57,6 +58,7 @@ def build_model(cfg, portable=False):
         network.head.set_stacking(False)  # the stacked head convolutions call ops.Conv2D itself
         use_onednn_convs(network, fold=network.backbone.frozen_norm_pairs())
         use_native_group_norms(network)
+        use_native_batch_norms(network, relu_pairs=network.backbone.norm_relu_pairs())
         use_native_pooling(network)
         use_native_upsampling(network)
     return network

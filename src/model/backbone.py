@@ -32,12 +32,13 @@ class BasicBlock(nn.Cell):
         self.bn1 = backbone_norm(planes, norm)
         self.conv2 = _conv(planes, planes, 3)
         self.bn2 = backbone_norm(planes, norm)
-        self.relu = nn.ReLU()
+        self.relu1 = nn.ReLU()
+        self.relu = nn.ReLU()  # after the residual sum
         self.downsample = _downsample(in_channels, planes, stride, norm)
 
     def construct(self, x):
         identity = x if self.downsample is None else self.downsample(x)
-        out = self.relu(self.bn1(self.conv1(x)))
+        out = self.relu1(self.bn1(self.conv1(x)))
         out = self.bn2(self.conv2(out))
         return self.relu(out + identity)
 
@@ -60,13 +61,14 @@ class Bottleneck(nn.Cell):
         self.bn2 = backbone_norm(width, norm)
         self.conv3 = _conv(width, out_channels, 1)
         self.bn3 = backbone_norm(out_channels, norm)
-        self.relu = nn.ReLU()
+        self.relu1, self.relu2 = nn.ReLU(), nn.ReLU()
+        self.relu = nn.ReLU()  # after the residual sum
         self.downsample = _downsample(in_channels, out_channels, stride, norm)
 
     def construct(self, x):
         identity = x if self.downsample is None else self.downsample(x)
-        out = self.relu(self.bn1(self.conv1(x)))
-        out = self.relu(self.bn2(self.conv2(out)))
+        out = self.relu1(self.bn1(self.conv1(x)))
+        out = self.relu2(self.bn2(self.conv2(out)))
         out = self.bn3(self.conv3(out))
         return self.relu(out + identity)
 
@@ -135,7 +137,7 @@ class ResNet(nn.Cell):
         self.conv1 = nn.Conv2d(3, 64, 7, stride=2, pad_mode="pad", padding=3, has_bias=False,
                                weight_init=HeNormal(mode="fan_out", nonlinearity="relu"))
         self.bn1 = backbone_norm(64, norm)
-        self.relu = nn.ReLU()
+        self.relu1 = nn.ReLU()
         self.maxpool = StemMaxPool()
         in_channels = 64
         stages = []
@@ -167,8 +169,19 @@ class ResNet(nn.Cell):
                     pairs.append((children[f"conv{name[2:]}"], child))
         return [(conv, norm) for conv, norm in pairs if isinstance(norm, FrozenBatchNorm2d)]
 
+    def norm_relu_pairs(self):
+        """-> [(bnN, the ReLU reluN that takes only its output)]: the stem's and each block's, not the
+        ReLUs after a residual sum. What a normalisation can apply itself."""
+        pairs = []
+        for _, cell in self.cells_and_names():
+            children = cell.name_cells()
+            for name, child in children.items():
+                if name.startswith("bn") and f"relu{name[2:]}" in children:
+                    pairs.append((child, children[f"relu{name[2:]}"]))
+        return pairs
+
     def construct(self, x):
-        x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
+        x = self.maxpool(self.relu1(self.bn1(self.conv1(x))))
         c2 = self.layer1(x)
         c3 = self.layer2(c2)
         c4 = self.layer3(c3)

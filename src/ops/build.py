@@ -1,6 +1,6 @@
 """Build the C++ custom ops of src/ops once, on first use, into a cache folder: one library with
-every kernel (the convolutions, GroupNorm, the gradient norm, the stem's max-pool, the FPN's
-upsample-and-add), so that they share one thread pool (runtime.h).
+every kernel (the convolutions, GroupNorm, trained BatchNorm, the gradient norm, the stem's
+max-pool, the FPN's upsample-and-add), so that they share one thread pool (runtime.h).
 
 The library is compiled with g++ against the oneDNN headers of the PyPI package onednn-devel and
 linked to the libdnnl.so.3 that the MindSpore wheel ships (one oneDNN in the process). It lands
@@ -17,8 +17,8 @@ import sys
 import sysconfig
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-SOURCES = ("onednn_conv.cc", "group_norm.cc", "global_norm.cc", "pooling.cc", "upsample.cc")
-HEADERS = ("runtime.h",)
+SOURCES = ("onednn_conv.cc", "group_norm.cc", "batch_norm.cc", "global_norm.cc", "pooling.cc", "upsample.cc")
+HEADERS = ("runtime.h", "norm_loops.h")
 LIBRARY_NAME = "libfcos_ops.so"
 _LIBRARY = None
 

@@ -1,0 +1,71 @@
+"""Trained BatchNorm computed by C++ custom ops on CPU in training (src/ops/batch_norm.cc).
+
+NativeBatchNorm2d is an nn.BatchNorm2d (same Parameters, checkpoint names and inference path);
+in training it normalises with the batch's statistics through two kernels (forward, backward),
+optionally applying the ReLU that follows it, and moves the running statistics by MindSpore's
+rule (momentum, unbiased variance) with two Assigns. use_native_batch_norms swaps it into a
+network whose convolutions run on the custom ops.
+"""
+import numpy as np
+from mindspore import Tensor, nn, ops
+
+from src.ops.build import library
+from src.ops.swap import replace_cells
+
+
+class NativeBatchNorm2d(nn.BatchNorm2d):
+    """nn.BatchNorm2d whose training forward and backward are custom ops: x (B, C, H, W) -> same
+    shape; relu: the output is max(0, BatchNorm(x)), in training and in inference.
+
+    The forward op also returns the batch's per-channel mean and 1/sqrt(var + eps), (C,) each, which
+    only the backward op reads, and the new running mean and variance, (C,) each, assigned here.
+    """
+
+    def __init__(self, num_features, eps=1e-5, momentum=0.9, relu=False):
+        super().__init__(num_features, eps=eps, momentum=momentum)
+        self.relu = relu
+        # nn.BatchNorm2d keeps 1 - momentum: the batch's weight in the running statistics
+        self.attrs = Tensor(np.array([eps, self.momentum, float(relu)], np.float64))
+        so = library()
+        backward = ops.Custom(f"{so}:FcosBatchNormBackward", out_shape=lambda x, g, b, m, r, dy, a: (x, g, g),
+                              out_dtype=lambda x, g, b, m, r, dy, a: (x, g, g), func_type="aot")
+        zeros_like = ops.ZerosLike()
+
+        def bprop(x, gamma, beta, moving_mean, moving_variance, attrs, out, dout):
+            dx, dgamma, dbeta = backward(x, gamma, beta, out[1], out[2], dout[0], attrs)
+            return dx, dgamma, dbeta, zeros_like(moving_mean), zeros_like(moving_variance), zeros_like(attrs)
+
+        self.forward = ops.Custom(f"{so}:FcosBatchNormForward",
+                                  out_shape=lambda x, g, b, mm, mv, a: (x, g, g, g, g),
+                                  out_dtype=lambda x, g, b, mm, mv, a: (x, x, x, x, x), func_type="aot", bprop=bprop)
+
+    def construct(self, x):
+        if not self.training:
+            y = self.bn_infer(x, self.gamma, self.beta, self.moving_mean, self.moving_variance)[0]
+            return ops.relu(y) if self.relu else y
+        y, _, _, new_mean, new_variance = self.forward(x, self.gamma, self.beta, self.moving_mean,
+                                                       self.moving_variance, self.attrs)
+        y = ops.depend(y, ops.assign(self.moving_mean, ops.stop_gradient(new_mean)))
+        return ops.depend(y, ops.assign(self.moving_variance, ops.stop_gradient(new_variance)))
+
+
+def use_native_batch_norms(network, relu_pairs=()):
+    """Replace every nn.BatchNorm2d of network (the trained ones; frozen ones are folded into their
+    convolutions) by a NativeBatchNorm2d holding the same Parameter objects, in place -> how many.
+
+    relu_pairs: (norm, nn.ReLU taking only that norm's output) pairs (ResNet.norm_relu_pairs());
+    such a norm applies the ReLU itself and the ReLU cell becomes an identity.
+    """
+    relu_after = {id(norm) for norm, _ in relu_pairs}
+    fused_relus = {id(relu) for norm, relu in relu_pairs if type(norm) is nn.BatchNorm2d}
+
+    def make(child):
+        new = NativeBatchNorm2d(child.num_features, eps=child.eps, momentum=1.0 - child.momentum,
+                                relu=id(child) in relu_after)
+        new.gamma, new.beta = child.gamma, child.beta
+        new.moving_mean, new.moving_variance = child.moving_mean, child.moving_variance
+        return new
+
+    replaced = replace_cells(network, lambda cell: type(cell) is nn.BatchNorm2d, make)
+    replace_cells(network, lambda cell: id(cell) in fused_relus, lambda _: nn.Identity())
+    return replaced
