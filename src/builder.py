@@ -56,9 +56,10 @@ def build_model(cfg, portable=False):
                     point_strides=cfg.point_strides, backbone_norm=cfg.backbone_norm)
     if not portable and conv_impl(cfg) == "onednn":
         network.head.set_stacking(False)  # the stacked head convolutions call ops.Conv2D itself
-        use_onednn_convs(network, fold=network.backbone.frozen_norm_pairs())
+        relu_pairs = network.backbone.norm_relu_pairs()  # before either swap replaces a ReLU
+        use_onednn_convs(network, fold=network.backbone.frozen_norm_pairs(), relu_pairs=relu_pairs)
         use_native_group_norms(network)
-        use_native_batch_norms(network, relu_pairs=network.backbone.norm_relu_pairs())
+        use_native_batch_norms(network, relu_pairs=relu_pairs)
         use_native_pooling(network)
         use_native_upsampling(network)
     return network

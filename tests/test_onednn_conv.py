@@ -184,7 +184,7 @@ def _network_gradients(network, x, weights):
 @pytest.mark.parametrize("freeze_bn", [False, True])
 def test_use_onednn_convs_keeps_the_networks_outputs_and_gradients(ops_library, freeze_bn):
     """With freeze_bn the backbone's frozen BatchNorms are folded into the convolutions before
-    them (the *Scaled ops, in training and inference), and the head's GroupNorms, the stem's
+    them (the *Scaled ops, in training and inference) with the ReLU after them, and the head's GroupNorms, the stem's
     max-pool and the FPN's merge run on their custom ops: outputs and every trainable gradient stay those of the portable network."""
     from src.builder import build_model
     from src.model_utils.config import load_config
@@ -213,8 +213,13 @@ def test_use_onednn_convs_keeps_the_networks_outputs_and_gradients(ops_library, 
     want_value, want = _network_gradients(network, x, weights)
     names = [p.name for p in network.get_parameters()]
 
-    assert use_onednn_convs(network, fold=pairs) == convs > 20
+    relu_pairs = network.backbone.norm_relu_pairs()
+    assert use_onednn_convs(network, fold=pairs, relu_pairs=relu_pairs) == convs > 20
     assert not any(type(cell) is nn.Conv2d for _, cell in network.cells_and_names())
+    # the ReLU after each folded norm of the stem and the blocks (1 + 8) is the convolution's
+    fused = [cell for _, cell in network.cells_and_names() if isinstance(cell, ops_library) and cell.relu]
+    assert len(fused) == (1 + 8 if freeze_bn else 0)
+    assert sum(isinstance(cell, nn.Identity) for _, cell in network.cells_and_names()) == len(fused)
     assert [p.name for p in network.get_parameters()] == names  # checkpoints unchanged
     assert all(norm.folded for _, norm in pairs)
     assert use_native_group_norms(network) == 2  # one GroupNorm per tower

@@ -8,6 +8,7 @@ under the cap they run AVX2 kernels, same results.
 """
 import numpy as np
 from mindspore import Tensor, nn, ops
+from mindspore.ops.auto_generate import ReluGrad
 
 from src.ops.build import library
 from src.ops.swap import replace_cells
@@ -38,24 +39,30 @@ class OneDNNConv2d(nn.Conv2d):
     conv(x, w * scale) + shift (its scale_shift(); the ops scale the weights) while the norm passes
     its input through: one pass over the output instead of two, forward and backward (R50-FPN
     800x1216 training step 4.42 -> see docs/performance.md). The norm's Parameters stay its own
-    (names, checkpoints); it is kept out of this cell's children for that.
+    (names, checkpoints); it is kept out of this cell's children for that. relu (with a folded
+    norm only): the output is max(0, norm(conv(x))), the ReLU that follows the norm, as a oneDNN
+    post-op (no pass of its own forward; backward, MindSpore's ReluGrad before the adjoints).
     """
 
-    def __init__(self, *args, folded_norm=None, **kwargs):
+    def __init__(self, *args, folded_norm=None, relu=False, **kwargs):
         super().__init__(*args, **kwargs)
+        if relu and folded_norm is None:
+            raise ValueError("OneDNNConv2d applies a ReLU only after a folded norm")
         if folded_norm is not None:
             if self.has_bias:
                 raise ValueError("OneDNNConv2d folds a norm only into a bias-free convolution")
             folded_norm.folded = True
-            self.forward_op, self.attrs = self._scaled_forward()
+            self.forward_op, self.attrs = self._scaled_forward(relu)
         else:
             self.forward_op, self.attrs = self._forward(self.has_bias)
+        self.relu = relu
         object.__setattr__(self, "folded_norm", folded_norm)
 
-    def _attrs(self, with_bias):
-        """The kernels' attrs tensor for this layer's geometry, saying whether a bias goes in."""
+    def _attrs(self, with_bias, relu=False):
+        """The kernels' attrs tensor for this layer's geometry, saying whether a bias goes in and
+        whether a ReLU follows."""
         stride, padding, dilation, groups = conv_attributes(self)
-        return Tensor(np.array([*stride, *padding, *dilation, groups, int(with_bias)], np.int64))
+        return Tensor(np.array([*stride, *padding, *dilation, groups, int(with_bias), int(relu)], np.int64))
 
     def _forward_shape(self):
         """-> out_shape function of the forward ops: (x's shape, w's shape, ...) -> y's shape."""
@@ -108,10 +115,10 @@ class OneDNNConv2d(nn.Conv2d):
         self._tag((forward_op, backward_data, backward_weights), with_bias)
         return forward_op, attrs
 
-    def _scaled_forward(self):
-        """-> (the forward op of conv(x, w * scale) + shift with its bprop, its attrs tensor): the
-        folded norm's scale and shift go in as inputs and get no gradient."""
-        attrs, weights_attrs = self._attrs(True), self._attrs(False)
+    def _scaled_forward(self, relu):
+        """-> (the forward op of conv(x, w * scale) + shift [then ReLU] with its bprop, its attrs
+        tensor): the folded norm's scale and shift go in as inputs and get no gradient."""
+        attrs, weights_attrs = self._attrs(True, relu), self._attrs(False)
         so = library()
         backward_data = ops.Custom(f"{so}:FcosConvBackwardDataScaled", out_shape=lambda x, w, s, dy, a: x,
                                    out_dtype=lambda x, w, s, dy, a: x, func_type="aot")
@@ -119,11 +126,15 @@ class OneDNNConv2d(nn.Conv2d):
                                       out_dtype=lambda x, w, s, dy, a: w, func_type="aot")
         zeros_like = ops.ZerosLike()
 
+        relu_grad = ReluGrad()
+
         def bprop(x, w, scale, shift, attrs, out, dout):
-            return (backward_data(x, w, scale, dout, attrs), backward_weights(x, w, scale, dout, weights_attrs),
+            dy = relu_grad(dout, out) if relu else dout
+            return (backward_data(x, w, scale, dy, attrs), backward_weights(x, w, scale, dy, weights_attrs),
                     zeros_like(scale), zeros_like(shift), zeros_like(attrs))
 
-        forward_op = ops.Custom(f"{so}:FcosConvForwardScaled", out_shape=self._forward_shape(),
+        name = "FcosConvForwardScaledRelu" if relu else "FcosConvForwardScaled"  # a bprop per name
+        forward_op = ops.Custom(f"{so}:{name}", out_shape=self._forward_shape(),
                                 out_dtype=lambda x, *rest: x, func_type="aot", bprop=bprop)
         self._tag((forward_op, backward_data, backward_weights), True)
         return forward_op, attrs
@@ -137,21 +148,29 @@ class OneDNNConv2d(nn.Conv2d):
         return self.forward_op(x, self.weight, self.attrs)
 
 
-def use_onednn_convs(network, fold=()):
+def use_onednn_convs(network, fold=(), relu_pairs=()):
     """Replace every nn.Conv2d of network, in place, by an OneDNNConv2d holding the same Parameter
     objects (names, values, requires_grad) -> the number replaced. fold: (conv, FrozenBatchNorm2d)
-    pairs whose norm the new convolution applies (see OneDNNConv2d). Cells that call ops.Conv2D
-    directly (the head's stacked convolutions: FCOSHead.set_stacking(False) turns them back into
-    their layers) are not reached."""
+    pairs whose norm the new convolution applies (see OneDNNConv2d). relu_pairs: (norm, nn.ReLU
+    taking only that norm's output) pairs (ResNet.norm_relu_pairs()); where the norm is folded the
+    convolution applies the ReLU too, and the ReLU cell becomes an identity. Cells that call
+    ops.Conv2D directly (the head's stacked convolutions: FCOSHead.set_stacking(False) turns them
+    back into their layers) are not reached."""
     norms = {id(conv): norm for conv, norm in fold}
+    relus = {id(norm): relu for norm, relu in relu_pairs}
+    fused_relus = {id(relus[id(norm)]) for _, norm in fold if id(norm) in relus}
 
     def make(child):
+        norm = norms.get(id(child))
         new = OneDNNConv2d(child.in_channels, child.out_channels, child.kernel_size, stride=child.stride,
                            pad_mode=child.pad_mode, padding=child.padding, dilation=child.dilation,
-                           group=child.group, has_bias=child.has_bias, folded_norm=norms.get(id(child)))
+                           group=child.group, has_bias=child.has_bias, folded_norm=norm,
+                           relu=norm is not None and id(norm) in relus)
         new.weight = child.weight
         if child.has_bias:
             new.bias = child.bias
         return new
 
-    return replace_cells(network, lambda cell: type(cell) is nn.Conv2d, make)
+    replaced = replace_cells(network, lambda cell: type(cell) is nn.Conv2d, make)
+    replace_cells(network, lambda cell: id(cell) in fused_relus, lambda _: nn.Identity())
+    return replaced

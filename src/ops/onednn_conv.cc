@@ -10,7 +10,8 @@
 //   FcosConvBackwardData:    x, w, dy, attrs -> dx
 //   FcosConvBackwardWeights: x, w, dy, attrs -> dw [, db]   (db when attrs says has_bias)
 //   FcosConv*Scaled:         the same with a frozen BatchNorm folded in (scale, shift; see below)
-// attrs: int64 (8,) = stride_h, stride_w, pad_h, pad_w, dilation_h, dilation_w, groups, has_bias.
+//   FcosConvForwardScaledRelu: FcosConvForwardScaled followed by a ReLU (a oneDNN post-op)
+// attrs: int64 (9,) = stride_h, stride_w, pad_h, pad_w, dilation_h, dilation_w, groups, has_bias, relu.
 // Primitives and reorders are built once per shape and attributes and kept; blocked copies of the
 // tensors live in scratch buffers shared by all layers.
 #include <cstdint>
@@ -98,13 +99,13 @@ struct Geometry {
   memory::dim n, c, h, w, o, kh, kw, oh, ow;
   memory::dims strides, dilates, padding;
   int64_t groups;
-  bool has_bias;
+  bool has_bias, relu;
   memory::desc src_u, wei_u, dst_u, bias_md, src_any, wei_any, dst_any;
 
   Geometry(const int64_t *x, const int64_t *wt, const int64_t *attrs)
       : n(x[0]), c(x[1]), h(x[2]), w(x[3]), o(wt[0]), kh(wt[2]), kw(wt[3]),
         strides{attrs[0], attrs[1]}, dilates{attrs[4] - 1, attrs[5] - 1}, padding{attrs[2], attrs[3]},
-        groups(attrs[6]), has_bias(attrs[7] != 0) {
+        groups(attrs[6]), has_bias(attrs[7] != 0), relu(attrs[8] != 0) {
     oh = (h + 2 * padding[0] - attrs[4] * (kh - 1) - 1) / strides[0] + 1;
     ow = (w + 2 * padding[1] - attrs[5] * (kw - 1) - 1) / strides[1] + 1;
     memory::dims src{n, c, h, w}, dst{n, o, oh, ow};
@@ -118,14 +119,21 @@ struct Geometry {
     wei_any = memory::desc(wei, dt::f32, tag::any);
   }
 
-  dnnl::convolution_forward::primitive_desc Forward(const dnnl::engine &engine) const {
+  // post_relu: the forward kernel's own descriptor, with the ReLU; the backward kernels' hint has none
+  dnnl::convolution_forward::primitive_desc Forward(const dnnl::engine &engine, bool post_relu = false) const {
+    dnnl::primitive_attr attr;
+    if (post_relu) {
+      dnnl::post_ops ops;
+      ops.append_eltwise(dnnl::algorithm::eltwise_relu, 0.0f, 0.0f);
+      attr.set_post_ops(ops);
+    }
     return dnnl::convolution_forward::primitive_desc(
         engine, dnnl::prop_kind::forward_training, dnnl::algorithm::convolution_direct, src_any, wei_any,
-        has_bias ? bias_md : memory::desc(), dst_any, strides, dilates, padding, padding);
+        has_bias ? bias_md : memory::desc(), dst_any, strides, dilates, padding, padding, attr);
   }
 };
 
-// y = conv(x, w) [+ b]
+// y = conv(x, w) [+ b], then max(0, y) when attrs say relu
 struct ForwardKernel {
   dnnl::convolution_forward conv;
   Arg x, w, y;
@@ -133,7 +141,7 @@ struct ForwardKernel {
   bool has_bias;
 
   ForwardKernel(const Geometry &g, const dnnl::engine &engine) : has_bias(g.has_bias) {
-    auto pd = g.Forward(engine);
+    auto pd = g.Forward(engine, g.relu);
     conv = dnnl::convolution_forward(pd);
     x = Arg(g.src_u, pd.src_desc(), engine, 0);
     w = Arg(g.wei_u, pd.weights_desc(), engine, 1);
@@ -220,7 +228,7 @@ using Key = std::vector<int64_t>;
 Key MakeKey(const int64_t *x, const int64_t *w, const int64_t *attrs) {
   Key key(x, x + 4);
   key.insert(key.end(), w, w + 4);
-  key.insert(key.end(), attrs, attrs + 8);
+  key.insert(key.end(), attrs, attrs + 9);
   return key;
 }
 
@@ -251,6 +259,10 @@ bool BiasMatches(void **params, int attrs_index, bool with_bias) {
   return (static_cast<const int64_t *>(params[attrs_index])[7] != 0) == with_bias;
 }
 
+bool ReluMatches(void **params, int attrs_index, bool with_relu) {
+  return (static_cast<const int64_t *>(params[attrs_index])[8] != 0) == with_relu;
+}
+
 // w (O, ...) with each output channel's row times scale[o], in a buffer of the calling thread.
 const float *ScaledWeights(const void *w, const void *scale, const int64_t *w_shape) {
   thread_local std::vector<float> scaled;
@@ -261,6 +273,13 @@ const float *ScaledWeights(const void *w, const void *scale, const int64_t *w_sh
     for (int64_t k = 0; k < row; ++k) scaled[o * row + k] = src[o * row + k] * factor[o];
   }
   return scaled.data();
+}
+
+// x, w, scale, shift, attrs -> y: the forward kernel on w * scale, the shift as its bias
+int ForwardScaled(void **params, int64_t **shapes) {
+  void *standard[] = {params[0], const_cast<float *>(ScaledWeights(params[1], params[2], shapes[1])), params[3],
+                      params[4], params[5]};
+  return RunCached<ForwardKernel>(standard, shapes, 3);
 }
 
 }  // namespace
@@ -280,14 +299,14 @@ const float *ScaledWeights(const void *w, const void *scale, const int64_t *w_sh
 // x, w, attrs -> y
 extern "C" int FcosConvForward(int nparam, void **params, int *ndims, int64_t **shapes, const char **, void *,
                                void *) {
-  if (nparam != 4 || !Conv4d(ndims) || !BiasMatches(params, 2, false)) return 1;
+  if (nparam != 4 || !Conv4d(ndims) || !BiasMatches(params, 2, false) || !ReluMatches(params, 2, false)) return 1;
   return RunCached<ForwardKernel>(params, shapes, 2);
 }
 
 // x, w, b, attrs -> y
 extern "C" int FcosConvForwardBias(int nparam, void **params, int *ndims, int64_t **shapes, const char **, void *,
                                    void *) {
-  if (nparam != 5 || !Conv4d(ndims) || !BiasMatches(params, 3, true)) return 1;
+  if (nparam != 5 || !Conv4d(ndims) || !BiasMatches(params, 3, true) || !ReluMatches(params, 3, false)) return 1;
   return RunCached<ForwardKernel>(params, shapes, 3);
 }
 
@@ -308,10 +327,15 @@ extern "C" int FcosConvBackwardWeights(int nparam, void **params, int *ndims, in
 // x, w, scale, shift, attrs -> y   (attrs say has_bias: the shift is the bias)
 extern "C" int FcosConvForwardScaled(int nparam, void **params, int *ndims, int64_t **shapes, const char **, void *,
                                      void *) {
-  if (nparam != 6 || !Conv4d(ndims) || !BiasMatches(params, 4, true)) return 1;
-  void *standard[] = {params[0], const_cast<float *>(ScaledWeights(params[1], params[2], shapes[1])), params[3],
-                      params[4], params[5]};
-  return RunCached<ForwardKernel>(standard, shapes, 3);
+  if (nparam != 6 || !Conv4d(ndims) || !BiasMatches(params, 4, true) || !ReluMatches(params, 4, false)) return 1;
+  return ForwardScaled(params, shapes);
+}
+
+// x, w, scale, shift, attrs -> max(0, y)   (its own name: its bprop takes dy through the ReLU first)
+extern "C" int FcosConvForwardScaledRelu(int nparam, void **params, int *ndims, int64_t **shapes, const char **,
+                                         void *, void *) {
+  if (nparam != 6 || !Conv4d(ndims) || !BiasMatches(params, 4, true) || !ReluMatches(params, 4, true)) return 1;
+  return ForwardScaled(params, shapes);
 }
 
 // x, w, scale, dy, attrs -> dx
