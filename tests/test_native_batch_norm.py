@@ -7,6 +7,8 @@ import numpy as np
 import pytest
 from mindspore import Tensor, nn
 
+from network_gradients import network_gradients
+
 CASES = [  # (shape, mean offset, relu)
     ((2, 16, 9, 7), 0.0, False),
     ((3, 5, 5, 5), 40.0, False),  # a mean far from zero: the variance is taken about the mean
@@ -175,11 +177,9 @@ def test_a_training_network_with_native_batch_norms_matches_the_portable_one(ops
         outputs = network(Tensor(x))
         weights = [Tensor(np.random.default_rng(i).standard_normal(out.shape).astype(np.float32))
                    for i, out in enumerate(outputs)]
-        objective = _NetworkObjective(network, weights)
-        params = network.trainable_params()
-        value, grads = ms.value_and_grad(objective, grad_position=None, weights=params)(Tensor(x))
+        value, grads = network_gradients(network, x, weights)
         stats = {p.name: p.asnumpy() for p in network.get_parameters() if "moving_" in p.name}
-        results.append((float(value.asnumpy()), {p.name: g.asnumpy() for p, g in zip(params, grads)}, stats))
+        results.append((value, grads, stats))
     (want_value, want, want_stats), (value, got, stats) = results
     assert value == pytest.approx(want_value, rel=1e-4)
     assert got.keys() == want.keys() and len(got) > 40
@@ -191,17 +191,3 @@ def test_a_training_network_with_native_batch_norms_matches_the_portable_one(ops
     for name, stat in want_stats.items():
         np.testing.assert_allclose(stats[name], stat, rtol=1e-4, atol=1e-5, err_msg=name)
 
-
-class _NetworkObjective(nn.Cell):
-    """sum over the network's outputs of out * weight."""
-
-    def __init__(self, network, weights):
-        super().__init__()
-        self.network = network
-        self.weights = weights
-
-    def construct(self, x):
-        total = 0.0
-        for out, weight in zip(self.network(x), self.weights):
-            total = total + (out * weight).sum()
-        return total

@@ -16,6 +16,7 @@ import pytest
 from mindspore import Tensor, nn
 
 from conftest import ROOT
+from network_gradients import network_gradients
 from src.ops.build import OpsUnavailable, build
 
 # (in, out, kernel, stride, padding, dilation, groups, bias, (H, W))
@@ -159,28 +160,6 @@ def test_onednn_convs_with_and_without_bias_in_one_network(ops_library, mode):
         np.testing.assert_allclose(got, want, rtol=0, atol=2e-5 * np.abs(want).max())
 
 
-class _NetworkObjective(nn.Cell):
-    """sum over the network's outputs of output * weight: gradients of every trainable parameter."""
-
-    def __init__(self, network, weights):
-        super().__init__()
-        self.network = network
-        self.weights = weights
-
-    def construct(self, x):
-        total = 0.0
-        for out, weight in zip(self.network(x), self.weights):
-            total = total + (out * weight).sum()
-        return total
-
-
-def _network_gradients(network, x, weights):
-    params = network.trainable_params()
-    grad = ms.value_and_grad(_NetworkObjective(network, weights), grad_position=None, weights=params)
-    value, grads = grad(Tensor(x))
-    return float(value.asnumpy()), {p.name: g.asnumpy() for p, g in zip(params, grads)}
-
-
 @pytest.mark.parametrize("freeze_bn", [False, True])
 def test_use_onednn_convs_keeps_the_networks_outputs_and_gradients(ops_library, freeze_bn):
     """With freeze_bn the backbone's frozen BatchNorms are folded into the convolutions before
@@ -210,7 +189,7 @@ def test_use_onednn_convs_keeps_the_networks_outputs_and_gradients(ops_library, 
     outputs = [out.asnumpy() for out in network(Tensor(x))]
     weights = [Tensor(rng.standard_normal(out.shape).astype(np.float32)) for out in outputs]
     convs = sum(type(cell) is nn.Conv2d for _, cell in network.cells_and_names())
-    want_value, want = _network_gradients(network, x, weights)
+    want_value, want = network_gradients(network, x, weights)
     names = [p.name for p in network.get_parameters()]
 
     relu_pairs = network.backbone.norm_relu_pairs()
@@ -230,7 +209,7 @@ def test_use_onednn_convs_keeps_the_networks_outputs_and_gradients(ops_library, 
         for trained, expected in zip(network(Tensor(x)), outputs):
             np.testing.assert_allclose(trained.asnumpy(), expected, rtol=0, atol=1e-4 * np.abs(expected).max())
         network.set_train(False)
-    got_value, got = _network_gradients(network, x, weights)
+    got_value, got = network_gradients(network, x, weights)
     assert got_value == pytest.approx(want_value, rel=1e-4)
     assert got.keys() == want.keys() and len(got) > 20
     # Each array to 1e-3 of its largest value, plus 1e-5 of the largest of all: a conv bias right
