@@ -44,9 +44,9 @@ def model_errors():
 
 def build_model(cfg, portable=False):
     """FCOS network from the configuration; where conv_impl selects the custom ops (src/ops/select.py)
-    its convolutions, GroupNorms, trained BatchNorms, stem max-pool and FPN merge run on them. portable: MindSpore's own
-    kernels whatever conv_impl says, for exports that must run anywhere. The parameters are the
-    same either way."""
+    its convolutions, GroupNorms, trained BatchNorms (each with the ReLU after it), stem max-pool
+    and FPN merge run on them. portable: MindSpore's own kernels whatever conv_impl says, for
+    exports that must run anywhere. The parameters are the same either way."""
     with model_errors():
         network = FCOS(backbone=cfg.backbone, class_num=cfg.class_num, fpn_out_channels=cfg.fpn_out_channels,
                     use_p5=cfg.use_p5, use_GN_head=cfg.use_GN_head, num_head_convs=cfg.num_head_convs,

@@ -10,7 +10,7 @@ import numpy as np
 from mindspore import Tensor, nn, ops
 
 from src.ops.build import library
-from src.ops.swap import replace_cells
+from src.ops.swap import drop_cells, replace_cells
 
 
 class NativeBatchNorm2d(nn.BatchNorm2d):
@@ -57,7 +57,6 @@ def use_native_batch_norms(network, relu_pairs=()):
     such a norm applies the ReLU itself and the ReLU cell becomes an identity.
     """
     relu_after = {id(norm) for norm, _ in relu_pairs}
-    fused_relus = {id(relu) for norm, relu in relu_pairs if type(norm) is nn.BatchNorm2d}
 
     def make(child):
         new = NativeBatchNorm2d(child.num_features, eps=child.eps, momentum=1.0 - child.momentum,
@@ -66,6 +65,7 @@ def use_native_batch_norms(network, relu_pairs=()):
         new.moving_mean, new.moving_variance = child.moving_mean, child.moving_variance
         return new
 
+    trained = [(norm, relu) for norm, relu in relu_pairs if type(norm) is nn.BatchNorm2d]  # before the swap
     replaced = replace_cells(network, lambda cell: type(cell) is nn.BatchNorm2d, make)
-    replace_cells(network, lambda cell: id(cell) in fused_relus, lambda _: nn.Identity())
+    drop_cells(network, [relu for _, relu in trained])
     return replaced

@@ -11,7 +11,7 @@ from mindspore import Tensor, nn, ops
 from mindspore.ops.auto_generate import ReluGrad
 
 from src.ops.build import library
-from src.ops.swap import replace_cells
+from src.ops.swap import drop_cells, replace_cells
 
 
 def _pair(value):
@@ -158,7 +158,6 @@ def use_onednn_convs(network, fold=(), relu_pairs=()):
     back into their layers) are not reached."""
     norms = {id(conv): norm for conv, norm in fold}
     relus = {id(norm): relu for norm, relu in relu_pairs}
-    fused_relus = {id(relus[id(norm)]) for _, norm in fold if id(norm) in relus}
 
     def make(child):
         norm = norms.get(id(child))
@@ -172,5 +171,5 @@ def use_onednn_convs(network, fold=(), relu_pairs=()):
         return new
 
     replaced = replace_cells(network, lambda cell: type(cell) is nn.Conv2d, make)
-    replace_cells(network, lambda cell: id(cell) in fused_relus, lambda _: nn.Identity())
+    drop_cells(network, [relus[id(norm)] for _, norm in fold if id(norm) in relus])
     return replaced
