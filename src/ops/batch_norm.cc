@@ -27,6 +27,7 @@ namespace {
 
 using fcos_ops::Affine;
 using fcos_ops::BackwardRow;
+using fcos_ops::ExpectedArgs;
 using fcos_ops::ForEachTask;
 using fcos_ops::Sum;
 using fcos_ops::SumDy;
@@ -132,14 +133,12 @@ void Backward(const Shape &s, const double *attrs, const float *x, const float *
   });
 }
 
-bool Expected(int nparam, int want, const int *ndims) { return nparam == want && ndims[0] == 4; }
-
 }  // namespace
 
 // x, gamma, beta, moving_mean, moving_variance, attrs -> y, mean, rstd, new moving_mean, new moving_variance
 extern "C" int FcosBatchNormForward(int nparam, void **params, int *ndims, int64_t **shapes, const char **, void *,
                                     void *) {
-  if (!Expected(nparam, 11, ndims)) return 1;
+  if (!ExpectedArgs(nparam, 11, ndims)) return 1;
   const Shape s(shapes[0]);
   if (s.count == 0) return 1;
   auto in = [&](int i) { return static_cast<const float *>(params[i]); };
@@ -152,7 +151,7 @@ extern "C" int FcosBatchNormForward(int nparam, void **params, int *ndims, int64
 // x, gamma, beta, mean, rstd, dy, attrs -> dx, dgamma, dbeta
 extern "C" int FcosBatchNormBackward(int nparam, void **params, int *ndims, int64_t **shapes, const char **, void *,
                                      void *) {
-  if (!Expected(nparam, 10, ndims)) return 1;
+  if (!ExpectedArgs(nparam, 10, ndims)) return 1;
   const Shape s(shapes[0]);
   if (s.count == 0) return 1;
   auto in = [&](int i) { return static_cast<const float *>(params[i]); };

@@ -24,6 +24,7 @@ namespace {
 
 using fcos_ops::Affine;
 using fcos_ops::BackwardRow;
+using fcos_ops::ExpectedArgs;
 using fcos_ops::ForEachTask;
 using fcos_ops::Sum;
 using fcos_ops::SumDy;
@@ -98,14 +99,12 @@ void Backward(const Shape &s, const float *x, const float *gamma, const float *m
   }
 }
 
-bool Expected(int nparam, int want, const int *ndims) { return nparam == want && ndims[0] == 4; }
-
 }  // namespace
 
 // x, gamma, beta, attrs -> y, mean, rstd
 extern "C" int FcosGroupNormForward(int nparam, void **params, int *ndims, int64_t **shapes, const char **, void *,
                                     void *) {
-  if (!Expected(nparam, 7, ndims)) return 1;
+  if (!ExpectedArgs(nparam, 7, ndims)) return 1;
   Shape s(shapes[0], static_cast<const double *>(params[3]));
   if (!s.Valid()) return 1;
   Forward(s, static_cast<const float *>(params[0]), static_cast<const float *>(params[1]),
@@ -117,7 +116,7 @@ extern "C" int FcosGroupNormForward(int nparam, void **params, int *ndims, int64
 // x, gamma, mean, rstd, dy, attrs -> dx, dgamma, dbeta
 extern "C" int FcosGroupNormBackward(int nparam, void **params, int *ndims, int64_t **shapes, const char **, void *,
                                      void *) {
-  if (!Expected(nparam, 9, ndims)) return 1;
+  if (!ExpectedArgs(nparam, 9, ndims)) return 1;
   Shape s(shapes[0], static_cast<const double *>(params[5]));
   if (!s.Valid()) return 1;
   try {

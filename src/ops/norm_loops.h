@@ -1,5 +1,5 @@
-// The vectorised loops over one row of a normalisation (a channel's H*W values) that the GroupNorm
-// and BatchNorm kernels share (src/ops/group_norm.cc, src/ops/batch_norm.cc).
+// The vectorised loops over one row of a normalisation (a channel's H*W values) and the argument
+// check that the GroupNorm and BatchNorm kernels share (src/ops/group_norm.cc, src/ops/batch_norm.cc).
 #ifndef FCOS_OPS_NORM_LOOPS_H_
 #define FCOS_OPS_NORM_LOOPS_H_
 
@@ -15,6 +15,9 @@
 
 namespace fcos_ops {
 namespace {
+
+// An op's call has the parameter count it should (inputs + outputs) and a 4-d x (N, C, H, W) first.
+inline bool ExpectedArgs(int nparam, int want, const int *ndims) { return nparam == want && ndims[0] == 4; }
 
 // sum of x[0:n]
 FCOS_CLONES double Sum(const float *x, int64_t n) {
