@@ -149,13 +149,17 @@ def train_transform(cfg):
 
 def build_train_dataset(cfg, rank=0, group_size=1, start_epoch=0):
     """create_train_dataset from the configuration; ConfigError for an unusable dataset."""
+    if cfg.synthetic_crowns and (not cfg.train_window or cfg.class_num != 1):
+        raise ConfigError(f"--synthetic_crowns={cfg.synthetic_crowns}: procedural tree-crown stands need "
+                          f"window mode (train_window > 0, now {cfg.train_window}) and one class "
+                          f"(class_num 1, now {cfg.class_num})")
     with dataset_errors("train_ann_file"):
         return create_train_dataset(
             cfg.train_img_dir, cfg.train_ann_file, train_transform(cfg), batch_size=cfg.batch_size,
             pad_buckets=cfg.pad_buckets, max_gt_boxes=cfg.max_gt_boxes,
             skip_empty_images=cfg.skip_empty_images, num_parallel_workers=cfg.num_parallel_workers,
             rank=rank, group_size=group_size, seed=cfg.seed, size_divisor=cfg.size_divisor,
-            start_epoch=start_epoch)
+            start_epoch=start_epoch, synthetic_fraction=cfg.synthetic_crowns)
 
 
 def build_eval_dataset(cfg, batch_size=1, rank=0, group_size=1):

@@ -18,24 +18,25 @@ def test_eval_sizes_keep_tiles_at_their_own_resolution(deepforest_voc, tmp_path)
 
 
 def test_one_fold_trains_on_the_other_images_and_scores_the_held_out_one(tmp_path):
-    # 160-pixel windows: the configuration's split cuts 50 + 6 windows an epoch (14 batches of 4),
-    # the SOAP fold's YELL + OSBS as many, so one epoch each way.
+    # 160-pixel windows: the configuration's split cuts 50 + 6 windows an epoch and adds as many
+    # procedural stands (synthetic_crowns 0.5; 28 batches of 4), the SOAP fold's YELL + OSBS as
+    # many, so one epoch each way.
     out = tmp_path / "folds"
     result = subprocess.run(
         [sys.executable, "-m", "tools.quickstart_folds", "--out", str(out), "--held_out", "SOAP_061", "--seeds", "3",
          "--config_path", CONFIG, "--epochs=1", "--train_window=160", "--num_parallel_workers=1"],
         cwd=ROOT, capture_output=True, text=True, timeout=900)
     assert result.returncode == 0, result.stdout + result.stderr
-    assert "1 folds x 1 seeds, 14 steps each" in result.stdout
+    assert "1 folds x 1 seeds, 28 steps each" in result.stdout
     assert "| SOAP_061 |" in result.stdout
     summary = json.load(open(out / "summary.json"))
     metrics = summary["results"]["SOAP_061"]["3"]
-    assert summary["steps"] == 14 and 0.0 <= metrics["AP50"] <= 1.0
+    assert summary["steps"] == 28 and 0.0 <= metrics["AP50"] <= 1.0
     train = json.load(open(out / "SOAP_061" / "data" / "annotations" / "train.json"))
     assert sorted(img["file_name"] for img in train["images"]) == [
         "2019_YELL_2_541000_4977000_image_crop.png", "OSBS_029.png"]
     run_dir = out / "SOAP_061" / "seed3"
     log = open(run_dir / "train.out").read()
-    assert "14 steps" in log
+    assert "28 steps" in log and "56 procedural tree-crown stands an epoch" in log
     evaluated = json.load(open(run_dir / "eval" / "eval_result.json"))
     assert evaluated["num_images"] == 1 and evaluated["AP50"] == metrics["AP50"]

@@ -22,7 +22,7 @@ import time
 import numpy as np
 
 from src.data.coco import CocoDataset
-from src.data.pipeline import window_samples
+from src.data.pipeline import synthetic_samples, window_samples
 from src.engine.checkpoint import CheckpointKeeper
 from src.model_utils.config import load_config
 from tools.make_deepforest import held_out_fold
@@ -31,9 +31,11 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def batches_per_epoch(img_dir, ann_file, cfg):
-    """Training batches an epoch of ``cfg`` (window mode) on one annotation file."""
+    """Training batches an epoch of ``cfg`` (window mode, procedural stands included) on one
+    annotation file."""
     coco = CocoDataset(img_dir, ann_file)
-    return len(window_samples(coco, coco.image_ids, cfg.train_window)) // cfg.batch_size
+    real = len(window_samples(coco, coco.image_ids, cfg.train_window))
+    return (real + len(synthetic_samples(real, cfg.synthetic_crowns))) // cfg.batch_size
 
 
 def eval_size_overrides(ann_file):

@@ -12,6 +12,7 @@ training sees at each step the batch one process with the global batch size woul
 """
 import dataclasses
 import logging
+import math
 import multiprocessing
 import os
 import re
@@ -21,6 +22,7 @@ import mindspore.dataset as ds
 import numpy as np
 
 from .coco import CocoDataset, DatasetError
+from .synthetic_crowns import make_stand
 from .transforms import default_pad_buckets, pad_shape_for, preprocess_image
 
 logger = logging.getLogger("fcos")
@@ -28,6 +30,7 @@ logger = logging.getLogger("fcos")
 TRAIN_COLUMNS = ["images", "gt_boxes", "gt_labels", "gt_mask"]
 EVAL_COLUMNS = ["images", "image_ids", "image_sizes", "orig_sizes"]
 PAD_IMAGE_ID = -1  # image_ids entry of an evaluation batch slot whose outputs are to be ignored
+SYNTHETIC_ID = -2  # image id of a training sample that is a procedural stand (synthetic_crowns)
 
 
 class PadBucketError(ValueError):
@@ -192,18 +195,28 @@ def window_samples(coco, image_ids, window):
     return samples
 
 
+def synthetic_samples(num_real, fraction):
+    """-> [(SYNTHETIC_ID, k)]: procedural stands that make ``fraction`` (in [0, 1)) of an epoch's
+    samples next to num_real real ones."""
+    if not 0.0 <= fraction < 1.0:
+        raise ValueError(f"the synthetic fraction must be in [0, 1), got {fraction}")
+    return [(SYNTHETIC_ID, k) for k in range(round(num_real * fraction / (1.0 - fraction)))]
+
+
 class TrainBatches:
     """Random-access source of training batches: index (from EpochSampler) -> (images (B,3,H,W)
     float32, gt_boxes (B,M,4) float32, gt_labels (B,M) int32, gt_mask (B,M) bool).
 
     ``samples`` lists (image_id, copy) pairs and ``members`` holds, per bucket, indices into it:
     an image with several copies (window mode) gives that many differently augmented samples an
-    epoch, each drawn from its own (seed, epoch, image id, copy) stream.
+    epoch, each drawn from its own (seed, epoch, image id, copy) stream. Samples with image id
+    SYNTHETIC_ID are procedural stands of ``stand_size`` pixels (label 0), a new one every epoch.
     """
 
     def __init__(self, coco, samples, members, buckets, transform, *, batch_size, max_gt_boxes,
-                 seed, rank, group_size, shuffle, failed):
+                 seed, rank, group_size, shuffle, failed, stand_size=0):
         self.coco = coco
+        self.stand_size = stand_size
         self.samples = samples
         self.members = members
         self.buckets = buckets
@@ -238,15 +251,26 @@ class TrainBatches:
         used = set(indices)
         samples = []
         for index in indices:
-            index, image = self._load(index, bucket, epoch, used)
+            index, image, boxes, labels, rng = self._example(index, bucket, epoch, used)
             used.add(index)
-            image_id, copy = self.samples[index]
-            boxes, labels = self.coco.targets(image_id)
-            # copy 0 keeps the stream of a plain (seed, epoch, image id) key
-            rng = np.random.default_rng([self.seed, epoch, image_id] + ([copy] if copy else []))
             chw, boxes, labels = self.transform(image, boxes, labels, pad_hw, rng)
             samples.append((chw, *pad_targets(boxes, labels, self.max_gt_boxes)))
         return tuple(np.stack(column) for column in zip(*samples))
+
+    def _example(self, index, bucket, epoch, used):
+        """Sample index -> (index actually used, image (H,W,3) uint8, boxes (K,4), labels (K,),
+        the sample's random stream for its augmentation)."""
+        image_id, copy = self.samples[index]
+        if image_id == SYNTHETIC_ID:
+            rng = np.random.default_rng([self.seed, epoch, 2 ** 32, copy])  # apart from image ids
+            image, boxes = make_stand(rng, self.stand_size)
+            return index, image, boxes, np.zeros(len(boxes), np.int32), rng
+        index, image = self._load(index, bucket, epoch, used)
+        image_id, copy = self.samples[index]
+        boxes, labels = self.coco.targets(image_id)
+        # copy 0 keeps the stream of a plain (seed, epoch, image id) key
+        rng = np.random.default_rng([self.seed, epoch, image_id] + ([copy] if copy else []))
+        return index, image, boxes, labels, rng
 
     def _load(self, index, bucket, epoch, used):
         """Sample index -> (index, image); an image that fails to load is flagged and the sample
@@ -260,8 +284,8 @@ class TrainBatches:
                     return index, self.coco.load_image(image_id)
                 except DatasetError as err:
                     self.failed.mark(image_id, err)
-            candidates = [i for i in self.members[bucket]
-                          if i not in used and self.samples[i][0] not in self.failed]
+            candidates = [i for i in self.members[bucket] if i not in used
+                          and self.samples[i][0] != SYNTHETIC_ID and self.samples[i][0] not in self.failed]
             if not candidates:
                 raise DatasetError(f"no loadable image left to fill a batch of pad bucket "
                                    f"{self.buckets[bucket]}; failed: {self.failed.paths()[:3]}")
@@ -356,9 +380,11 @@ class DataInfo:
 @dataclasses.dataclass
 class TrainDataInfo(DataInfo):
     """DataInfo of a training set; batches_per_epoch and plan (epoch -> [(bucket, [image ids])])
-    are this rank's, the same pad shapes in every epoch."""
+    are this rank's, the same pad shapes in every epoch; stands_per_epoch: procedural stands
+    among an epoch's samples (all ranks)."""
     batches_per_epoch: int
     plan: typing.Callable
+    stands_per_epoch: int = 0
 
 
 @dataclasses.dataclass
@@ -379,7 +405,7 @@ def _min_sizes(min_size):
 
 def create_train_dataset(img_dir, ann_file, transform, *, batch_size, pad_buckets, max_gt_boxes,
                          skip_empty_images, num_parallel_workers, seed, rank=0, group_size=1, shuffle=True,
-                         size_divisor=32, start_epoch=0):
+                         size_divisor=32, start_epoch=0, synthetic_fraction=0.0):
     """Training dataset -> (dataset, info).
 
     ``transform`` (TrainTransform) augments every sample; its sizes choose the pad buckets.
@@ -389,7 +415,9 @@ def create_train_dataset(img_dir, ann_file, transform, *, batch_size, pad_bucket
     rounded up to size_divisor. Images whose file is missing are left out up front; one that fails to decode
     is replaced in its batch by another image of its bucket. ``shuffle=False`` keeps a fixed
     batch order (augmentation still changes with the epoch); ``start_epoch`` continues the epoch
-    sequence when resuming.
+    sequence when resuming. In window mode ``synthetic_fraction`` of every epoch's samples are
+    procedural tree-crown stands (synthetic_samples; label 0, so for one-class data), big enough
+    for the widest zoom of ``transform.window_scale``.
 
     info: TrainDataInfo.
     """
@@ -406,8 +434,11 @@ def create_train_dataset(img_dir, ann_file, transform, *, batch_size, pad_bucket
         side = -(-int(window) // size_divisor) * size_divisor
         buckets = [(side, side)]
         samples = window_samples(coco, present, window)
+        samples += synthetic_samples(len(samples), synthetic_fraction)
         members = [list(range(len(samples)))]
     else:
+        if synthetic_fraction:
+            raise ValueError("synthetic stands need window mode (train_window > 0)")
         buckets = resolve_pad_buckets(pad_buckets, min_sizes, max_size, size_divisor)
         samples = [(image_id, 0) for image_id in present]
         index = {image_id: i for i, image_id in enumerate(present)}
@@ -416,7 +447,8 @@ def create_train_dataset(img_dir, ann_file, transform, *, batch_size, pad_bucket
     failed = FailedImages(coco, present)
     source = TrainBatches(coco, samples, members, buckets, transform, batch_size=batch_size,
                           max_gt_boxes=max_gt_boxes, seed=seed, rank=rank, group_size=group_size,
-                          shuffle=shuffle, failed=failed)
+                          shuffle=shuffle, failed=failed,
+                          stand_size=math.ceil(window / min(transform.window_scale)) if window else 0)
     if source.num_batches == 0:
         raise DatasetError(f"{len(samples)} usable samples make no full batch of {batch_size} per "
                            f"device for {group_size} device(s) in any pad bucket: {ann_file}")
@@ -425,7 +457,8 @@ def create_train_dataset(img_dir, ann_file, transform, *, batch_size, pad_bucket
     info = TrainDataInfo(num_images=len(present), skipped_missing=missing, buckets=buckets,
                          pad_shapes=used_pad_shapes(buckets, source.plan(start_epoch)), failed_images=failed,
                          label_to_cat_id=coco.label_to_cat_id, class_names=coco.class_names,
-                         cleaning=dict(coco.stats), batches_per_epoch=source.num_batches, plan=source.plan)
+                         cleaning=dict(coco.stats), batches_per_epoch=source.num_batches, plan=source.plan,
+                         stands_per_epoch=sum(image_id == SYNTHETIC_ID for image_id, _ in samples))
     return dataset, info
 
 
