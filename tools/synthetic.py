@@ -16,6 +16,8 @@ import os
 import cv2
 import numpy as np
 
+from src.data.synthetic_crowns import overlap_of_smaller
+
 CLASSES = ("rectangle", "ellipse", "triangle")
 _COLOURS = {"rectangle": (215, 50, 45), "ellipse": (45, 175, 60), "triangle": (55, 85, 220)}
 _SIDE_RANGE = (16, 120)  # at a 256-pixel short side
@@ -53,17 +55,6 @@ def _shape_mask(kind, box, height, width, rng):
     return mask
 
 
-def _overlap(box, others):
-    """Intersection of box (4,) with each of others (K,4) over the smaller of the two areas."""
-    if not len(others):
-        return np.zeros(0)
-    others = np.asarray(others, np.float64)
-    w = np.clip(np.minimum(box[2], others[:, 2]) - np.maximum(box[0], others[:, 0]), 0, None)
-    h = np.clip(np.minimum(box[3], others[:, 3]) - np.maximum(box[1], others[:, 1]), 0, None)
-    area = (box[2] - box[0]) * (box[3] - box[1])
-    return w * h / np.minimum(area, (others[:, 2] - others[:, 0]) * (others[:, 3] - others[:, 1]))
-
-
 def make_image(rng, height, width, min_objects=1, max_objects=6):
     """One synthetic image -> (image (H,W,3) uint8 RGB, [(class index, x, y, w, h)]).
 
@@ -83,7 +74,7 @@ def make_image(rng, height, width, min_objects=1, max_objects=6):
             bh = int(np.clip(side / np.sqrt(aspect), lo, min(hi, height)))
             x1, y1 = int(rng.integers(0, width - bw + 1)), int(rng.integers(0, height - bh + 1))
             box = (x1, y1, x1 + bw, y1 + bh)
-            if not (_overlap(np.array(box, np.float64), boxes) > _MAX_OVERLAP).any():
+            if not (overlap_of_smaller(np.array(box, np.float64), boxes) > _MAX_OVERLAP).any():
                 break
         else:
             continue

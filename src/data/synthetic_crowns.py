@@ -82,7 +82,7 @@ def _outline(rng, cx, cy, radius):
     return np.round(np.stack([xs, ys], 1)).astype(np.int32)
 
 
-def _overlap(box, others):
+def overlap_of_smaller(box, others):
     """Intersection of box (4,) with each of others (K,4) over the smaller of the two areas."""
     if not len(others):
         return np.zeros(0)
@@ -104,7 +104,7 @@ def _place(rng, height, width, count):
         radius = float(np.clip(mean_radius * np.exp(rng.normal(0, 0.25)), *RADIUS_RANGE))
         cx, cy = rng.uniform(-radius / 2, width + radius / 2), rng.uniform(-radius / 2, height + radius / 2)
         box = np.array([cx - radius, cy - radius, cx + radius, cy + radius])
-        if (_overlap(box, boxes) > _MAX_OVERLAP).any():
+        if (overlap_of_smaller(box, boxes) > _MAX_OVERLAP).any():
             continue
         crowns.append((cx, cy, radius))
         boxes.append(box)
