@@ -10,7 +10,8 @@ import json
 import logging
 
 import src  # noqa: F401  (sets the oneDNN ISA before mindspore loads)
-from src.builder import build_eval_dataset, build_inference, build_runtime, load_network, selection_kwargs
+from src.builder import (build_eval_dataset, build_inference, build_runtime, load_network, selection_kwargs,
+                         tta_views)
 from src.engine.coco_eval import check_category_count
 from src.engine.context import init_context, setup_logging
 from src.engine.evaluate import evaluate
@@ -30,7 +31,7 @@ def main(argv=None):
     logger.info("evaluating %s on %d images in %s", cfg.ckpt_file, info.num_images, cfg.runtime)
     runtime = build_runtime(cfg, build_inference(cfg, load_network(cfg)), info.pad_shapes, cfg.batch_size)
     metrics = evaluate(runtime, dataset, info, cfg.val_ann_file, selection_kwargs(cfg), cfg.output_dir,
-                       batch_size=cfg.batch_size)
+                       batch_size=cfg.batch_size, views=tta_views(cfg))
     if metrics is None:
         raise ConfigError(f"--val_img_dir: none of the images of {cfg.val_ann_file} could be read")
     print(json.dumps({k: round(v, 4) for k, v in metrics.items()}))

@@ -16,7 +16,8 @@ import logging
 import os
 
 import src  # noqa: F401  (sets the oneDNN ISA before mindspore loads)
-from src.builder import build_inference, build_runtime, eval_pad_buckets, eval_size, load_network, selection_kwargs
+from src.builder import (build_inference, build_runtime, eval_pad_buckets, eval_size, load_network, selection_kwargs,
+                         tta_views)
 from src.data.coco import DatasetError, label_maps, load_image_rgb, read_coco_json
 from src.engine.context import init_context, setup_logging
 from src.inference.predictor import Predictor
@@ -101,7 +102,7 @@ def main(argv=None):
     setup_logging(cfg.output_dir, 0, "predict")
     names, label_to_cat_id = class_info(cfg, names)
     runtime = build_runtime(cfg, build_inference(cfg, load_network(cfg)))
-    predictor = Predictor(runtime, *eval_size(cfg), eval_pad_buckets(cfg), selection_kwargs(cfg))
+    predictor = Predictor(runtime, *eval_size(cfg), eval_pad_buckets(cfg), selection_kwargs(cfg), tta_views(cfg))
     images, skipped, used = [], [], set()
     for path in files:
         try:
@@ -120,7 +121,7 @@ def main(argv=None):
         logger.info("%s: %d detections, %d drawn (score >= %.2f) -> %s", path, len(scores), int(shown.sum()),
                     draw_threshold, out_path)
     write_json_atomic(os.path.join(cfg.output_dir, "predictions.json"),
-                      {"images": images, "skipped": skipped, "selection": selection_kwargs(cfg),
+                      {"images": images, "skipped": skipped, "selection": selection_kwargs(cfg), "tta": cfg.tta,
                        "draw_score_threshold": draw_threshold})
     logger.info("%d images predicted, %d skipped; wrote %s", len(images), len(skipped),
                 os.path.join(cfg.output_dir, "predictions.json"))

@@ -11,7 +11,7 @@ import src  # noqa: F401  (sets the oneDNN ISA before mindspore loads)
 import mindspore as ms
 
 from src.builder import (build_eval_dataset, build_inference, build_model, build_train_dataset, build_train_step,
-                         eval_graphs, precompile_graphs, selection_kwargs, train_graphs)
+                         eval_graphs, precompile_graphs, selection_kwargs, train_graphs, tta_views)
 from src.data.pipeline import loader_error
 from src.engine.checkpoint import load_weights, read_training_checkpoint
 from src.engine.coco_eval import check_category_count
@@ -78,9 +78,9 @@ def build_evaluator(cfg, network):
 
     def run():
         return evaluate(MindSporeRuntime(infer_cell), dataset, info, cfg.val_ann_file, selection_kwargs(cfg), out_dir,
-                        batch_size=cfg.batch_size)
+                        batch_size=cfg.batch_size, views=tta_views(cfg))
 
-    return run, eval_graphs(infer_cell, info.pad_shapes, cfg.batch_size)
+    return run, eval_graphs(infer_cell, info.pad_shapes, cfg.batch_size, tta_views(cfg))
 
 
 def load_initial_weights(cfg, network):

@@ -19,6 +19,7 @@ from src.engine.train_step import FCOSWithLoss, TrainStep, build_optimizer
 from src.inference.decoder import FCOSDecoder
 from src.inference.detector import FCOSInference
 from src.inference.runtime import make_runtime
+from src.inference.tta import VIEW_SETS, view_pad_shapes
 from src.model.fcos import FCOS
 from src.model.loss import FCOSLoss
 from src.model_utils.config import ConfigError, require_files
@@ -125,6 +126,11 @@ def selection_kwargs(cfg):
             "detections_per_img": cfg.detections_per_img}
 
 
+def tta_views(cfg):
+    """The test-time views of --tta (src.inference.tta)."""
+    return VIEW_SETS[cfg.tta]
+
+
 @contextlib.contextmanager
 def dataset_errors(ann_key):
     """Turn the errors of an unusable dataset into a ConfigError naming the key to fix: ann_key
@@ -204,9 +210,11 @@ def train_graphs(cfg, train_step, pad_shapes):
                                       ((b, m), np.bool_)], training=True) for h, w in pad_shapes]
 
 
-def eval_graphs(infer_cell, pad_shapes, batch_size):
-    """The inference graphs of an evaluation: one per (H, W) pad shape of its batches."""
-    return [PlannedGraph(infer_cell, [((batch_size, 3, h, w), np.float32)], training=False) for h, w in pad_shapes]
+def eval_graphs(infer_cell, pad_shapes, batch_size, views):
+    """The inference graphs of an evaluation: one per (H, W) input of its batches' ``views``
+    (src.inference.tta) at their pad shapes."""
+    return [PlannedGraph(infer_cell, [((batch_size, 3, h, w), np.float32)], training=False)
+            for h, w in view_pad_shapes(pad_shapes, views)]
 
 
 def precompile_graphs(cfg, graphs, distributed=False):
@@ -225,8 +233,8 @@ def build_runtime(cfg, infer_cell, pad_shapes=(), batch_size=1):
     except ImportError as err:
         raise ConfigError(f"--runtime: {err}") from None
     if cfg.runtime == "mindspore":
-        precompile_graphs(cfg, eval_graphs(infer_cell, pad_shapes, batch_size))
+        precompile_graphs(cfg, eval_graphs(infer_cell, pad_shapes, batch_size, tta_views(cfg)))
     else:
-        for h, w in pad_shapes:
+        for h, w in view_pad_shapes(pad_shapes, tta_views(cfg)):
             runtime.prepare((batch_size, 3, h, w))
     return runtime

@@ -79,6 +79,33 @@ def test_predictions_equal_eval_detections(data, eval_detections, runtime, tmp_p
         assert drawn.shape == (96, 128, 3)
 
 
+
+def test_test_time_augmentation_in_eval_and_predict(data, eval_detections, tmp_path):
+    """--tta=dihedral: eval.py and predict.py fuse the same 8 views (landscape images, so the turned
+    views run at the transposed pad shape) into the same detections, inside each image."""
+    tta = ["--tta=dihedral"]
+    result = command("eval.py", f"--ckpt_file={data['ckpt']}", f"--val_img_dir={data['img_dir']}",
+                     f"--val_ann_file={data['ann_file']}", f"--output_dir={tmp_path / 'eval'}", "--batch_size=2", *tta)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert "2 graphs ready" in result.stdout + result.stderr  # 96x128 and its transpose
+    fused = read_json(tmp_path / "eval" / "eval_result.json")["detections"]
+    result = command("predict.py", f"--ckpt_file={data['ckpt']}", "--input", str(data["img_dir"]),
+                     f"--val_ann_file={data['ann_file']}", f"--output_dir={tmp_path / 'pred'}", *tta)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    predictions = read_json(tmp_path / "pred" / "predictions.json")
+    assert predictions["tta"] == "dihedral"
+    ids = {img["file_name"]: img["id"] for img in read_json(data["ann_file"])["images"]}
+    for image in predictions["images"]:
+        expected = [d for d in fused if d["image_id"] == ids[os.path.basename(image["file"])]]
+        single = [d for d in eval_detections if d["image_id"] == ids[os.path.basename(image["file"])]]
+        assert len(image["detections"]) == len(expected) > 0
+        assert [d["score"] for d in expected] != [d["score"] for d in single]
+        for det, ref in zip(image["detections"], expected):
+            assert det["score"] == pytest.approx(ref["score"], abs=1e-5)
+            x1, y1, x2, y2 = det["bbox"]
+            assert [x1, y1, x2 - x1, y2 - y1] == pytest.approx(ref["bbox"], abs=0.02)
+            assert 0 <= x1 <= x2 <= 128 and 0 <= y1 <= y2 <= 96
+
 def test_predict_outputs_skips_and_class_names(data, tmp_path):
     other = tmp_path / "other"
     os.makedirs(other)

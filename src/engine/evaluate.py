@@ -9,19 +9,22 @@ from src.data.pipeline import PAD_IMAGE_ID
 from src.engine.coco_eval import coco_evaluate, load_coco, to_coco_results
 from src.engine.progress import Progress
 from src.inference.select import postprocess_batch
+from src.inference.tta import IDENTITY, view_candidates
 
 logger = logging.getLogger("fcos")
 
 
-def detect_dataset(runtime, dataset, num_batches, batch_size, selection, label_to_cat_id):
+def detect_dataset(runtime, dataset, num_batches, batch_size, selection, label_to_cat_id, views=IDENTITY):
     """-> (COCO results list, ids of the images run). ``runtime``: src.inference.runtime (images ->
-    candidates); ``selection``: select_detections kwargs."""
+    candidates); ``selection``: select_detections kwargs; ``views``: the test-time views
+    (src.inference.tta)."""
     results, image_ids = [], []
     progress = Progress(num_batches, batch_size, warmup=1)
     log_every = max(num_batches // 10, 1)
     for images, ids, image_sizes, orig_sizes in dataset.create_tuple_iterator(num_epochs=1, output_numpy=True):
-        boxes, scores, labels = runtime(images)
-        detections = postprocess_batch(boxes, scores, labels, image_sizes, original_sizes=orig_sizes, **selection)
+        boxes, scores, labels, view_ids = view_candidates(runtime, images, image_sizes, views)
+        detections = postprocess_batch(boxes, scores, labels, image_sizes, original_sizes=orig_sizes, **selection,
+                                       view_ids=view_ids, num_views=len(views))
         for image_id, det in zip(ids, detections):
             if image_id == PAD_IMAGE_ID:
                 continue
@@ -35,8 +38,9 @@ def detect_dataset(runtime, dataset, num_batches, batch_size, selection, label_t
     return results, image_ids
 
 
-def evaluate(runtime, dataset, info, ann_file, selection, output_dir=None, batch_size=1):
-    """Detect every image of ``dataset`` with ``runtime`` (src.inference.runtime) and return the
+def evaluate(runtime, dataset, info, ann_file, selection, output_dir=None, batch_size=1, views=IDENTITY):
+    """Detect every image of ``dataset`` with ``runtime`` (src.inference.runtime) on ``views``
+    (src.inference.tta) and return the
     COCO metrics dict (see coco_eval), scored over the images actually run (``info`` from
     create_eval_dataset counts those skipped); None, with an error logged, when not a single image
     could be read."""
@@ -45,7 +49,7 @@ def evaluate(runtime, dataset, info, ann_file, selection, output_dir=None, batch
     infer_cell.set_train(False)
     start = time.perf_counter()
     results, image_ids = detect_dataset(runtime, dataset, info.batches, batch_size, selection,
-                                        info.label_to_cat_id)
+                                        info.label_to_cat_id, views)
     infer_cell.set_train(was_training)
     logger.info("detected %d boxes on %d images in %.1f s (%s)", len(results), len(image_ids),
                 time.perf_counter() - start, runtime.name)

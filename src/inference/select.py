@@ -1,6 +1,7 @@
 """Stage 2 of the one FCOS decoding path: per image, in NumPy, the decoder's candidates ->
-score threshold, clip to the image, class-aware NMS, the best detections_per_img; then boxes can
-be rescaled to the original image. eval.py, predict.py and postprocess.py all end here.
+score threshold, clip to the image, class-aware NMS (or, for the candidates of several views of
+the image, src.inference.tta, their fusion), the best detections_per_img; then boxes can be
+rescaled to the original image. eval.py, predict.py and postprocess.py all end here.
 """
 import numpy as np
 
@@ -52,8 +53,45 @@ def batched_nms(boxes, scores, labels, iou_threshold, max_keep=None):
     return np.asarray(keep, dtype=np.int64)
 
 
+def fuse_views(boxes, scores, labels, view_ids, num_views, iou_threshold, max_keep=None):
+    """Class-aware fusion of the candidates of several views of one image (test-time
+    augmentation), a greedy form of weighted boxes fusion (Solovyev et al., 2021).
+
+    Candidates are visited by score, as in batched_nms; the best one left gathers the candidates of
+    its label that overlap it by more than iou_threshold into a cluster. Of each view the cluster
+    keeps its best candidate: the detection's box is their score-weighted mean and its score their
+    sum over num_views, so a view that found nothing there counts as a 0. An object that every view
+    finds keeps its score; a box that one view alone proposes is ranked down. With one view this
+    keeps exactly batched_nms's boxes and scores.
+
+    Args:
+        boxes: (N, 4); scores: (N,); labels: (N,); view_ids: (N,) the view of each candidate.
+        num_views (int): views run, those without candidates included.
+        iou_threshold (float); max_keep (int | None): most detections returned.
+    Returns:
+        boxes (D, 4), scores (D,), labels (D,) by fused score descending.
+    """
+    remaining = np.argsort(-scores, kind="stable")
+    fused_boxes, fused_scores, fused_labels = [], [], []
+    while remaining.size:
+        best, rest = remaining[0], remaining[1:]
+        joins = (_iou_one_to_many(boxes[best], boxes[rest]) > iou_threshold) & (labels[rest] == labels[best])
+        cluster = np.concatenate([[best], rest[joins]])
+        remaining = rest[~joins]
+        _, first = np.unique(view_ids[cluster], return_index=True)
+        members = cluster[first]
+        weights = scores[members]
+        fused_boxes.append(boxes[best] if len(members) == 1 else
+                           (boxes[members] * weights[:, None]).sum(axis=0) / weights.sum())
+        fused_scores.append(weights.sum() / num_views)
+        fused_labels.append(labels[best])
+    order = np.argsort(-np.asarray(fused_scores, scores.dtype), kind="stable")[:max_keep]
+    return (np.asarray(fused_boxes, boxes.dtype).reshape(-1, 4)[order],
+            np.asarray(fused_scores, scores.dtype)[order], np.asarray(fused_labels, labels.dtype)[order])
+
+
 def select_detections(boxes, scores, labels, image_size, score_threshold, nms_iou_threshold,
-                      detections_per_img, original_size=None):
+                      detections_per_img, original_size=None, view_ids=None, num_views=1):
     """Final detections of one image from its decoder candidates.
 
     Args:
@@ -64,17 +102,23 @@ def select_detections(boxes, scores, labels, image_size, score_threshold, nms_io
         detections_per_img (int): most detections kept.
         original_size: (h, w) of the original image to rescale the boxes to (rescale_boxes), or
             None to keep them in the resized frame.
+        view_ids: (K,) view of each candidate when they come from num_views > 1 views
+            (src.inference.tta.view_candidates); they are fused (fuse_views) instead of NMS.
     Returns:
         boxes (D, 4), scores (D,), labels (D,), sorted by score descending.
     """
     keep = scores > score_threshold
     boxes = clip_boxes(boxes[keep], image_size)
     scores, labels = scores[keep], labels[keep]
-    kept = batched_nms(boxes, scores, labels, nms_iou_threshold, detections_per_img)
-    boxes = boxes[kept]
+    if num_views > 1:
+        boxes, scores, labels = fuse_views(boxes, scores, labels, view_ids[keep], num_views, nms_iou_threshold,
+                                           detections_per_img)
+    else:
+        kept = batched_nms(boxes, scores, labels, nms_iou_threshold, detections_per_img)
+        boxes, scores, labels = boxes[kept], scores[kept], labels[kept]
     if original_size is not None:
         boxes = rescale_boxes(boxes, image_size, original_size)
-    return boxes, scores[kept], labels[kept]
+    return boxes, scores, labels
 
 
 def rescale_boxes(boxes, resized_size, original_size):
@@ -91,13 +135,14 @@ def rescale_boxes(boxes, resized_size, original_size):
 
 
 def postprocess_batch(boxes, scores, labels, image_sizes, score_threshold, nms_iou_threshold,
-                      detections_per_img, original_sizes=None):
+                      detections_per_img, original_sizes=None, view_ids=None, num_views=1):
     """select_detections on every image of a decoder batch (and rescale when sizes are given).
 
     Args:
         boxes: (B, K, 4); scores: (B, K); labels: (B, K) NumPy arrays from FCOSDecoder.
         image_sizes: (B, 2) resized (h, w) of each image before padding.
         original_sizes: (B, 2) original (h, w), or None to stay in the resized frame.
+        view_ids, num_views: as select_detections (the same (K,) view ids for every image).
     Returns:
         list of B dicts with 'boxes' (D, 4), 'scores' (D,), 'labels' (D,).
     """
@@ -105,6 +150,7 @@ def postprocess_batch(boxes, scores, labels, image_sizes, score_threshold, nms_i
     for i in range(len(boxes)):
         det_boxes, det_scores, det_labels = select_detections(
             boxes[i], scores[i], labels[i], image_sizes[i], score_threshold, nms_iou_threshold, detections_per_img,
-            original_size=None if original_sizes is None else original_sizes[i])
+            original_size=None if original_sizes is None else original_sizes[i], view_ids=view_ids,
+            num_views=num_views)
         results.append({"boxes": det_boxes, "scores": det_scores, "labels": det_labels})
     return results
