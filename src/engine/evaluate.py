@@ -40,10 +40,9 @@ def detect_dataset(runtime, dataset, num_batches, batch_size, selection, label_t
 
 def evaluate(runtime, dataset, info, ann_file, selection, output_dir=None, batch_size=1, views=IDENTITY):
     """Detect every image of ``dataset`` with ``runtime`` (src.inference.runtime) on ``views``
-    (src.inference.tta) and return the
-    COCO metrics dict (see coco_eval), scored over the images actually run (``info`` from
-    create_eval_dataset counts those skipped); None, with an error logged, when not a single image
-    could be read."""
+    (src.inference.tta) and return the COCO metrics dict (see coco_eval), scored over the images
+    actually run (``info`` from create_eval_dataset counts those skipped); None, with an error
+    logged, when not a single image could be read."""
     infer_cell = runtime.infer_cell
     was_training = infer_cell.training
     infer_cell.set_train(False)
