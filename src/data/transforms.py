@@ -71,13 +71,18 @@ def resize(image, boxes, size_hw):
     return resize_image(image, size_hw), scaled.astype(np.float32)
 
 
-def hflip(image, boxes):
-    """Mirror left-right: pixel column i goes to w-1-i, so coordinate x goes to w-x."""
-    w = image.shape[1]
+def hflip_boxes(boxes, width):
+    """(N, 4) x1, y1, x2, y2 boxes -> the same boxes in the image mirrored left-right (``width``
+    wide): pixel column i goes to w-1-i, so coordinate x goes to w-x."""
     flipped = boxes.copy()
-    flipped[:, 0] = w - boxes[:, 2]
-    flipped[:, 2] = w - boxes[:, 0]
-    return np.ascontiguousarray(image[:, ::-1]), flipped
+    flipped[:, 0] = width - boxes[:, 2]
+    flipped[:, 2] = width - boxes[:, 0]
+    return flipped
+
+
+def hflip(image, boxes):
+    """Mirror an (H, W, C) image and its boxes left-right (hflip_boxes)."""
+    return np.ascontiguousarray(image[:, ::-1]), hflip_boxes(boxes, image.shape[1])
 
 
 def vflip(image, boxes):
@@ -89,14 +94,21 @@ def vflip(image, boxes):
     return np.ascontiguousarray(image[::-1]), flipped
 
 
-def rot90(image, boxes, turns):
-    """Rotate counter-clockwise by turns x 90 degrees, as np.rot90: pixel (row r, column c) of a
-    w-wide image goes to (w-1-c, r), so point (x, y) goes to (y, w-x)."""
+def rot90_boxes(boxes, turns, size_hw):
+    """(N, 4) x1, y1, x2, y2 boxes of an image of size (h, w) -> the same boxes after turning the
+    image counter-clockwise by turns x 90 degrees, as np.rot90: pixel (row r, column c) of a w-wide
+    image goes to (w-1-c, r), so point (x, y) goes to (y, w-x)."""
+    height, width = size_hw
     for _ in range(turns % 4):
-        w = image.shape[1]
-        image = np.rot90(image)
-        boxes = np.stack([boxes[:, 1], w - boxes[:, 2], boxes[:, 3], w - boxes[:, 0]], axis=1)
-    return np.ascontiguousarray(image), boxes.astype(np.float32).reshape(-1, 4)
+        boxes = np.stack([boxes[:, 1], width - boxes[:, 2], boxes[:, 3], width - boxes[:, 0]], axis=1)
+        height, width = width, height
+    return boxes
+
+
+def rot90(image, boxes, turns):
+    """Turn an (H, W, C) image and its boxes counter-clockwise by turns x 90 degrees (rot90_boxes)."""
+    boxes = rot90_boxes(boxes, turns, image.shape[:2])
+    return np.ascontiguousarray(np.rot90(image, turns % 4)), boxes.astype(np.float32).reshape(-1, 4)
 
 
 def color_jitter(image, strength, rng):

@@ -8,6 +8,8 @@ the network sees every view exactly as it would see such a photo.
 """
 import numpy as np
 
+from src.data.transforms import hflip_boxes, rot90_boxes
+
 IDENTITY = ((0, False),)
 VIEW_SETS = {
     "none": IDENTITY,
@@ -27,28 +29,13 @@ def transform_image(image, view):
     return np.ascontiguousarray(np.rot90(image, turns, axes=(1, 2)))
 
 
-def _turn_boxes(boxes, turns, image_size):
-    """(N, 4) x1, y1, x2, y2 boxes of an image of size (h, w) -> the same boxes after ``turns``
-    counter-clockwise turns of the image (the point at x, y of an image w wide goes to y, w - x)."""
-    height, width = image_size
-    for _ in range(turns % 4):
-        boxes = np.stack([boxes[:, 1], width - boxes[:, 2], boxes[:, 3], width - boxes[:, 0]], axis=1)
-        height, width = width, height
-    return boxes
-
-
-def _mirror_boxes(boxes, width):
-    """(N, 4) boxes -> the same boxes in the image mirrored left-right (``width`` wide)."""
-    return np.stack([width - boxes[:, 2], boxes[:, 1], width - boxes[:, 0], boxes[:, 3]], axis=1)
-
-
 def transform_boxes(boxes, view, image_size):
     """(N, 4) x1, y1, x2, y2 boxes of an image of size (h, w) -> where they lie in transform_image's
     view of it."""
     turns, hflip = view
     if hflip:
-        boxes = _mirror_boxes(boxes, image_size[1])
-    return _turn_boxes(boxes, turns, image_size)
+        boxes = hflip_boxes(boxes, image_size[1])
+    return rot90_boxes(boxes, turns, image_size)
 
 
 def invert_boxes(boxes, view, image_size):
@@ -56,8 +43,8 @@ def invert_boxes(boxes, view, image_size):
     inverse of transform_boxes)."""
     turns, hflip = view
     view_size = image_size if turns % 2 == 0 else image_size[::-1]
-    boxes = _turn_boxes(boxes, 4 - turns % 4, view_size)
-    return _mirror_boxes(boxes, image_size[1]) if hflip else boxes
+    boxes = rot90_boxes(boxes, 4 - turns % 4, view_size)
+    return hflip_boxes(boxes, image_size[1]) if hflip else boxes
 
 
 def view_batch(images, image_sizes, view):
