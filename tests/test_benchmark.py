@@ -17,7 +17,7 @@ from src.builder import build_model
 from src.model_utils.config import load_config
 from tools.benchmark.common import RESULT_KEYS, summarise, synthetic_ground_truth
 from tools.benchmark.convs import layer_spec
-from tools.benchmark.run import time_cell
+from tools.benchmark.run import default_input_shape, time_cell
 
 SMALL = ["--config_path=configs/synthetic_cpu.yaml", "--backbone=resnet18", "--fpn_out_channels=32",
          "--num_head_convs=1", "--batch_size=2", "--height=64", "--width=96", "--steps=2", "--warmup=1",
@@ -204,3 +204,12 @@ def test_synthetic_ground_truth_is_padded_inside_the_image_and_reproducible():
     again = synthetic_ground_truth(3, 64, 96, num_boxes=5, max_gt_boxes=7, num_classes=4, seed=2)
     assert all(np.array_equal(a, b) for a, b in zip((boxes, labels, mask), again))
     assert synthetic_ground_truth(1, 64, 96, num_boxes=9, max_gt_boxes=4, num_classes=1)[2].sum() == 4
+
+
+def test_training_modes_default_to_the_training_windows_shape():
+    # configs/deepforest_cpu.yaml evaluates 400x400 images (pad 416x416) but trains on 320x320 windows
+    cfg = load_config(["--config_path=configs/deepforest_cpu.yaml", "--train_window=300"])
+    assert default_input_shape(cfg, "train") == default_input_shape(cfg, "convs") == (320, 320)
+    assert default_input_shape(cfg, "infer") == default_input_shape(cfg, "data") == (416, 416)
+    cfg = load_config(["--config_path=configs/deepforest_cpu.yaml", "--train_window=0"])
+    assert default_input_shape(cfg, "train") == (416, 416)

@@ -85,6 +85,12 @@ def resolve_pad_buckets(pad_buckets, min_sizes, max_size, size_divisor=32):
     return buckets
 
 
+def window_pad_shape(window, size_divisor=32):
+    """Window mode's one training pad shape: (side, side), window rounded up to size_divisor."""
+    side = -(-int(window) // size_divisor) * size_divisor
+    return side, side
+
+
 def group_by_bucket(coco, image_ids, min_size, max_size, buckets):
     """Image ids -> one list per bucket, from the sizes in the annotation file (no pixels read);
     PadBucketError names the first image that fits none."""
@@ -431,8 +437,7 @@ def create_train_dataset(img_dir, ann_file, transform, *, batch_size, pad_bucket
         logger.warning("%d training images have more than max_gt_boxes=%d boxes: the %d largest "
                        "are kept", too_many, max_gt_boxes, max_gt_boxes)
     if window:
-        side = -(-int(window) // size_divisor) * size_divisor
-        buckets = [(side, side)]
+        buckets = [window_pad_shape(window, size_divisor)]
         samples = window_samples(coco, present, window)
         samples += synthetic_samples(len(samples), synthetic_fraction)
         members = [list(range(len(samples)))]

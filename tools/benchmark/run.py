@@ -10,7 +10,8 @@ optionally side by side with torchvision's FCOS.
 
 Every configuration key is accepted as --key=value (--backbone, --fpn_out_channels, --class_num,
 --batch_size, --config_path, ...); the configuration's own ``mode`` (GRAPH/PYNATIVE) is
---execution_mode here. --height/--width default to the first pad shape of the configuration.
+--execution_mode here. --height/--width default to the first pad shape of the configuration (train
+and convs in window mode, train_window > 0: the training windows' shape).
 --threads N pins both frameworks to N CPUs: on cores shared with other processes, --threads 1
 compares per-core speed, which multi-threaded timings (threads waiting for a descheduled peer)
 then do not. Thread-count settings alone are not enough: MindSpore's oneDNN convolutions use
@@ -61,7 +62,7 @@ import numpy as np
 
 from src.builder import (build_inference, build_model, build_train_dataset, build_train_step, conv_impl,
                          precompile_graphs, selection_kwargs)
-from src.data.pipeline import resolve_pad_buckets
+from src.data.pipeline import resolve_pad_buckets, window_pad_shape
 from src.deploy.export import export_model
 from src.engine.compile_cache import PlannedGraph
 from src.engine.context import init_context
@@ -77,6 +78,14 @@ from tools.synthetic import make_synthetic_coco
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
+def default_input_shape(cfg, mode):
+    """(height, width) of the input when --height/--width are not given: the first pad shape, or for
+    train and convs in window mode (train_window > 0) the shape every training batch has."""
+    if mode in ("train", "convs") and cfg.train_window:
+        return window_pad_shape(cfg.train_window, cfg.size_divisor)
+    return resolve_pad_buckets(cfg.pad_buckets, cfg.min_size, cfg.max_size, cfg.size_divisor)[0]
+
+
 def parse_args(argv=None):
     """-> (benchmark options, Config). Options this parser does not know go to load_config.
 
@@ -86,8 +95,8 @@ def parse_args(argv=None):
         description="Benchmark FCOS (inference, training step, data pipeline); every configuration "
                     "key is also accepted as --key=value.", allow_abbrev=False)
     parser.add_argument("--mode", choices=("infer", "train", "data", "convs"), default="infer")
-    parser.add_argument("--height", type=int, help="input height (default: the first pad shape)")
-    parser.add_argument("--width", type=int, help="input width (default: the first pad shape)")
+    parser.add_argument("--height", type=int, help="input height (default: default_input_shape)")
+    parser.add_argument("--width", type=int, help="input width (default: default_input_shape)")
     parser.add_argument("--steps", type=int, default=10, help="timed steps")
     parser.add_argument("--warmup", type=int, default=2, help="untimed steps after the first call")
     parser.add_argument("--num_gt_boxes", type=int, default=8, help="real boxes per image (train)")
@@ -109,7 +118,7 @@ def parse_args(argv=None):
         rest.append(f"--mode={args.execution_mode}")
     cfg = load_config(rest, description="FCOS benchmark")
     if args.height is None or args.width is None:
-        bucket = resolve_pad_buckets(cfg.pad_buckets, cfg.min_size, cfg.max_size, cfg.size_divisor)[0]
+        bucket = default_input_shape(cfg, args.mode)
         args.height = args.height or bucket[0]
         args.width = args.width or bucket[1]
     if args.height % cfg.size_divisor or args.width % cfg.size_divisor:
