@@ -38,7 +38,8 @@ class _Weighted(nn.Cell):
         return (self.pool(x) * w).sum()
 
 
-@pytest.mark.parametrize("shape", [(2, 3, 8, 10), (1, 2, 7, 9), (1, 1, 1, 2), (2, 4, 5, 4)])
+@pytest.mark.parametrize("shape", [(2, 3, 8, 10), (1, 2, 7, 9), (1, 1, 1, 2), (2, 4, 5, 4), (1, 2, 3, 1), (1, 1, 2, 3),
+                                   (1, 2, 6, 7)])
 def test_native_stem_max_pool_matches_numpy(ops_library, mode, shape):
     from src.ops.pooling import NativeStemMaxPool
 
