@@ -16,6 +16,7 @@
 // padding is -inf, as torch's). The backward sends dy to the window's first maximum in row-major
 // order (torch's choice) and recomputes it from x instead of storing indices; the results are
 // bitwise those of a scatter over the windows in (i, j) order.
+#include <algorithm>
 #include <cstdint>
 #include <cstring>
 #include <vector>
@@ -61,8 +62,8 @@ void RowMaxima(const float *x, const Plane &s, int64_t i, float *best, int8_t *c
     for (int64_t r = r0; r <= r1; ++r, p += s.w) {
       const int row = 3 * static_cast<int>(r - (2 * i - 1));
       for (int c = 0; c < 3; ++c) {
-        // A mask, not `?:`, which g++ -O2 compiles to a branch here: the windows' maxima lie at
-        // random, and the mispredicted branches made the backward 4x slower.
+        // A mask, not `?:`, which g++ -O2 compiles to a branch here: the maxima lie at random, and
+        // the places of 4x64x160x160's windows took 13.7 ms with the branch, 8 ms with the mask.
         const int take = -static_cast<int>(p[c] > b);
         b = p[c] > b ? p[c] : b;
         if (kCodes) k = (k & ~take) | ((row + c) & take);
@@ -71,7 +72,7 @@ void RowMaxima(const float *x, const Plane &s, int64_t i, float *best, int8_t *c
     best[j] = b;
     if (kCodes) code[j] = static_cast<int8_t>(k);
   }
-  for (int64_t j = inner_end > 0 ? inner_end : 1; j < s.ow; ++j) edge(j);
+  for (int64_t j = std::max<int64_t>(inner_end, 1); j < s.ow; ++j) edge(j);
 }
 
 // v if take, else +0.0f, by a bit mask (g++ -O2 compiles `take ? v : 0.0f` to a branch)
