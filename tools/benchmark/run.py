@@ -95,8 +95,10 @@ def parse_args(argv=None):
         description="Benchmark FCOS (inference, training step, data pipeline); every configuration "
                     "key is also accepted as --key=value.", allow_abbrev=False)
     parser.add_argument("--mode", choices=("infer", "train", "data", "convs"), default="infer")
-    parser.add_argument("--height", type=int, help="input height (default: default_input_shape)")
-    parser.add_argument("--width", type=int, help="input width (default: default_input_shape)")
+    parser.add_argument("--height", type=int, help="input height (default: the first pad shape; train and "
+                             "convs in window mode: the training window's)")
+    parser.add_argument("--width", type=int, help="input width (default: the first pad shape; train and "
+                             "convs in window mode: the training window's)")
     parser.add_argument("--steps", type=int, default=10, help="timed steps")
     parser.add_argument("--warmup", type=int, default=2, help="untimed steps after the first call")
     parser.add_argument("--num_gt_boxes", type=int, default=8, help="real boxes per image (train)")
