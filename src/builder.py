@@ -28,6 +28,7 @@ from src.ops.build import OpsUnavailable
 from src.ops.conv import use_onednn_convs
 from src.ops.global_norm import NativeSquaredNorm
 from src.ops.group_norm import use_native_group_norms
+from src.ops.layout import check_channels_last
 from src.ops.pooling import use_native_pooling
 from src.ops.upsample import use_native_upsampling
 from src.ops.select import select_conv_impl
@@ -46,7 +47,8 @@ def model_errors():
 def build_model(cfg, portable=False):
     """FCOS network from the configuration; where conv_impl selects the custom ops (src/ops/select.py)
     its convolutions, GroupNorms, trained BatchNorms (each with the ReLU after it), stem max-pool
-    and FPN merge run on them. portable: MindSpore's own kernels whatever conv_impl says, for
+    and FPN merge run on them, with the activations between them in channels-last storage unless
+    channels_last is off (src/ops/layout.py). portable: MindSpore's own kernels whatever conv_impl says, for
     exports that must run anywhere. The parameters are the same either way."""
     with model_errors():
         network = FCOS(backbone=cfg.backbone, class_num=cfg.class_num, fpn_out_channels=cfg.fpn_out_channels,
@@ -58,11 +60,15 @@ def build_model(cfg, portable=False):
     if not portable and conv_impl(cfg) == "onednn":
         network.head.set_stacking(False)  # the stacked head convolutions call ops.Conv2D itself
         relu_pairs = network.backbone.norm_relu_pairs()  # before either swap replaces a ReLU
-        use_onednn_convs(network, fold=network.backbone.frozen_norm_pairs(), relu_pairs=relu_pairs)
-        use_native_group_norms(network)
-        use_native_batch_norms(network, relu_pairs=relu_pairs)
-        use_native_pooling(network)
-        use_native_upsampling(network)
+        last = cfg.channels_last
+        use_onednn_convs(network, fold=network.backbone.frozen_norm_pairs(), relu_pairs=relu_pairs,
+                         channels_last=last, edges=network.layout_edges())
+        use_native_group_norms(network, channels_last=last)
+        use_native_batch_norms(network, relu_pairs=relu_pairs, channels_last=last)
+        use_native_pooling(network, channels_last=last)
+        use_native_upsampling(network, channels_last=last)
+        if last:
+            check_channels_last(network)
     return network
 
 

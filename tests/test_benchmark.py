@@ -143,9 +143,12 @@ def test_conv_impl_onednn_times_the_custom_ops_alone_and_in_the_network(tmp_path
     except OpsUnavailable as err:
         pytest.skip(str(err))
     _, ours = run_benchmark(*SMALL, "--mode=convs", "--threads=1", "--conv_impl=onednn")
-    assert ours["conv_impl"] == "onednn"
+    assert ours["conv_impl"] == "onednn" and ours["channels_last"] is True
     shapes = [(layer["input"], layer["out_channels"], layer["kernel"], layer["count"]) for layer in ours["layers"]]
     assert len(shapes) > 10 and shapes[0] == ([2, 3, 64, 96], 64, [7, 7], 1)
+    # each layer timed in the storage the network keeps its tensors in: NCHW image in, NCHW outputs out
+    storages = [tuple(layer["channels_last"]) for layer in ours["layers"]]
+    assert storages[0] == (False, True) and (True, False) in storages and storages.count((True, True)) > 10
     assert all(layer["fwd_ms"] > 0 and layer["fwd_bwd_ms"] > 0 for layer in ours["layers"])
     # The backward is timed too. Compared over the whole layer set: a single layer of a few
     # microseconds measured forward+backward under its forward once in a full clean-clone run

@@ -39,8 +39,14 @@ class FCOS(nn.Cell):
                              cnt_on_reg=cnt_on_reg, norm_reg_targets=norm_reg_targets)
 
     def features(self, images):
-        """images (B, 3, H, W) -> FPN outputs (P3, ..., P7), each (B, fpn_out_channels, H_l, W_l)."""
+        """images (B, 3, H, W) -> FPN outputs (P3, ..., P7), each (B, fpn_out_channels, H_l, W_l)
+        (in channels-last storage where build_model chose it, src/ops/layout.py)."""
         return self.fpn(self.backbone(images))
+
+    def layout_edges(self):
+        """-> (the convolutions reading the network's input, those writing its outputs): where
+        channels-last storage between the layers (src/ops/layout.py) starts and ends."""
+        return (self.backbone.conv1,), self.head.output_convs()
 
     def construct(self, images):
         return self.head(self.features(images))

@@ -136,6 +136,10 @@ class FCOSHead(nn.Cell):
         convs = (self.cls_tower[0], self.reg_tower[0])
         return convs, ((self.cls_tower[1], self.reg_tower[1]) if self.cells_per_layer == 3 else ())
 
+    def output_convs(self):
+        """-> the convolutions whose outputs leave the head (class logits, boxes, centerness)."""
+        return (self.cls_logits, self.bbox_reg) + ((self.centerness,) if self.add_centerness else ())
+
     def _box_convs(self):
         """-> the convs on the regression tower's output, in stacking order."""
         return self.bbox_reg, self.centerness

@@ -11,14 +11,17 @@
 //   FcosBatchNormForward:  x (N,C,H,W), gamma (C), beta (C), moving_mean (C), moving_variance (C), attrs
 //                          -> y (N,C,H,W), mean (C), rstd (C), new moving_mean (C), new moving_variance (C)
 //   FcosBatchNormBackward: x, gamma, beta, mean, rstd, dy, attrs -> dx (N,C,H,W), dgamma (C), dbeta (C)
-// attrs: float64 (3,) = eps, momentum (the weight of the batch in the running statistics: MindSpore's
+// attrs: float64 (4,) = eps, momentum (the weight of the batch in the running statistics: MindSpore's
 // nn.BatchNorm2d(momentum=0.9) -> 0.1, torch's momentum), relu (1: y = max(0, BatchNorm(x)), the
 // ReLU that follows a backbone norm, saving its own pass over the tensor each way; the backward
-// recomputes the mask from x). rstd = 1 / sqrt(biased variance + eps); the running variance takes
-// the unbiased variance (MindSpore's and torch's rule).
+// recomputes the mask from x), channels_last (1: x, y, dy, dx in channels-last storage,
+// src/ops/layout.py). rstd = 1 / sqrt(biased variance + eps); the running variance takes
+// the unbiased variance (MindSpore's and torch's rule). In channels-last storage a task is a block
+// of pixels, all channels at once (norm_loops.h).
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <vector>
 
 #include "norm_loops.h"
 #include "runtime.h"
@@ -26,12 +29,19 @@
 namespace {
 
 using fcos_ops::Affine;
+using fcos_ops::AffinePixels;
+using fcos_ops::BackwardPixels;
 using fcos_ops::BackwardRow;
 using fcos_ops::ExpectedArgs;
+using fcos_ops::ForEachBlock;
 using fcos_ops::ForEachTask;
 using fcos_ops::Sum;
+using fcos_ops::SumBlocks;
 using fcos_ops::SumDy;
+using fcos_ops::SumDyPixels;
+using fcos_ops::SumPixels;
 using fcos_ops::SumSquares;
+using fcos_ops::SumSquaresPixels;
 
 // y = max(0, (x - m) * a + b)
 FCOS_CLONES void AffineRelu(const float *x, float *y, int64_t n, float m, float a, float b) {
@@ -68,11 +78,21 @@ struct Shape {
   explicit Shape(const int64_t *x) : n(x[0]), c(x[1]), hw(x[2] * x[3]), count(x[0] * x[2] * x[3]) {}
 };
 
+// The running statistics' update, and the batch's mean and rstd, from a channel's sums.
+void Statistics(const Shape &s, const double *attrs, int64_t ch, double total, double squares,
+                const float *moving_mean, const float *moving_var, float *mean, float *rstd, float *new_mean,
+                float *new_var) {
+  const double momentum = attrs[1], var = squares / s.count;
+  mean[ch] = static_cast<float>(total / s.count);
+  rstd[ch] = static_cast<float>(1.0 / std::sqrt(var + static_cast<float>(attrs[0])));
+  const double unbiased = s.count > 1 ? squares / (s.count - 1) : var;
+  new_mean[ch] = static_cast<float>((1.0 - momentum) * moving_mean[ch] + momentum * mean[ch]);
+  new_var[ch] = static_cast<float>((1.0 - momentum) * moving_var[ch] + momentum * unbiased);
+}
+
 void Forward(const Shape &s, const double *attrs, const float *x, const float *gamma, const float *beta,
              const float *moving_mean, const float *moving_var, float *y, float *mean, float *rstd, float *new_mean,
              float *new_var) {
-  const float eps = static_cast<float>(attrs[0]);
-  const double momentum = attrs[1];
   const bool relu = attrs[2] != 0.0;
   ForEachTask(s.c, [&](int64_t ch) {
     double total = 0.0;
@@ -80,21 +100,15 @@ void Forward(const Shape &s, const double *attrs, const float *x, const float *g
     const float m = static_cast<float>(total / s.count);
     double squares = 0.0;
     for (int64_t n = 0; n < s.n; ++n) squares += SumSquares(x + (n * s.c + ch) * s.hw, s.hw, m);
-    const double var = squares / s.count;
-    const float r = static_cast<float>(1.0 / std::sqrt(var + eps));
+    Statistics(s, attrs, ch, total, squares, moving_mean, moving_var, mean, rstd, new_mean, new_var);
     for (int64_t n = 0; n < s.n; ++n) {
       const int64_t offset = (n * s.c + ch) * s.hw;
       if (relu) {
-        AffineRelu(x + offset, y + offset, s.hw, m, r * gamma[ch], beta[ch]);
+        AffineRelu(x + offset, y + offset, s.hw, m, rstd[ch] * gamma[ch], beta[ch]);
       } else {
-        Affine(x + offset, y + offset, s.hw, m, r * gamma[ch], beta[ch]);
+        Affine(x + offset, y + offset, s.hw, m, rstd[ch] * gamma[ch], beta[ch]);
       }
     }
-    mean[ch] = m;
-    rstd[ch] = r;
-    const double unbiased = s.count > 1 ? squares / (s.count - 1) : var;
-    new_mean[ch] = static_cast<float>((1.0 - momentum) * moving_mean[ch] + momentum * m);
-    new_var[ch] = static_cast<float>((1.0 - momentum) * moving_var[ch] + momentum * unbiased);
   });
 }
 
@@ -133,6 +147,55 @@ void Backward(const Shape &s, const double *attrs, const float *x, const float *
   });
 }
 
+// Forward on channels-last storage: the same sums, per block of pixels for all channels.
+void ForwardChannelsLast(const Shape &s, const double *attrs, const float *x, const float *gamma, const float *beta,
+                         const float *moving_mean, const float *moving_var, float *y, float *mean, float *rstd,
+                         float *new_mean, float *new_var) {
+  const int64_t c = s.c;
+  const std::vector<double> totals = SumBlocks(1, s.count, c, [&](int64_t, int64_t first, int64_t n, float *acc) {
+    SumPixels(x + first * c, n, c, acc);
+  });
+  std::vector<float> m(c), scale(c);
+  for (int64_t ch = 0; ch < c; ++ch) m[ch] = static_cast<float>(totals[ch] / s.count);
+  const std::vector<double> squares = SumBlocks(1, s.count, c, [&](int64_t, int64_t first, int64_t n, float *acc) {
+    SumSquaresPixels(x + first * c, n, c, m.data(), acc);
+  });
+  for (int64_t ch = 0; ch < c; ++ch) {
+    Statistics(s, attrs, ch, totals[ch], squares[ch], moving_mean, moving_var, mean, rstd, new_mean, new_var);
+    scale[ch] = rstd[ch] * gamma[ch];
+  }
+  ForEachBlock(1, s.count, [&](int64_t, int64_t first, int64_t n) {
+    AffinePixels(x + first * c, y + first * c, n, c, mean, scale.data(), beta, attrs[2] != 0.0);
+  });
+}
+
+// Backward on channels-last storage (the formulas of Backward).
+void BackwardChannelsLast(const Shape &s, const double *attrs, const float *x, const float *gamma, const float *beta,
+                          const float *mean, const float *rstd, const float *dy, float *dx, float *dgamma,
+                          float *dbeta) {
+  const int64_t c = s.c;
+  const bool relu = attrs[2] != 0.0;
+  std::vector<float> scale(c), a(c), b(c), cc(c);
+  for (int64_t ch = 0; ch < c; ++ch) scale[ch] = rstd[ch] * gamma[ch];
+  const std::vector<double> sums = SumBlocks(1, s.count, 2 * c, [&](int64_t, int64_t first, int64_t n, float *acc) {
+    SumDyPixels(dy + first * c, x + first * c, n, c, mean, scale.data(), beta, relu, acc, acc + c);
+  });
+  for (int64_t ch = 0; ch < c; ++ch) {
+    const double r = rstd[ch], sum_dy = sums[ch], sum_dy_xmu = sums[c + ch], a_ch = gamma[ch] * r;
+    a[ch] = static_cast<float>(a_ch);
+    b[ch] = static_cast<float>(-a_ch * sum_dy / s.count);
+    cc[ch] = static_cast<float>(-a_ch * r * r * sum_dy_xmu / s.count);
+    dgamma[ch] = static_cast<float>(sum_dy_xmu * r);
+    dbeta[ch] = static_cast<float>(sum_dy);
+  }
+  ForEachBlock(1, s.count, [&](int64_t, int64_t first, int64_t n) {
+    BackwardPixels(dy + first * c, x + first * c, dx + first * c, n, c, mean, scale.data(), beta, relu, a.data(),
+                   b.data(), cc.data());
+  });
+}
+
+bool ChannelsLast(const double *attrs) { return attrs[3] != 0.0; }
+
 }  // namespace
 
 // x, gamma, beta, moving_mean, moving_variance, attrs -> y, mean, rstd, new moving_mean, new moving_variance
@@ -143,8 +206,13 @@ extern "C" int FcosBatchNormForward(int nparam, void **params, int *ndims, int64
   if (s.count == 0) return 1;
   auto in = [&](int i) { return static_cast<const float *>(params[i]); };
   auto out = [&](int i) { return static_cast<float *>(params[i]); };
-  Forward(s, static_cast<const double *>(params[5]), in(0), in(1), in(2), in(3), in(4), out(6), out(7), out(8),
-          out(9), out(10));
+  const double *attrs = static_cast<const double *>(params[5]);
+  try {
+    (ChannelsLast(attrs) ? ForwardChannelsLast : Forward)(s, attrs, in(0), in(1), in(2), in(3), in(4), out(6), out(7),
+                                                          out(8), out(9), out(10));
+  } catch (const std::exception &) {  // std::bad_alloc
+    return 1;
+  }
   return 0;
 }
 
@@ -156,7 +224,12 @@ extern "C" int FcosBatchNormBackward(int nparam, void **params, int *ndims, int6
   if (s.count == 0) return 1;
   auto in = [&](int i) { return static_cast<const float *>(params[i]); };
   auto out = [&](int i) { return static_cast<float *>(params[i]); };
-  Backward(s, static_cast<const double *>(params[6]), in(0), in(1), in(2), in(3), in(4), in(5), out(7), out(8),
-           out(9));
+  const double *attrs = static_cast<const double *>(params[6]);
+  try {
+    (ChannelsLast(attrs) ? BackwardChannelsLast : Backward)(s, attrs, in(0), in(1), in(2), in(3), in(4), in(5), out(7),
+                                                            out(8), out(9));
+  } catch (const std::exception &) {  // std::bad_alloc
+    return 1;
+  }
   return 0;
 }

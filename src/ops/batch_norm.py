@@ -15,17 +15,19 @@ from src.ops.swap import drop_cells, replace_cells
 
 class NativeBatchNorm2d(nn.BatchNorm2d):
     """nn.BatchNorm2d whose training forward and backward are custom ops: x (B, C, H, W) -> same
-    shape; relu: the output is max(0, BatchNorm(x)), in training and in inference.
+    shape; relu: the output is max(0, BatchNorm(x)), in training and in inference; channels_last:
+    x and y in channels-last storage (src/ops/layout.py).
 
     The forward op also returns the batch's per-channel mean and 1/sqrt(var + eps), (C,) each, which
     only the backward op reads, and the new running mean and variance, (C,) each, assigned here.
     """
 
-    def __init__(self, num_features, eps=1e-5, momentum=0.9, relu=False):
+    def __init__(self, num_features, eps=1e-5, momentum=0.9, relu=False, channels_last=False):
         super().__init__(num_features, eps=eps, momentum=momentum)
         self.relu = relu
+        self.channels_last = channels_last
         # nn.BatchNorm2d keeps 1 - momentum: the batch's weight in the running statistics
-        self.attrs = Tensor(np.array([eps, self.momentum, float(relu)], np.float64))
+        self.attrs = Tensor(np.array([eps, self.momentum, float(relu), float(channels_last)], np.float64))
         so = library()
         backward = ops.Custom(f"{so}:FcosBatchNormBackward", out_shape=lambda x, g, b, m, r, dy, a: (x, g, g),
                               out_dtype=lambda x, g, b, m, r, dy, a: (x, g, g), func_type="aot")
@@ -41,7 +43,9 @@ class NativeBatchNorm2d(nn.BatchNorm2d):
 
     def construct(self, x):
         if not self.training:
-            y = self.bn_infer(x, self.gamma, self.beta, self.moving_mean, self.moving_variance)[0]
+            # channels-last storage read as (B*H*W, C, 1, 1): the pixels as a batch of 1x1 maps
+            rows = x.reshape(-1, x.shape[1], 1, 1) if self.channels_last else x
+            y = self.bn_infer(rows, self.gamma, self.beta, self.moving_mean, self.moving_variance)[0].reshape(x.shape)
             return ops.relu(y) if self.relu else y
         y, _, _, new_mean, new_variance = self.forward(x, self.gamma, self.beta, self.moving_mean,
                                                        self.moving_variance, self.attrs)
@@ -49,18 +53,19 @@ class NativeBatchNorm2d(nn.BatchNorm2d):
         return ops.depend(y, ops.assign(self.moving_variance, ops.stop_gradient(new_variance)))
 
 
-def use_native_batch_norms(network, relu_pairs=()):
+def use_native_batch_norms(network, relu_pairs=(), channels_last=False):
     """Replace every nn.BatchNorm2d of network (the trained ones; frozen ones are folded into their
     convolutions) by a NativeBatchNorm2d holding the same Parameter objects, in place -> how many.
 
     relu_pairs: (norm, nn.ReLU taking only that norm's output) pairs (ResNet.norm_relu_pairs());
-    such a norm applies the ReLU itself and the ReLU cell becomes an identity.
+    such a norm applies the ReLU itself and the ReLU cell becomes an identity. channels_last: the
+    norms' tensors in channels-last storage (src/ops/layout.py).
     """
     relu_after = {id(norm) for norm, _ in relu_pairs}
 
     def make(child):
         new = NativeBatchNorm2d(child.num_features, eps=child.eps, momentum=1.0 - child.momentum,
-                                relu=id(child) in relu_after)
+                                relu=id(child) in relu_after, channels_last=channels_last)
         new.gamma, new.beta = child.gamma, child.beta
         new.moving_mean, new.moving_variance = child.moving_mean, child.moving_variance
         return new

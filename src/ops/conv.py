@@ -42,10 +42,13 @@ class OneDNNConv2d(nn.Conv2d):
     (names, checkpoints); it is kept out of this cell's children for that. relu (with a folded
     norm only): the output is max(0, norm(conv(x))), the ReLU that follows the norm, as a oneDNN
     post-op (no pass of its own forward; backward, MindSpore's ReluGrad before the adjoints).
+    x_channels_last, y_channels_last: x, and y, are in channels-last storage (src/ops/layout.py);
+    the gradients dx and dy take the same storage.
     """
 
-    def __init__(self, *args, folded_norm=None, relu=False, **kwargs):
+    def __init__(self, *args, folded_norm=None, relu=False, x_channels_last=False, y_channels_last=False, **kwargs):
         super().__init__(*args, **kwargs)
+        self.layout = (int(x_channels_last), int(y_channels_last))
         if relu and folded_norm is None:
             raise ValueError("OneDNNConv2d applies a ReLU only after a folded norm")
         if folded_norm is not None:
@@ -59,10 +62,11 @@ class OneDNNConv2d(nn.Conv2d):
         object.__setattr__(self, "folded_norm", folded_norm)
 
     def _attrs(self, with_bias, relu=False):
-        """The kernels' attrs tensor for this layer's geometry, saying whether a bias goes in and
-        whether a ReLU follows."""
+        """The kernels' attrs tensor for this layer's geometry, saying whether a bias goes in,
+        whether a ReLU follows and which tensors are in channels-last storage."""
         stride, padding, dilation, groups = conv_attributes(self)
-        return Tensor(np.array([*stride, *padding, *dilation, groups, int(with_bias), int(relu)], np.int64))
+        return Tensor(np.array([*stride, *padding, *dilation, groups, int(with_bias), int(relu), *self.layout],
+                               np.int64))
 
     def _forward_shape(self):
         """-> out_shape function of the forward ops: (x's shape, w's shape, ...) -> y's shape."""
@@ -148,23 +152,28 @@ class OneDNNConv2d(nn.Conv2d):
         return self.forward_op(x, self.weight, self.attrs)
 
 
-def use_onednn_convs(network, fold=(), relu_pairs=()):
+def use_onednn_convs(network, fold=(), relu_pairs=(), channels_last=False, edges=((), ())):
     """Replace every nn.Conv2d of network, in place, by an OneDNNConv2d holding the same Parameter
     objects (names, values, requires_grad) -> the number replaced. fold: (conv, FrozenBatchNorm2d)
     pairs whose norm the new convolution applies (see OneDNNConv2d). relu_pairs: (norm, nn.ReLU
     taking only that norm's output) pairs (ResNet.norm_relu_pairs()); where the norm is folded the
-    convolution applies the ReLU too, and the ReLU cell becomes an identity. Cells that call
-    ops.Conv2D directly (the head's stacked convolutions: FCOSHead.set_stacking(False) turns them
-    back into their layers) are not reached."""
+    convolution applies the ReLU too, and the ReLU cell becomes an identity. channels_last: the
+    activations in channels-last storage, but for edges = (convolutions reading NCHW,
+    convolutions writing NCHW) (FCOS.layout_edges()). Cells that call ops.Conv2D directly (the
+    head's stacked convolutions: FCOSHead.set_stacking(False) turns them back into their layers)
+    are not reached."""
     norms = {id(conv): norm for conv, norm in fold}
     relus = {id(norm): relu for norm, relu in relu_pairs}
+    nchw_in, nchw_out = ({id(conv) for conv in side} for side in edges)
 
     def make(child):
         norm = norms.get(id(child))
         new = OneDNNConv2d(child.in_channels, child.out_channels, child.kernel_size, stride=child.stride,
                            pad_mode=child.pad_mode, padding=child.padding, dilation=child.dilation,
                            group=child.group, has_bias=child.has_bias, folded_norm=norm,
-                           relu=norm is not None and id(norm) in relus)
+                           relu=norm is not None and id(norm) in relus,
+                           x_channels_last=channels_last and id(child) not in nchw_in,
+                           y_channels_last=channels_last and id(child) not in nchw_out)
         new.weight = child.weight
         if child.has_bias:
             new.bias = child.bias

@@ -11,10 +11,14 @@
 // Ops (params are the inputs then the outputs, plain row-major float32):
 //   FcosGroupNormForward:  x (N,C,H,W), gamma (C), beta (C), attrs -> y (N,C,H,W), mean (N,G), rstd (N,G)
 //   FcosGroupNormBackward: x, gamma, mean, rstd, dy, attrs -> dx (N,C,H,W), dgamma (C), dbeta (C)
-// attrs: float64 (2,) = groups, eps. rstd = 1 / sqrt(biased variance + eps), torch's definition.
-// A group's channels are contiguous in NCHW, so one task is one (image, group) block.
+// attrs: float64 (3,) = groups, eps, channels_last (1: x, y, dy, dx in channels-last storage,
+// src/ops/layout.py). rstd = 1 / sqrt(biased variance + eps), torch's definition.
+// A group's channels are contiguous in NCHW, so one task is one (image, group) block; in
+// channels-last storage a task is a block of one image's pixels, all channels at once, and the
+// per-channel sums are added up by group (norm_loops.h).
 #include <cmath>
 #include <cstdint>
+#include <exception>
 #include <vector>
 
 #include "norm_loops.h"
@@ -23,19 +27,27 @@
 namespace {
 
 using fcos_ops::Affine;
+using fcos_ops::AffinePixels;
+using fcos_ops::BackwardPixels;
 using fcos_ops::BackwardRow;
 using fcos_ops::ExpectedArgs;
+using fcos_ops::ForEachBlock;
 using fcos_ops::ForEachTask;
 using fcos_ops::Sum;
+using fcos_ops::SumBlocks;
 using fcos_ops::SumDy;
+using fcos_ops::SumDyPixels;
+using fcos_ops::SumPixels;
 using fcos_ops::SumSquares;
+using fcos_ops::SumSquaresPixels;
 
 struct Shape {
   int64_t n, c, hw, groups, per_group;
   float eps;
+  bool channels_last;
   Shape(const int64_t *x, const double *attrs)
       : n(x[0]), c(x[1]), hw(x[2] * x[3]), groups(static_cast<int64_t>(attrs[0])),
-        per_group(groups > 0 ? x[1] / groups : 0), eps(static_cast<float>(attrs[1])) {}
+        per_group(groups > 0 ? x[1] / groups : 0), eps(static_cast<float>(attrs[1])), channels_last(attrs[2] != 0.0) {}
   bool Valid() const { return groups > 0 && c % groups == 0; }
 };
 
@@ -99,6 +111,81 @@ void Backward(const Shape &s, const float *x, const float *gamma, const float *m
   }
 }
 
+// sums (N*C, per image and channel) added up over each group's channels -> (N*G)
+std::vector<double> GroupSums(const Shape &s, const std::vector<double> &sums, int64_t width, int64_t offset) {
+  std::vector<double> out(s.n * s.groups, 0.0);
+  for (int64_t n = 0; n < s.n; ++n) {
+    for (int64_t ch = 0; ch < s.c; ++ch) out[n * s.groups + ch / s.per_group] += sums[n * width + offset + ch];
+  }
+  return out;
+}
+
+// Forward on channels-last storage: per-channel sums of each image's pixel blocks, added up by group.
+void ForwardChannelsLast(const Shape &s, const float *x, const float *gamma, const float *beta, float *y, float *mean,
+                         float *rstd) {
+  const int64_t c = s.c, block = s.per_group * s.hw;
+  const auto pixels = [&](int64_t n, int64_t first) { return (n * s.hw + first) * c; };
+  const std::vector<double> totals = GroupSums(s, SumBlocks(s.n, s.hw, c, [&](int64_t n, int64_t first, int64_t count,
+                                                                              float *acc) {
+    SumPixels(x + pixels(n, first), count, c, acc);
+  }), c, 0);
+  std::vector<float> m(s.n * c), scale(s.n * c);  // per image and channel: its group's mean, rstd * gamma
+  for (int64_t t = 0; t < s.n * s.groups; ++t) mean[t] = static_cast<float>(totals[t] / block);
+  for (int64_t i = 0; i < s.n * c; ++i) m[i] = mean[i / c * s.groups + i % c / s.per_group];
+  const std::vector<double> squares = GroupSums(s, SumBlocks(s.n, s.hw, c, [&](int64_t n, int64_t first,
+                                                                               int64_t count, float *acc) {
+    SumSquaresPixels(x + pixels(n, first), count, c, &m[n * c], acc);
+  }), c, 0);
+  for (int64_t t = 0; t < s.n * s.groups; ++t) rstd[t] = static_cast<float>(1.0 / std::sqrt(squares[t] / block + s.eps));
+  for (int64_t i = 0; i < s.n * c; ++i) scale[i] = rstd[i / c * s.groups + i % c / s.per_group] * gamma[i % c];
+  ForEachBlock(s.n, s.hw, [&](int64_t n, int64_t first, int64_t count) {
+    AffinePixels(x + pixels(n, first), y + pixels(n, first), count, c, &m[n * c], &scale[n * c], beta, false);
+  });
+}
+
+// Backward on channels-last storage (the formulas of Backward).
+void BackwardChannelsLast(const Shape &s, const float *x, const float *gamma, const float *mean, const float *rstd,
+                          const float *dy, float *dx, float *dgamma, float *dbeta) {
+  const int64_t c = s.c, block = s.per_group * s.hw;
+  const auto pixels = [&](int64_t n, int64_t first) { return (n * s.hw + first) * c; };
+  const auto group = [&](int64_t i) { return i / c * s.groups + i % c / s.per_group; };  // (image, channel) -> t
+  std::vector<float> m(s.n * c), a(s.n * c), b(s.n * c), cc(s.n * c);
+  for (int64_t i = 0; i < s.n * c; ++i) m[i] = mean[group(i)];
+  // sums[n * 2C + ch]: sum of dy; sums[n * 2C + C + ch]: sum of dy * (x - mean)
+  const std::vector<double> sums = SumBlocks(s.n, s.hw, 2 * c, [&](int64_t n, int64_t first, int64_t count,
+                                                                    float *acc) {
+    // no ReLU: the mask's a and b are not read (any valid pointers)
+    SumDyPixels(dy + pixels(n, first), x + pixels(n, first), count, c, &m[n * c], &m[n * c], &m[n * c], false, acc,
+                acc + c);
+  });
+  std::vector<double> mean_dy(s.n * s.groups, 0.0), mean_dy_xhat(s.n * s.groups, 0.0);
+  for (int64_t i = 0; i < s.n * c; ++i) {
+    const int64_t n = i / c, ch = i % c, t = group(i);
+    mean_dy[t] += gamma[ch] * sums[n * 2 * c + ch] / block;
+    mean_dy_xhat[t] += gamma[ch] * sums[n * 2 * c + c + ch] * rstd[t] / block;
+  }
+  for (int64_t i = 0; i < s.n * c; ++i) {
+    const int64_t t = group(i);
+    const float r = rstd[t];
+    a[i] = r * gamma[i % c];
+    b[i] = static_cast<float>(-r * mean_dy[t]);
+    cc[i] = static_cast<float>(-r * r * mean_dy_xhat[t]);
+  }
+  ForEachBlock(s.n, s.hw, [&](int64_t n, int64_t first, int64_t count) {
+    BackwardPixels(dy + pixels(n, first), x + pixels(n, first), dx + pixels(n, first), count, c, &m[n * c], &m[n * c],
+                   &m[n * c], false, &a[n * c], &b[n * c], &cc[n * c]);
+  });
+  for (int64_t ch = 0; ch < c; ++ch) {
+    double dg = 0.0, db = 0.0;
+    for (int64_t n = 0; n < s.n; ++n) {
+      dg += sums[n * 2 * c + c + ch] * rstd[n * s.groups + ch / s.per_group];
+      db += sums[n * 2 * c + ch];
+    }
+    dgamma[ch] = static_cast<float>(dg);
+    dbeta[ch] = static_cast<float>(db);
+  }
+}
+
 }  // namespace
 
 // x, gamma, beta, attrs -> y, mean, rstd
@@ -107,9 +194,14 @@ extern "C" int FcosGroupNormForward(int nparam, void **params, int *ndims, int64
   if (!ExpectedArgs(nparam, 7, ndims)) return 1;
   Shape s(shapes[0], static_cast<const double *>(params[3]));
   if (!s.Valid()) return 1;
-  Forward(s, static_cast<const float *>(params[0]), static_cast<const float *>(params[1]),
-          static_cast<const float *>(params[2]), static_cast<float *>(params[4]), static_cast<float *>(params[5]),
-          static_cast<float *>(params[6]));
+  try {
+    (s.channels_last ? ForwardChannelsLast : Forward)(
+        s, static_cast<const float *>(params[0]), static_cast<const float *>(params[1]),
+        static_cast<const float *>(params[2]), static_cast<float *>(params[4]), static_cast<float *>(params[5]),
+        static_cast<float *>(params[6]));
+  } catch (const std::exception &) {  // std::bad_alloc
+    return 1;
+  }
   return 0;
 }
 
@@ -120,7 +212,7 @@ extern "C" int FcosGroupNormBackward(int nparam, void **params, int *ndims, int6
   Shape s(shapes[0], static_cast<const double *>(params[5]));
   if (!s.Valid()) return 1;
   try {
-    Backward(s, static_cast<const float *>(params[0]), static_cast<const float *>(params[1]),
+    (s.channels_last ? BackwardChannelsLast : Backward)(s, static_cast<const float *>(params[0]), static_cast<const float *>(params[1]),
              static_cast<const float *>(params[2]), static_cast<const float *>(params[3]),
              static_cast<const float *>(params[4]), static_cast<float *>(params[6]), static_cast<float *>(params[7]),
              static_cast<float *>(params[8]));

@@ -14,17 +14,18 @@ from src.ops.build import library
 
 
 class NativeGroupNormFunction(nn.Cell):
-    """construct(x (B, C, H, W), gamma (C,), beta (C,)) -> y (B, C, H, W), float32.
+    """construct(x (B, C, H, W), gamma (C,), beta (C,)) -> y (B, C, H, W), float32; channels_last:
+    x and y in channels-last storage (src/ops/layout.py).
 
     The forward op also returns each (image, group)'s mean and 1/sqrt(var + eps), (B, G) each,
     which only the backward op reads.
     """
 
-    def __init__(self, num_groups, eps):
+    def __init__(self, num_groups, eps, channels_last=False):
         super().__init__()
         self.num_groups = num_groups
         self.eps = eps
-        self.attrs = Tensor(np.array([num_groups, eps], np.float64))
+        self.attrs = Tensor(np.array([num_groups, eps, float(channels_last)], np.float64))
         so = library()
         backward = ops.Custom(f"{so}:FcosGroupNormBackward", out_shape=lambda x, g, m, r, dy, a: (x, g, g),
                               out_dtype=lambda x, g, m, r, dy, a: (x, g, g), func_type="aot")
@@ -49,9 +50,9 @@ class NativeGroupNormFunction(nn.Cell):
         return self.forward(x, gamma, beta, self.attrs)[0]
 
 
-def use_native_group_norms(network):
+def use_native_group_norms(network, channels_last=False):
     """Compute every GroupNorm of network with NativeGroupNormFunction, in place -> how many."""
     norms = [cell for _, cell in network.cells_and_names() if isinstance(cell, GroupNorm)]
     for norm in norms:
-        norm.function = NativeGroupNormFunction(norm.function.num_groups, norm.function.eps)
+        norm.function = NativeGroupNormFunction(norm.function.num_groups, norm.function.eps, channels_last)
     return len(norms)

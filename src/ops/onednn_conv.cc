@@ -11,7 +11,11 @@
 //   FcosConvBackwardWeights: x, w, dy, attrs -> dw [, db]   (db when attrs says has_bias)
 //   FcosConv*Scaled:         the same with a frozen BatchNorm folded in (scale, shift; see below)
 //   FcosConvForwardScaledRelu: FcosConvForwardScaled followed by a ReLU (a oneDNN post-op)
-// attrs: int64 (9,) = stride_h, stride_w, pad_h, pad_w, dilation_h, dilation_w, groups, has_bias, relu.
+// attrs: int64 (11,) = stride_h, stride_w, pad_h, pad_w, dilation_h, dilation_w, groups, has_bias, relu,
+// x_channels_last, y_channels_last. A tensor in channels-last storage keeps its (N,C,H,W) shape but
+// holds its values in (N,H,W,C) order (src/ops/layout.py): between two layers that both take it,
+// oneDNN runs its channels-last kernels on it directly, with no reorder; a plain NCHW tensor is
+// reordered to the layout oneDNN picks and back.
 // Primitives and reorders are built once per shape and attributes and kept; blocked copies of the
 // tensors live in scratch buffers shared by all layers.
 #include <cstdint>
@@ -100,6 +104,8 @@ struct Geometry {
   memory::dims strides, dilates, padding;
   int64_t groups;
   bool has_bias, relu;
+  // *_u: the caller's layouts; *_any: what the primitives are asked for (channels-last where the
+  // caller's tensor is, so that no reorder runs; else oneDNN's choice)
   memory::desc src_u, wei_u, dst_u, bias_md, src_any, wei_any, dst_any;
 
   Geometry(const int64_t *x, const int64_t *wt, const int64_t *attrs)
@@ -110,12 +116,13 @@ struct Geometry {
     ow = (w + 2 * padding[1] - attrs[5] * (kw - 1) - 1) / strides[1] + 1;
     memory::dims src{n, c, h, w}, dst{n, o, oh, ow};
     memory::dims wei = groups > 1 ? memory::dims{groups, o / groups, c / groups, kh, kw} : memory::dims{o, c, kh, kw};
-    src_u = memory::desc(src, dt::f32, tag::nchw);
-    dst_u = memory::desc(dst, dt::f32, tag::nchw);
+    const bool src_last = attrs[9] != 0, dst_last = attrs[10] != 0;
+    src_u = memory::desc(src, dt::f32, src_last ? tag::nhwc : tag::nchw);
+    dst_u = memory::desc(dst, dt::f32, dst_last ? tag::nhwc : tag::nchw);
     wei_u = memory::desc(wei, dt::f32, groups > 1 ? tag::goihw : tag::oihw);
     bias_md = memory::desc({o}, dt::f32, tag::a);
-    src_any = memory::desc(src, dt::f32, tag::any);
-    dst_any = memory::desc(dst, dt::f32, tag::any);
+    src_any = src_last ? src_u : memory::desc(src, dt::f32, tag::any);
+    dst_any = dst_last ? dst_u : memory::desc(dst, dt::f32, tag::any);
     wei_any = memory::desc(wei, dt::f32, tag::any);
   }
 
@@ -224,11 +231,12 @@ struct BackwardWeightsKernel {
 };
 
 using Key = std::vector<int64_t>;
+constexpr int kAttrs = 11;
 
 Key MakeKey(const int64_t *x, const int64_t *w, const int64_t *attrs) {
   Key key(x, x + 4);
   key.insert(key.end(), w, w + 4);
-  key.insert(key.end(), attrs, attrs + 9);
+  key.insert(key.end(), attrs, attrs + kAttrs);
   return key;
 }
 

@@ -12,6 +12,9 @@
 // Ops (params are the inputs then the outputs, plain row-major float32):
 //   FcosMaxPoolForward:  x (N,C,H,W) -> y (N,C,ceil(H/2),ceil(W/2))
 //   FcosMaxPoolBackward: x, dy -> dx (N,C,H,W)
+//   FcosMaxPoolForwardChannelsLast, FcosMaxPoolBackwardChannelsLast: the same on channels-last
+//   storage (src/ops/layout.py), every channel of a pixel at once; the backward first finds every
+//   window's maxima (one pass, like the forward), then gathers each dx row as below.
 // y is the maximum over the window's rows 2i-1..2i+1 and columns 2j-1..2j+1 inside the map (the
 // padding is -inf, as torch's). The backward sends dy to the window's first maximum in row-major
 // order (torch's choice) and recomputes it from x instead of storing indices; the results are
@@ -19,6 +22,7 @@
 #include <algorithm>
 #include <cstdint>
 #include <cstring>
+#include <exception>
 #include <vector>
 
 #include "runtime.h"
@@ -95,7 +99,101 @@ struct PlaneMaxima {
   }
 };
 
+// Channels-last storage: c values per pixel. b[k] = max(b[k], v[k]) and code[k] = here where v[k] is
+// larger (strict >: the first maximum stays).
+FCOS_CLONES void MaxInto(const float *v, float *b, int8_t *code, int8_t here, int64_t c) {
+#pragma omp simd
+  for (int64_t k = 0; k < c; ++k) {
+    const bool take = v[k] > b[k];
+    b[k] = take ? v[k] : b[k];
+    code[k] = take ? here : code[k];
+  }
+}
+
+// Window row i of one channels-last image x (h, w, c): best[j * c + k], code[j * c + k] as RowMaxima's.
+void RowMaximaChannelsLast(const float *x, const Plane &s, int64_t c, int64_t i, float *best, int8_t *code) {
+  const int64_t r0 = i > 0 ? 2 * i - 1 : 0, r1 = 2 * i + 1 < s.h ? 2 * i + 1 : s.h - 1;
+  for (int64_t j = 0; j < s.ow; ++j) {
+    const int64_t c0 = j > 0 ? 2 * j - 1 : 0, c1 = 2 * j + 1 < s.w ? 2 * j + 1 : s.w - 1;
+    float *b = best + j * c;
+    int8_t *k = code + j * c;
+    std::memcpy(b, x + (r0 * s.w + c0) * c, sizeof(float) * c);
+    std::memset(k, static_cast<int>(3 * (r0 - (2 * i - 1)) + (c0 - (2 * j - 1))), c);
+    for (int64_t r = r0; r <= r1; ++r) {
+      for (int64_t col = r == r0 ? c0 + 1 : c0; col <= c1; ++col) {
+        MaxInto(x + (r * s.w + col) * c, b, k, static_cast<int8_t>(3 * (r - (2 * i - 1)) + (col - (2 * j - 1))), c);
+      }
+    }
+  }
+}
+
+// out[k] += g[k] where code[k] == at
+FCOS_CLONES void AddWhere(const int8_t *code, int at, const float *g, float *out, int64_t c) {
+#pragma omp simd
+  for (int64_t k = 0; k < c; ++k) out[k] += code[k] == at ? g[k] : 0.0f;
+}
+
 }  // namespace
+
+// x -> y (channels-last storage)
+extern "C" int FcosMaxPoolForwardChannelsLast(int nparam, void **params, int *ndims, int64_t **shapes, const char **,
+                                              void *, void *) {
+  if (nparam != 2 || ndims[0] != 4) return 1;
+  const Plane s(shapes[0]);
+  const int64_t n = shapes[0][0], c = shapes[0][1];
+  const float *x = static_cast<const float *>(params[0]);
+  float *y = static_cast<float *>(params[1]);
+  fcos_ops::ForEachTask(n * s.oh, [&](int64_t t) {
+    thread_local std::vector<int8_t> code;
+    code.resize(s.ow * c);
+    RowMaximaChannelsLast(x + t / s.oh * s.h * s.w * c, s, c, t % s.oh, y + t * s.ow * c, code.data());
+  });
+  return 0;
+}
+
+// x, dy -> dx (channels-last storage): the windows' maxima, then each dx row gathered from the
+// window rows that cover it, in the order of FcosMaxPoolBackward.
+extern "C" int FcosMaxPoolBackwardChannelsLast(int nparam, void **params, int *ndims, int64_t **shapes,
+                                               const char **, void *, void *) {
+  if (nparam != 3 || ndims[0] != 4) return 1;
+  const Plane s(shapes[0]);
+  const int64_t n = shapes[0][0], c = shapes[0][1];
+  const float *x = static_cast<const float *>(params[0]), *dy = static_cast<const float *>(params[1]);
+  float *dx = static_cast<float *>(params[2]);
+  try {
+    std::vector<int8_t> codes(n * s.oh * s.ow * c);
+    fcos_ops::ForEachTask(n * s.oh, [&](int64_t t) {
+      thread_local std::vector<float> best;
+      best.resize(s.ow * c);
+      RowMaximaChannelsLast(x + t / s.oh * s.h * s.w * c, s, c, t % s.oh, best.data(), &codes[t * s.ow * c]);
+    });
+    fcos_ops::ForEachTask(n * s.h, [&](int64_t task) {
+      const int64_t image = task / s.h, r = task % s.h;
+      const int rows = r % 2 == 1 && r / 2 + 1 < s.oh ? 2 : 1;
+      float *out = dx + task * s.w * c;
+      std::memset(out, 0, sizeof(float) * s.w * c);
+      for (int t = 0; t < rows; ++t) {
+        const int64_t i = r / 2 + t, window_row = (image * s.oh + i) * s.ow;
+        const int offset = static_cast<int>(3 * (r - (2 * i - 1)));
+        for (int64_t col = 0; col < s.w; ++col) {
+          const int64_t j = col / 2;
+          const int8_t *code = &codes[(window_row + j) * c];
+          const float *grad = dy + (window_row + j) * c;
+          float *cell = out + col * c;
+          if (col % 2 == 0) {
+            AddWhere(code, offset + 1, grad, cell, c);
+          } else {
+            AddWhere(code, offset + 2, grad, cell, c);
+            if (j + 1 < s.ow) AddWhere(code + c, offset, grad + c, cell, c);
+          }
+        }
+      }
+    });
+  } catch (const std::exception &) {  // std::bad_alloc
+    return 1;
+  }
+  return 0;
+}
 
 // x -> y
 extern "C" int FcosMaxPoolForward(int nparam, void **params, int *ndims, int64_t **shapes, const char **, void *,

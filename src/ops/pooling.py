@@ -12,18 +12,20 @@ from src.ops.swap import replace_cells
 
 class NativeStemMaxPool(nn.Cell):
     """(B, C, H, W) -> (B, C, ceil(H/2), ceil(W/2)): the maximum of each 3x3 window at stride 2,
-    padding -inf; its gradient goes to the window's first maximum (row-major)."""
+    padding -inf; its gradient goes to the window's first maximum (row-major). channels_last: x
+    and y in channels-last storage (src/ops/layout.py)."""
 
-    def __init__(self):
+    def __init__(self, channels_last=False):
         super().__init__()
         so = library()
-        backward = ops.Custom(f"{so}:FcosMaxPoolBackward", out_shape=lambda x, dy: x, out_dtype=lambda x, dy: x,
-                              func_type="aot")
+        suffix = "ChannelsLast" if channels_last else ""
+        backward = ops.Custom(f"{so}:FcosMaxPoolBackward{suffix}", out_shape=lambda x, dy: x,
+                              out_dtype=lambda x, dy: x, func_type="aot")
 
         def bprop(x, out, dout):
             return (backward(x, dout),)
 
-        self.forward = ops.Custom(f"{so}:FcosMaxPoolForward",
+        self.forward = ops.Custom(f"{so}:FcosMaxPoolForward{suffix}",
                                   out_shape=lambda x: [x[0], x[1], (x[2] + 1) // 2, (x[3] + 1) // 2],
                                   out_dtype=lambda x: x, func_type="aot", bprop=bprop)
 
@@ -31,6 +33,7 @@ class NativeStemMaxPool(nn.Cell):
         return self.forward(x)
 
 
-def use_native_pooling(network):
+def use_native_pooling(network, channels_last=False):
     """Replace every StemMaxPool of network by NativeStemMaxPool, in place -> how many."""
-    return replace_cells(network, lambda cell: isinstance(cell, StemMaxPool), lambda _: NativeStemMaxPool())
+    return replace_cells(network, lambda cell: isinstance(cell, StemMaxPool),
+                         lambda _: NativeStemMaxPool(channels_last))

@@ -1,5 +1,6 @@
 // The thread pool, oneDNN engine and stream that every kernel of the custom-op library shares
-// (src/ops/onednn_conv.cc, src/ops/group_norm.cc; built into one library by src/ops/build.py).
+// (src/ops/onednn_conv.cc, src/ops/group_norm.cc, ...; built into one library by src/ops/build.py),
+// and the attribute for its vectorised loops.
 #ifndef FCOS_OPS_RUNTIME_H_
 #define FCOS_OPS_RUNTIME_H_
 
@@ -17,6 +18,14 @@
 
 #include "oneapi/dnnl/dnnl.hpp"
 #include "oneapi/dnnl/dnnl_threadpool.hpp"
+
+// Loops marked FCOS_CLONES are compiled for AVX-512, AVX2 and baseline x86-64 and picked at load
+// time (GCC function multi-versioning), since the library is built once for whatever CPU runs it.
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+#define FCOS_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
+#else
+#define FCOS_CLONES
+#endif
 
 namespace fcos_ops {
 

@@ -12,24 +12,27 @@ from src.ops.swap import replace_cells
 
 class NativeUpsampleAdd(nn.Cell):
     """construct(lateral (B, C, H, W), top (B, C, h, w)) -> lateral + top nearest-upsampled to
-    (H, W), source index floor(dst * h / H)."""
+    (H, W), source index floor(dst * h / H). channels_last: the three tensors in channels-last
+    storage (src/ops/layout.py)."""
 
-    def __init__(self):
+    def __init__(self, channels_last=False):
         super().__init__()
         so = library()
-        backward = ops.Custom(f"{so}:FcosUpsampleAddBackward", out_shape=lambda top, dy: top,
+        suffix = "ChannelsLast" if channels_last else ""
+        backward = ops.Custom(f"{so}:FcosUpsampleAddBackward{suffix}", out_shape=lambda top, dy: top,
                               out_dtype=lambda top, dy: top, func_type="aot")
 
         def bprop(lateral, top, out, dout):
             return dout, backward(top, dout)
 
-        self.forward = ops.Custom(f"{so}:FcosUpsampleAdd", out_shape=lambda lateral, top: lateral,
+        self.forward = ops.Custom(f"{so}:FcosUpsampleAdd{suffix}", out_shape=lambda lateral, top: lateral,
                                   out_dtype=lambda lateral, top: lateral, func_type="aot", bprop=bprop)
 
     def construct(self, lateral, top):
         return self.forward(lateral, top)
 
 
-def use_native_upsampling(network):
+def use_native_upsampling(network, channels_last=False):
     """Replace every UpsampleAdd of network by NativeUpsampleAdd, in place -> how many."""
-    return replace_cells(network, lambda cell: isinstance(cell, UpsampleAdd), lambda _: NativeUpsampleAdd())
+    return replace_cells(network, lambda cell: isinstance(cell, UpsampleAdd),
+                         lambda _: NativeUpsampleAdd(channels_last))

@@ -24,14 +24,17 @@ from tools.benchmark.common import CONV_TIME_KEYS, aligned, best_ms
 
 
 def layer_spec(cell, input_shape):
-    """An nn.Conv2d and the (B, C, H, W) shape it is called with -> a JSON-able description."""
+    """An nn.Conv2d and the (B, C, H, W) shape it is called with -> a JSON-able description;
+    channels_last: whether its input and output are in channels-last storage in the network
+    (src/ops/layout.py; the custom ops only)."""
     pad = cell.padding if isinstance(cell.padding, tuple) else (cell.padding,) * 4
     if cell.pad_mode != "pad" or pad[0] != pad[1] or pad[2] != pad[3]:
         raise ValueError(f"{cell.cls_name}: only symmetric pad_mode='pad' convolutions can be timed "
                          f"side by side (got pad_mode={cell.pad_mode}, padding={cell.padding})")
     return {"input": [int(v) for v in input_shape], "out_channels": cell.out_channels,
             "kernel": list(cell.kernel_size), "stride": list(cell.stride), "padding": [pad[0], pad[2]],
-            "dilation": list(cell.dilation), "groups": cell.group, "bias": cell.has_bias}
+            "dilation": list(cell.dilation), "groups": cell.group, "bias": cell.has_bias,
+            "channels_last": [bool(v) for v in getattr(cell, "layout", (0, 0))]}
 
 
 def trace_layers(cfg, height, width):
@@ -85,17 +88,20 @@ class _ConvForwardBackward(nn.Cell):
 
 
 def _conv_cell(spec, impl="mindspore"):
-    """spec -> the nn.Conv2d it describes (random weights); impl "onednn": as OneDNNConv2d."""
+    """spec -> the nn.Conv2d it describes (random weights); impl "onednn": as OneDNNConv2d, with
+    its input and output in the storage the network keeps them in."""
     pad_h, pad_w = spec["padding"]
+    options = {}
     if impl == "onednn":
         from src.ops.conv import OneDNNConv2d
 
         cell_class = OneDNNConv2d
+        options = dict(zip(("x_channels_last", "y_channels_last"), spec["channels_last"]))
     else:
         cell_class = nn.Conv2d
     return cell_class(spec["input"][1], spec["out_channels"], tuple(spec["kernel"]), stride=tuple(spec["stride"]),
-                     pad_mode="pad", padding=(pad_h, pad_h, pad_w, pad_w), dilation=tuple(spec["dilation"]),
-                     group=spec["groups"], has_bias=spec["bias"])
+                      pad_mode="pad", padding=(pad_h, pad_h, pad_w, pad_w), dilation=tuple(spec["dilation"]),
+                      group=spec["groups"], has_bias=spec["bias"], **options)
 
 
 def time_layer(spec, steps, warmup, impl="mindspore"):

@@ -256,7 +256,8 @@ def describe_run(args, cfg):
         convolutions = conv_impl(cfg) if args.runtime == "mindspore" else "onnxruntime"
     return {"framework": args.runtime, "mode": args.mode, "batch_size": cfg.batch_size,
             "input": f"{args.height}x{args.width}", "steps": args.steps, "warmup": args.warmup,
-            "conv_impl": convolutions, "versions": versions}
+            "conv_impl": convolutions, "channels_last": convolutions == "onednn" and cfg.channels_last,
+            "versions": versions}
 
 
 def run_mindspore(args, cfg):
