@@ -11,6 +11,8 @@
 //   FcosBatchNormForward:  x (N,C,H,W), gamma (C), beta (C), moving_mean (C), moving_variance (C), attrs
 //                          -> y (N,C,H,W), mean (C), rstd (C), new moving_mean (C), new moving_variance (C)
 //   FcosBatchNormBackward: x, gamma, beta, mean, rstd, dy, attrs -> dx (N,C,H,W), dgamma (C), dbeta (C)
+//   FcosBatchNormInference: x, gamma, beta, moving_mean, moving_variance, attrs -> y (N,C,H,W), normalised
+//                          with the running statistics (out of training)
 // attrs: float64 (4,) = eps, momentum (the weight of the batch in the running statistics: MindSpore's
 // nn.BatchNorm2d(momentum=0.9) -> 0.1, torch's momentum), relu (1: y = max(0, BatchNorm(x)), the
 // ReLU that follows a backbone norm, saving its own pass over the tensor each way; the backward
@@ -210,6 +212,38 @@ extern "C" int FcosBatchNormForward(int nparam, void **params, int *ndims, int64
   try {
     (ChannelsLast(attrs) ? ForwardChannelsLast : Forward)(s, attrs, in(0), in(1), in(2), in(3), in(4), out(6), out(7),
                                                           out(8), out(9), out(10));
+  } catch (const std::exception &) {  // std::bad_alloc
+    return 1;
+  }
+  return 0;
+}
+
+// x, gamma, beta, moving_mean, moving_variance, attrs -> y
+extern "C" int FcosBatchNormInference(int nparam, void **params, int *ndims, int64_t **shapes, const char **, void *,
+                                      void *) {
+  if (!ExpectedArgs(nparam, 7, ndims)) return 1;
+  const Shape s(shapes[0]);
+  const float *x = static_cast<const float *>(params[0]), *gamma = static_cast<const float *>(params[1]);
+  const float *beta = static_cast<const float *>(params[2]), *mean = static_cast<const float *>(params[3]);
+  const float *var = static_cast<const float *>(params[4]);
+  const double *attrs = static_cast<const double *>(params[5]);
+  float *y = static_cast<float *>(params[6]);
+  const bool relu = attrs[2] != 0.0;
+  try {
+    std::vector<float> scale(s.c);
+    for (int64_t ch = 0; ch < s.c; ++ch) {
+      scale[ch] = static_cast<float>(gamma[ch] / std::sqrt(static_cast<double>(var[ch]) + static_cast<float>(attrs[0])));
+    }
+    if (ChannelsLast(attrs)) {
+      ForEachBlock(1, s.count, [&](int64_t, int64_t first, int64_t n) {
+        AffinePixels(x + first * s.c, y + first * s.c, n, s.c, mean, scale.data(), beta, relu);
+      });
+    } else {
+      ForEachTask(s.n * s.c, [&](int64_t plane) {
+        const int64_t ch = plane % s.c;
+        (relu ? AffineRelu : Affine)(x + plane * s.hw, y + plane * s.hw, s.hw, mean[ch], scale[ch], beta[ch]);
+      });
+    }
   } catch (const std::exception &) {  // std::bad_alloc
     return 1;
   }

@@ -1,10 +1,11 @@
-"""Trained BatchNorm computed by C++ custom ops on CPU in training (src/ops/batch_norm.cc).
+"""Trained BatchNorm computed by C++ custom ops on CPU (src/ops/batch_norm.cc).
 
-NativeBatchNorm2d is an nn.BatchNorm2d (same Parameters, checkpoint names and inference path);
-in training it normalises with the batch's statistics through two kernels (forward, backward),
+NativeBatchNorm2d is an nn.BatchNorm2d (same Parameters and checkpoint names); in training it
+normalises with the batch's statistics through two kernels (forward, backward),
 optionally applying the ReLU that follows it, and moves the running statistics by MindSpore's
-rule (momentum, unbiased variance) with two Assigns. use_native_batch_norms swaps it into a
-network whose convolutions run on the custom ops.
+rule (momentum, unbiased variance) with two Assigns; out of training a third kernel normalises
+with the running statistics. use_native_batch_norms swaps it into a network whose convolutions
+run on the custom ops.
 """
 import numpy as np
 from mindspore import Tensor, nn, ops
@@ -37,16 +38,17 @@ class NativeBatchNorm2d(nn.BatchNorm2d):
             dx, dgamma, dbeta = backward(x, gamma, beta, out[1], out[2], dout[0], attrs)
             return dx, dgamma, dbeta, zeros_like(moving_mean), zeros_like(moving_variance), zeros_like(attrs)
 
+        # MindSpore's BatchNorm on channels-last storage read as (B*H*W, C, 1, 1) took the small
+        # configuration's inference from 0.14 to 0.25 s
+        self.inference = ops.Custom(f"{so}:FcosBatchNormInference", out_shape=lambda x, g, b, mm, mv, a: x,
+                                    out_dtype=lambda x, g, b, mm, mv, a: x, func_type="aot")
         self.forward = ops.Custom(f"{so}:FcosBatchNormForward",
                                   out_shape=lambda x, g, b, mm, mv, a: (x, g, g, g, g),
                                   out_dtype=lambda x, g, b, mm, mv, a: (x, x, x, x, x), func_type="aot", bprop=bprop)
 
     def construct(self, x):
         if not self.training:
-            # channels-last storage read as (B*H*W, C, 1, 1): the pixels as a batch of 1x1 maps
-            rows = x.reshape(-1, x.shape[1], 1, 1) if self.channels_last else x
-            y = self.bn_infer(rows, self.gamma, self.beta, self.moving_mean, self.moving_variance)[0].reshape(x.shape)
-            return ops.relu(y) if self.relu else y
+            return self.inference(x, self.gamma, self.beta, self.moving_mean, self.moving_variance, self.attrs)
         y, _, _, new_mean, new_variance = self.forward(x, self.gamma, self.beta, self.moving_mean,
                                                        self.moving_variance, self.attrs)
         y = ops.depend(y, ops.assign(self.moving_mean, ops.stop_gradient(new_mean)))
