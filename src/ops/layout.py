@@ -20,14 +20,13 @@ from mindspore import nn
 from src.model.backbone import StemMaxPool
 from src.model.fpn import UpsampleAdd
 from src.model.norm import FrozenBatchNorm2d, GroupNorm
+from src.ops.batch_norm import NativeBatchNorm2d
+from src.ops.conv import OneDNNConv2d
+from src.ops.group_norm import NativeGroupNormFunction
 
 
 def _reads_nchw(cell):
     """Whether cell would compute on its input as NCHW (a portable layer no custom op replaced)."""
-    from src.ops.batch_norm import NativeBatchNorm2d
-    from src.ops.conv import OneDNNConv2d
-    from src.ops.group_norm import NativeGroupNormFunction
-
     if isinstance(cell, nn.Conv2d):
         return not isinstance(cell, OneDNNConv2d)
     if isinstance(cell, nn.BatchNorm2d):
