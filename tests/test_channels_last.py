@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from mindspore import Tensor, nn
 
-from network_gradients import network_gradients
+from network_gradients import copy_parameters, training_step_results
 
 
 def to_storage(x):
@@ -200,23 +200,14 @@ def test_networks_agree_with_and_without_channels_last(ops_library, name):
         networks[storage] = build_model(_config(*NETWORKS[name], f"--channels_last={storage}"))
     layouts = {cell.layout for _, cell in networks[True].cells_and_names() if isinstance(cell, OneDNNConv2d)}
     assert layouts == {(0, 1), (1, 1), (1, 0)}
-    for mine, theirs in zip(networks[True].get_parameters(), networks[False].get_parameters()):
-        assert mine.name == theirs.name
-        mine.set_data(Tensor(theirs.asnumpy()))
-    rng = np.random.default_rng(3)
-    x = rng.standard_normal((2, 3, 70, 90)).astype(np.float32)
+    copy_parameters(networks[True], networks[False])
+    x = np.random.default_rng(3).standard_normal((2, 3, 70, 90)).astype(np.float32)
     results = []
     for storage in (False, True):
         network = networks[storage]
-        network.set_train(True)
-        outputs = network(Tensor(x))
-        weights = [Tensor(np.random.default_rng(i).standard_normal(out.shape).astype(np.float32))
-                   for i, out in enumerate(outputs)]
-        value, grads = network_gradients(network, x, weights)
-        stats = {p.name: p.asnumpy() for p in network.get_parameters() if "moving_" in p.name}
+        trained = training_step_results(network, x)
         network.set_train(False)
-        inferred = [out.asnumpy() for out in network(Tensor(x))]
-        results.append(([out.asnumpy() for out in outputs], value, grads, stats, inferred))
+        results.append(trained + ([out.asnumpy() for out in network(Tensor(x))],))
     (outputs0, value0, grads0, stats0, inferred0), (outputs1, value1, grads1, stats1, inferred1) = results
     _assert_same(outputs1, outputs0, "training outputs", 1e-4)
     _assert_same(inferred1, inferred0, "inference outputs", 1e-4)
