@@ -41,6 +41,8 @@ import cv2  # noqa: E402
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 SHARED_DIR = os.path.normpath(os.path.join(ROOT, "..", "shared", "parity"))
 GRAD_PREFIX = "grad:"
+GRAD64_PREFIX = "grad64:"  # the same gradients computed in float64: the truth both float32 runs approximate
+JITTER64_PREFIX = "jitter64:"  # how far that truth jumps under float32-sized weight changes (ReLU kinks)
 STRIDES = [8, 16, 32, 64, 128]
 NOTE = ("points (anchor centers) sit at (x*stride, y*stride) in torchvision, i.e. offset 0; regression is "
         "normalised by stride; boxes in the padded-batch coordinate frame")
@@ -67,8 +69,9 @@ def parse_args(argv=None):
     parser.add_argument("--max-size", type=int, default=864)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--float64-drift", action="store_true",
-                        help="also take the gradients in float64 and print how far torch's float32 ones (the "
-                             "fixture's) are from them: a badly conditioned batch shows here, not in the product")
+                        help="also take the gradients in float64, store them as grad64: arrays (the tests' truth) "
+                             "and print how far torch's float32 ones (grad:) are from them: a badly conditioned "
+                             "batch shows here, not in the product")
     args = parser.parse_args(argv)
     if bool(args.out_dir) == bool(args.check_against):
         parser.error("give exactly one of --out-dir and --check-against")
@@ -209,22 +212,43 @@ def compute(manifest, state, images, gt_boxes, gt_labels, boxes_resized=False):
     return out
 
 
-def float64_drift(manifest, state, arrays):
-    """Print max|grad_f32 - grad_f64| / max|grad_f64| per fixture gradient (worst first, per tier)."""
-    model = torchvision_fcos.build_fcos(manifest, state).double()
-    model.train()
+def float64_drift(manifest, state, arrays, jitter_runs=3, jitter=1e-6):
+    """Add grad64:<name> (torch in float64 on the same weights and batch) for every grad: array,
+    and jitter64:<name>, the largest change of that float64 gradient when every weight is scaled by
+    1 + jitter * N(0, 1) (jitter_runs seeds): how far the exact gradient jumps within float32
+    round-off of the weights (a ReLU input near zero changes sides), which no float32
+    implementation can resolve. Print max|grad_f32 - grad_f64| / max|grad_f64| (worst per tier)."""
     images = torch.tensor(arrays["batch_input"], dtype=torch.float64)
-    losses = torchvision_fcos.losses_on_batch(model, images, torchvision_fcos.fixture_targets(arrays, torch.float64))
-    sum(losses[key] for key in torchvision_fcos.LOSS_KEYS).backward()
+    targets = torchvision_fcos.fixture_targets(arrays, torch.float64)
+
+    def gradients(weights):
+        model = torchvision_fcos.build_fcos(manifest, weights).double()
+        model.train()
+        losses = torchvision_fcos.losses_on_batch(model, images, targets)
+        sum(losses[key] for key in torchvision_fcos.LOSS_KEYS).backward()
+        return {name: param.grad.numpy().copy() for name, param in model.named_parameters()
+                if GRAD_PREFIX + name in arrays}
+
+    exact = gradients(state)
+    jumps = {name: 0.0 for name in exact}
+    for seed in range(jitter_runs):
+        rng = np.random.RandomState(seed)
+        moved = gradients({key: (value * (1 + jitter * rng.standard_normal(value.shape))).astype(np.float32)
+                           for key, value in state.items()})
+        for name, grad in moved.items():
+            jumps[name] = max(jumps[name], float(np.abs(grad - exact[name]).max()))
     drift = {}
-    for name, param in model.named_parameters():
-        if GRAD_PREFIX + name in arrays:
-            want = param.grad.numpy()
-            drift[name] = float(np.abs(arrays[GRAD_PREFIX + name] - want).max() / np.abs(want).max())
+    for name, want in exact.items():
+        arrays[GRAD64_PREFIX + name] = want
+        arrays[JITTER64_PREFIX + name] = np.float64(jumps[name])
+        drift[name] = float(np.abs(arrays[GRAD_PREFIX + name] - want).max() / np.abs(want).max())
     for tier, names in (("backbone.body", [n for n in drift if n.startswith("backbone.body.")]),
                         ("FPN and head", [n for n in drift if not n.startswith("backbone.body.")])):
         worst = sorted(names, key=lambda n: -drift[n])[:3]
         print(f"torch float32 vs float64 gradients, {tier}: worst " + ", ".join(f"{n} {drift[n]:.2g}" for n in worst))
+        jumpy = sorted(names, key=lambda n: -jumps[n] / np.abs(exact[n]).max())[:3]
+        print(f"  float64 jumps under {jitter:g} weight jitter: " +
+              ", ".join(f"{n} {jumps[n] / np.abs(exact[n]).max():.2g}" for n in jumpy))
 
 
 def describe(arrays, strides):
