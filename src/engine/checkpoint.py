@@ -12,7 +12,7 @@ import re
 import mindspore as ms
 import numpy as np
 
-from src.utils.io import atomic_path
+from src.utils.io import atomic_path, remove_stale_temporaries
 
 logger = logging.getLogger("fcos")
 
@@ -125,31 +125,79 @@ def load_weights(network, path, strict_prefixes=()):
 
 
 class CheckpointKeeper:
-    """Writes fcos-<epoch>_<step>.ckpt into a folder and keeps the newest ``keep`` of them."""
+    """Writes fcos-<epoch>_<step>.ckpt into a folder and keeps the newest ``keep`` of the files that
+    this run wrote: checkpoints of other runs in the same folder (an earlier run, the run a resume
+    started from) are never removed or overwritten. Where another run's file already has the name,
+    this run's is fcos-<epoch>_<step>-<n>.ckpt with the first free n.
+    """
 
-    PATTERN = re.compile(r"^fcos-(\d+)_(\d+)\.ckpt$")
+    PATTERN = re.compile(r"^fcos-(\d+)_(\d+)(?:-(\d+))?\.ckpt$")
 
     def __init__(self, folder, keep=5):
         self.folder = folder
         self.keep = max(int(keep), 1)
+        self.written = []  # this run's checkpoints, oldest first
+        if os.path.isdir(folder):
+            for path in remove_stale_temporaries(folder, "fcos-*"):
+                logger.info("removed %s, left by a save that did not finish", path)
+            others = self.existing()
+            if others:
+                logger.info("%s holds %d checkpoints of earlier runs (newest %s); this run keeps them",
+                            folder, len(others), os.path.basename(others[-1]))
+
+    def _free_path(self, epoch, global_step):
+        path = os.path.join(self.folder, f"fcos-{epoch}_{global_step}.ckpt")
+        n = 1
+        while os.path.exists(path) and path not in self.written:
+            path = os.path.join(self.folder, f"fcos-{epoch}_{global_step}-{n}.ckpt")
+            n += 1
+        return path
 
     def save(self, cell, epoch, step_in_epoch, global_step, global_batch):
-        path = os.path.join(self.folder, f"fcos-{epoch}_{global_step}.ckpt")
+        """Save, then remove this run's checkpoints beyond the newest ``keep`` -> the path saved."""
+        path = self._free_path(epoch, global_step)
         save_checkpoint_atomic(cell, path, {"epoch": epoch, "step_in_epoch": step_in_epoch,
                                             "global_step": global_step, "global_batch": global_batch})
-        for old in self.existing()[:-self.keep]:
-            os.remove(old)
+        if path in self.written:
+            self.written.remove(path)
+        self.written.append(path)
+        for old in self.written[:-self.keep]:
+            if os.path.exists(old):
+                os.remove(old)
+        self.written = self.written[-self.keep:]
         return path
 
     def existing(self):
-        """Checkpoints in the folder, oldest first."""
+        """Checkpoints in the folder, of any run, by global step then modification time."""
         found = []
-        for path in glob.glob(os.path.join(self.folder, "fcos-*.ckpt")):
+        for path in glob.glob(os.path.join(glob.escape(self.folder), "fcos-*.ckpt")):
             match = self.PATTERN.search(os.path.basename(path))
             if match:
-                found.append((int(match.group(2)), path))
-        return [p for _, p in sorted(found)]
+                found.append((int(match.group(2)), os.path.getmtime(path), path))
+        return [p for _, _, p in sorted(found)]
 
     def latest(self):
-        paths = self.existing()
-        return paths[-1] if paths else None
+        """This run's newest checkpoint, else None."""
+        return self.written[-1] if self.written else None
+
+
+# best.ckpt records its AP in parts per million (checkpoint meta entries are integers)
+BEST_AP_KEY = "best_ap_ppm"
+
+
+def save_best(network, path, ap, meta):
+    """Write the network to path (best.ckpt) with its AP recorded (read_best_ap reads it back)."""
+    return save_checkpoint_atomic(network, path, {**meta, BEST_AP_KEY: int(round(ap * 1e6))})
+
+
+def read_best_ap(path):
+    """The AP recorded in a best.ckpt, -1.0 when there is none or it holds no AP (written before it
+    was recorded: any new evaluation replaces it)."""
+    if not os.path.isfile(path):
+        return -1.0
+    try:
+        _, meta = split_meta(load_checkpoint_file(path))
+    except ValueError as err:
+        logger.warning("%s", err)
+        return -1.0
+    return meta[BEST_AP_KEY] / 1e6 if BEST_AP_KEY in meta else -1.0

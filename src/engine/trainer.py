@@ -8,7 +8,7 @@ import time
 
 import mindspore as ms
 
-from src.engine.checkpoint import CheckpointKeeper, fitting_params, save_checkpoint_atomic
+from src.engine.checkpoint import CheckpointKeeper, fitting_params, read_best_ap, save_best
 from src.engine.progress import Progress
 
 logger = logging.getLogger("fcos")
@@ -49,9 +49,12 @@ class Trainer:
         self.ckpt_dir = os.path.join(output_dir, "checkpoints")
         self.keeper = CheckpointKeeper(self.ckpt_dir, keep_ckpt_max)
         self.epoch, self.step_in_epoch, self.global_step = 0, 0, 0
-        self.best_ap = -1.0
+        # best.ckpt is the folder's best over runs: a new or resumed run replaces it only with a better AP
+        self.best_path = os.path.join(self.ckpt_dir, "best.ckpt")
+        self.best_ap = read_best_ap(self.best_path)
         self.bad_in_row = 0
         self.bad_total = 0
+        self.resumed_from = None
         self._stop_signal = None
 
     # ---- state ----
@@ -76,6 +79,7 @@ class Trainer:
                              f"checkpoint, or keep devices x batch_size = {saved_batch}")
         ms.load_param_into_net(self.train_step, fitting_params(own, checkpoint.params, checkpoint.path))
         self.epoch, self.step_in_epoch, self.global_step = meta["epoch"], meta["step_in_epoch"], meta["global_step"]
+        self.resumed_from = checkpoint.path
         if other_batch:
             self.global_step = self.epoch * self.steps_per_epoch
             self.train_step.optimizer.global_step.set_data(
@@ -150,12 +154,16 @@ class Trainer:
             self.save()
         if self.evaluate and self.eval_interval and (self.epoch % self.eval_interval == 0 or self.epoch == self.epochs):
             metrics = self.evaluate()
-            if metrics and self.save_checkpoints and metrics["AP"] > self.best_ap:
+            if not (metrics and self.save_checkpoints):
+                return
+            if metrics["AP"] > self.best_ap:
                 self.best_ap = metrics["AP"]
-                path = save_checkpoint_atomic(self.train_step.network,
-                                              os.path.join(self.ckpt_dir, "best.ckpt"),
-                                              {"epoch": self.epoch, "global_step": self.global_step, "global_batch": self.global_batch})
+                path = save_best(self.train_step.network, self.best_path, self.best_ap,
+                                 {"epoch": self.epoch, "global_step": self.global_step,
+                                  "global_batch": self.global_batch})
                 logger.info("new best AP %.4f at epoch %d: %s", self.best_ap, self.epoch, path)
+            else:
+                logger.info("AP %.4f does not beat %s's %.4f: kept", metrics["AP"], self.best_path, self.best_ap)
 
     def _check_finite(self, finite, losses):
         if finite and all(math.isfinite(x) for x in losses):
@@ -167,7 +175,7 @@ class Trainer:
                        self.global_step + 1, losses[0], self.bad_in_row)
         if self.bad_in_row >= self.max_bad_steps:
             raise TrainingStopped(f"{self.bad_in_row} non-finite steps in a row at step {self.global_step + 1}; "
-                                  f"last good checkpoint: {self.keeper.latest()} (try a lower base_lr or "
+                                  f"last good checkpoint: {self.keeper.latest() or self.resumed_from or 'none saved yet'} (try a lower base_lr or "
                                   "grad_clip_norm)")
 
     def _log(self, losses, progress, data_seconds):
