@@ -105,3 +105,25 @@ def test_entry_point_flags_go_through_the_loader():
         load_config([], flags=flags)
     with pytest.raises(ConfigError, match="--export_info: unknown option"):
         load_config(["--export_info=x.json"])  # another entry point's flag
+
+
+@pytest.mark.parametrize("documents, key", [
+    ([{"conv_impl": "faster"}, {}, {"conv_impl": ["faster"]}], "conv_impl"),  # a new choice
+    ([{"batch_size": 0}, {}, {}, {"batch_size": ">= 0"}], "batch_size"),      # a widened range
+])
+def test_a_user_file_cannot_change_choices_or_ranges(tmp_path, documents, key):
+    """Mutation caught: a user file's third document merged into the allowed choices (validation
+    bypassed)."""
+    path = tmp_path / "user.yaml"
+    path.write_text(yaml.safe_dump_all(documents))
+    with pytest.raises(ConfigError, match=f"allowed choices or ranges of {key} are default_config.yaml's"):
+        load_config([f"--config_path={path}"])
+
+
+@pytest.mark.parametrize("value", ["two", "-3", "9" * 30])
+def test_a_bad_launcher_variable_is_one_line(monkeypatch, value):
+    from src.engine.context import launched_distributed
+
+    monkeypatch.setenv("RANK_SIZE", value)
+    with pytest.raises(ConfigError, match="environment variable RANK_SIZE="):
+        launched_distributed()

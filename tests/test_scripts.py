@@ -210,6 +210,9 @@ def test_distribute_train_checks_rank_table_and_paths(data, tmp_path):
     ({"server_list": [{"server_id": "198.51.100.1", "device": [{"device_id": "0", "rank_id": "0"}]},
                       {"server_id": "198.51.100.2", "device": [{"device_id": "0", "rank_id": "1"}]}]},
      "is none of the 2 servers of the rank table (198.51.100.1, 198.51.100.2): give SERVER_ID"),
+    ({"server_list": [{"device": [{"device_id": "99999999999999999999", "rank_id": "0"}]}]},
+     "device_id of server 0 is not an integer in [0, 65535]"),
+    ("[" * 100000 + "]" * 100000, "nested too deeply"),
 ])
 def test_distribute_train_rejects_unusable_rank_tables_in_one_line(tmp_path, config, probe, content, error):
     path = tmp_path / "rank_table.json"
@@ -399,3 +402,97 @@ def test_dry_run_starts_nothing(tmp_path, config, probe):
     assert result.returncode == 0, result.stdout
     assert "dry run, nothing started" in result.stdout and "RANK_SIZE=8" in result.stdout
     assert not os.listdir(records) and not (tmp_path / "out").exists()
+
+
+# ---------------------------------------------------------------- faults: signals, supervision, env.log
+
+def _launch(tmp_path, config, env, *args, ranks=2):
+    """Start run_distribute_train.sh in a process group of its own (a terminal's Ctrl-C reaches the
+    whole group) -> Popen."""
+    table = rank_table(tmp_path / f"rank_table_{ranks}p.json", [ranks])
+    base = {k: v for k, v in os.environ.items() if k not in LAUNCH_VARS}
+    base["PATH"] = os.pathsep.join([os.path.dirname(sys.executable), os.environ.get("PATH", "")])
+    return subprocess.Popen(["bash", os.path.join(SCRIPTS, "run_distribute_train.sh"), str(table), str(config), *args],
+                            env=dict(base, **env), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)
+
+
+def _wait_for_records(records, count, timeout=60):
+    deadline = time.monotonic() + timeout
+    while len(read_records(records)) < count:
+        assert time.monotonic() < deadline, "the ranks did not start"
+        time.sleep(0.1)
+    return read_records(records)
+
+
+def test_ctrl_c_during_the_watch_stops_every_rank(tmp_path, config, probe):
+    """Mutation caught: ranks in sessions of their own and no handler (they kept running, exit 130)."""
+    env, records = probe
+    proc = _launch(tmp_path, config, dict(env, PROBE_SLEEP="120", LAUNCH_CHECK_SECONDS="60"))
+    found = _wait_for_records(records, 2)
+    os.killpg(proc.pid, __import__("signal").SIGINT)
+    output, _ = proc.communicate(timeout=60)
+    assert proc.returncode == 130, output
+    assert "stopped by SIGINT" in output and "Traceback" not in output
+    time.sleep(0.5)
+    assert not [rank for rank, record in found.items() if alive(record["pid"])], output
+
+
+def test_wait_reports_a_rank_killed_after_the_watch_and_stops_the_rest(tmp_path, config, probe):
+    env, records = probe
+    proc = _launch(tmp_path, config, dict(env, PROBE_SLEEP="120", LAUNCH_CHECK_SECONDS="1"), "--wait", ranks=3)
+    found = _wait_for_records(records, 3)
+    time.sleep(2)  # past the 1-second watch
+    assert proc.poll() is None, "--wait must keep the launcher in the foreground"
+    os.kill(found[1]["pid"], __import__("signal").SIGKILL)
+    output, _ = proc.communicate(timeout=60)
+    assert proc.returncode == 1, output
+    last = output.strip().splitlines()[-1]
+    assert last.startswith("error: rank 1 (device 1) exited with code -9 while the launcher watched"), output
+    assert "probe rank 1 started" in last  # its log's last line
+    time.sleep(0.5)
+    assert not [rank for rank, record in found.items() if alive(record["pid"])]
+
+
+def test_env_log_keeps_what_a_rerun_needs_with_secrets_redacted_owner_only(tmp_path, config, probe):
+    env, records = probe
+    result = run_script("run_distribute_train.sh", rank_table(tmp_path / "t.json", [1]), config,
+                        env=dict(env, FCOS_HUB_TOKEN="tok-123", MS_ACCESS_KEY="ak-456", MY_DB_PASSWORD="pw-789",
+                                 MS_SUBMODULE_LOG_v="{PIPELINE:3}"))
+    assert result.returncode == 0, result.stdout
+    path = tmp_path / "out" / "train_parallel0" / "env.log"
+    text = path.read_text()
+    assert "RANK_ID=0\n" in text and "RANK_TABLE_FILE=" in text and "MS_SUBMODULE_LOG_v={PIPELINE:3}" in text
+    assert "FCOS_HUB_TOKEN=<redacted>" in text and "MS_ACCESS_KEY=<redacted>" in text
+    assert not any(secret in text for secret in ("tok-123", "ak-456", "pw-789"))
+    assert path.stat().st_mode & 0o777 == 0o600
+
+
+def test_a_second_launch_keeps_the_first_folders_and_refuses_while_they_run(tmp_path, config, probe):
+    """Mutation caught: shutil.rmtree of train_parallel<i> (a running launch's folder removed)."""
+    env, records = probe
+    first = run_script("run_distribute_train.sh", rank_table(tmp_path / "t.json", [1]), config,
+                       env=dict(env, PROBE_SLEEP="120", LAUNCH_CHECK_SECONDS="0.5"))
+    assert first.returncode == 0, first.stdout
+    running = read_records(records)[0]["pid"]
+    try:
+        second = run_script("run_distribute_train.sh", rank_table(tmp_path / "t.json", [1]), config, env=env)
+        assert second.returncode == 1 and "Traceback" not in second.stdout, second.stdout
+        last = second.stdout.strip().splitlines()[-1]
+        assert last.startswith("error: ") and f"belongs to a launch still running (pid {running})" in last
+        assert "probe rank 0 started" in (tmp_path / "out" / "train_parallel0" / "log.txt").read_text()
+    finally:
+        os.kill(running, __import__("signal").SIGKILL)
+    time.sleep(0.3)
+    third = run_script("run_distribute_train.sh", rank_table(tmp_path / "t.json", [1]), config, env=env)
+    assert third.returncode == 0, third.stdout
+    kept = [name for name in os.listdir(tmp_path / "out") if name.startswith("train_parallel0.")]
+    assert len(kept) == 1 and "probe rank 0 started" in (tmp_path / "out" / kept[0] / "log.txt").read_text()
+
+
+@pytest.mark.parametrize("value", ["ten", "-1", "nan"])
+def test_a_bad_check_time_is_one_line(tmp_path, config, probe, value):
+    env, _ = probe
+    result = run_script("run_distribute_train.sh", rank_table(tmp_path / "t.json", [1]), config,
+                        env=dict(env, LAUNCH_CHECK_SECONDS=value))
+    assert_one_line_error(result, "LAUNCH_CHECK_SECONDS must be a number of seconds >= 0")

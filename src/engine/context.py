@@ -5,17 +5,31 @@ import sys
 
 import mindspore as ms
 
+from src.model_utils.config import ConfigError
+
 logger = logging.getLogger("fcos")
 
 _LAUNCHER_VARS = ("RANK_SIZE", "MS_WORKER_NUM", "OMPI_COMM_WORLD_SIZE")
 
 
+def env_int(name: str, default: int, minimum: int = 0, maximum: int = 1 << 20) -> int:
+    """An integer environment variable (default when unset or empty); ValueError in one line when
+    it is not an integer in [minimum, maximum] (a ConfigError: the entry points print it as one line)."""
+    text = os.environ.get(name, "").strip()
+    if not text:
+        return default
+    try:
+        value = int(text)
+    except ValueError:
+        value = None
+    if value is None or not minimum <= value <= maximum:
+        raise ConfigError(f"environment variable {name}={text!r} is not an integer in [{minimum}, {maximum}]")
+    return value
+
+
 def launched_distributed():
     """True when a launcher (rank table script, msrun, mpirun) started more than one process."""
-    for var in _LAUNCHER_VARS:
-        if int(os.environ.get(var, "1") or 1) > 1:
-            return True
-    return False
+    return any(env_int(var, 1, minimum=1) > 1 for var in _LAUNCHER_VARS)
 
 
 def init_context(device_target, mode="GRAPH", device_id=0, distributed=None):
@@ -33,7 +47,7 @@ def init_context(device_target, mode="GRAPH", device_id=0, distributed=None):
     else:
         # Standalone: DEVICE_ID or --device_id. A rank-table launch starts one process per DEVICE_ID,
         # and without it MindSpore would put them all on device 0.
-        ms.set_device(device_target, int(os.environ.get("DEVICE_ID", device_id)))
+        ms.set_device(device_target, env_int("DEVICE_ID", device_id, maximum=4095))
     if not distributed:
         return 0, 1
     from mindspore.communication import get_group_size, get_rank, init

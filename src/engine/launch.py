@@ -21,7 +21,11 @@ of the whole table), DEVICE_NUM (devices of this server), RANK_ID and DEVICE_ID 
 in <output_dir>/train_parallel<RANK_ID>/ (log.txt, env.log), each bound to its share of the CPUs
 this process may use. The launcher then watches them for LAUNCH_CHECK_SECONDS (default 10): a
 rank that could not be started or exits with an error in that time stops the others it started
-and the launcher fails. FCOS_TRAIN_COMMAND replaces ``<python> <repo>/train.py`` (the command
+and the launcher fails; with --wait (LAUNCH_WAIT=1) it watches until every rank has ended and
+reports the first that fails. Ctrl-C or SIGTERM while it watches stops every rank it started. A
+rank folder of an earlier launch is kept under train_parallel<RANK_ID>.<its time>, never deleted;
+one whose rank still runs is refused. env.log holds the variables a rerun needs, secrets redacted,
+readable by its owner only. FCOS_TRAIN_COMMAND replaces ``<python> <repo>/train.py`` (the command
 each rank runs, split like a shell line; the training flags follow it), e.g. to wrap it in a
 profiler or to start a stand-in process in tests.
 """
@@ -57,7 +61,9 @@ USAGE = {
         "  only RANK_TABLE_FILE is required: the others default to the configuration (CONFIG_PATH, "
         "configs/coco_r50_1x.yaml unless given; a .yaml argument is taken for CONFIG_PATH wherever it stands)",
         "  launcher options: --server_id=N (or SERVER_ID: this server's position in server_list, or its "
-        "server_id), --global_batch=G (or GLOBAL_BATCH: batch_size = G / RANK_SIZE), --dry_run",
+        "server_id), --global_batch=G (or GLOBAL_BATCH: batch_size = G / RANK_SIZE), --dry_run, --wait (or "
+        "LAUNCH_WAIT=1: stay in the foreground until every rank ends; the first that fails is reported and the "
+        "others stopped)",
     ],
     "msrun": [
         "Usage: bash scripts/run_distribute_train_msrun.sh [DEVICE_TARGET GPU|CPU] [DEVICE_NUM] [TRAIN_IMG_DIR] "
@@ -277,13 +283,16 @@ class Server:
         return [rank for _, rank in self.devices]
 
 
+MAX_TABLE_ID = 65535  # device ids are a server's chip numbers, rank ids count the whole cluster's
+
+
 def _table_int(value, what, path):
     try:
-        number = int(str(value).strip())
+        number = int(str(value).strip()) if len(str(value)) < 12 else -1
     except ValueError:
         number = -1
-    if number < 0:
-        raise LaunchError(f"rank table {path}: {what} is not a non-negative integer: {value!r}")
+    if not 0 <= number <= MAX_TABLE_ID:
+        raise LaunchError(f"rank table {path}: {what} is not an integer in [0, {MAX_TABLE_ID}]: {str(value)[:40]!r}")
     return number
 
 
@@ -296,6 +305,8 @@ def read_rank_table(path):
         raise LaunchError(f"rank table {path} cannot be read: {err}") from None
     except json.JSONDecodeError as err:
         raise LaunchError(f"rank table {path} is not JSON: {err}") from None
+    except RecursionError:
+        raise LaunchError(f"rank table {path} is nested too deeply to be a rank table") from None
     server_list = table.get("server_list") if isinstance(table, dict) else None
     if not isinstance(server_list, list) or not server_list:
         raise LaunchError(f"rank table {path} has no server_list (make it with hccl_tools.py)")
@@ -423,6 +434,78 @@ def plan_ranks(servers, server, cpus):
     return plans
 
 
+# What env.log keeps: the variables a rerun of the same launch needs, by name prefix (the launcher's
+# own, MindSpore's, the devices', the libraries' settings and the search paths).
+ENV_LOG_PREFIXES = ("RANK_", "DEVICE_", "SERVER_ID", "MS_", "MASTER_", "GLOG_", "ASCEND_", "HCCL_", "CUDA_", "NCCL_",
+                    "FCOS_", "ONEDNN_", "OMP_", "GLOBAL_BATCH", "LAUNCH_", "PYTHONPATH", "PATH", "LD_LIBRARY_PATH",
+                    "LD_PRELOAD", "VIRTUAL_ENV", "CONDA_PREFIX")
+SECRET_WORDS = ("TOKEN", "SECRET", "PASSWORD", "PASSWD", "KEY", "CREDENTIAL", "AUTH")
+REDACTED = "<redacted>"
+
+
+def write_env_log(path, env):
+    """Write the variables of env that matter for a rerun (ENV_LOG_PREFIXES) to path, readable by
+    its owner only (0600); a value whose name looks like a secret (SECRET_WORDS) is replaced."""
+    kept = {k: v for k, v in env.items() if k.startswith(ENV_LOG_PREFIXES)}
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    os.fchmod(fd, 0o600)  # an existing file keeps its mode through O_CREAT
+    with os.fdopen(fd, "w", encoding="utf-8") as f:
+        f.writelines(f"{k}={REDACTED if any(w in k.upper() for w in SECRET_WORDS) else v}\n"
+                     for k, v in sorted(kept.items()))
+
+
+def _pid_alive(pid):
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+PID_FILE = "launch.pid"  # in each rank folder: the rank's process, while it may be running
+
+
+def _runs_in(pid, folder):
+    """Whether process pid is alive (not a zombie) and, where /proc tells, works in folder (a rank's
+    folder is its working directory; a recycled pid's is not)."""
+    if not _pid_alive(pid):
+        return False
+    try:
+        with open(f"/proc/{pid}/stat", encoding="utf-8") as f:
+            if f.read().rsplit(")", 1)[-1].split()[0] == "Z":
+                return False
+        return os.path.realpath(os.readlink(f"/proc/{pid}/cwd")) == os.path.realpath(folder)
+    except OSError:
+        return True  # no /proc: alive is all we know
+
+
+def refuse_running(rank_dir):
+    """LaunchError when rank_dir holds a rank that is still running."""
+    try:
+        with open(os.path.join(rank_dir, PID_FILE), encoding="utf-8") as f:
+            pid = int(f.read().strip() or 0)
+    except (OSError, ValueError):
+        return
+    if pid and _runs_in(pid, rank_dir):
+        raise LaunchError(f"{rank_dir} belongs to a launch still running (pid {pid}); stop it, or give another "
+                          "output_dir")
+
+
+def claim_rank_dir(rank_dir):
+    """Make rank_dir for a new launch. An existing one is kept under <rank_dir>.<its time> (never
+    deleted); LaunchError when the rank it holds is still running."""
+    if os.path.exists(rank_dir):
+        refuse_running(rank_dir)
+        stamp = time.strftime("%Y%m%d-%H%M%S", time.localtime(os.path.getmtime(rank_dir)))
+        kept, n = f"{rank_dir}.{stamp}", 1
+        while os.path.exists(kept):
+            kept, n = f"{rank_dir}.{stamp}-{n}", n + 1
+        os.rename(rank_dir, kept)
+    os.makedirs(rank_dir)
+
+
 def _last_line(path):
     try:
         with open(path, encoding="utf-8", errors="replace") as f:
@@ -432,67 +515,115 @@ def _last_line(path):
     return lines[-1][:300] if lines else ""
 
 
-def _stop(procs):
+def _stop(procs, sig=signal.SIGKILL, grace=10.0):
+    """Send sig to each running rank's process group; after grace seconds, SIGKILL what is left."""
     for proc in procs:
         if proc.poll() is None:
+            try:
+                os.killpg(proc.pid, sig)
+            except OSError:
+                pass
+    deadline = time.monotonic() + grace
+    for proc in procs:
+        try:
+            proc.wait(timeout=max(deadline - time.monotonic(), 0.1))
+        except subprocess.TimeoutExpired:
             try:
                 os.killpg(proc.pid, signal.SIGKILL)
             except OSError:
                 pass
-    for proc in procs:
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            pass
+            proc.wait()
 
 
-def start_ranks(plans, command, work_dir, base_env, check_seconds, out=print):
+class Interrupted(Exception):
+    """SIGINT or SIGTERM reached the launcher while it watched its ranks."""
+
+    def __init__(self, signum):
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
+def _raise_interrupted(signum, _frame):
+    raise Interrupted(signum)
+
+
+def start_ranks(plans, command, work_dir, base_env, check_seconds, out=print, wait=False):
     """Start one process per plan in <work_dir>/train_parallel<RANK_ID> (log.txt, env.log), bound
-    to its CPUs, in its own session; watch them for check_seconds (or until all have ended). -> ([pid], how many ended). A rank that cannot
-    be started or exits with an error in that time: the others are stopped, LaunchError."""
+    to its CPUs, in its own session, and watch them for check_seconds (or until all have ended);
+    with wait, until all have ended. -> ([pid], how many ended). A rank that cannot be started or
+    exits with an error while watched: the others are stopped, LaunchError. SIGINT or SIGTERM while
+    watching: every rank gets SIGTERM (training saves a checkpoint), then SIGKILL after a grace
+    period; Interrupted."""
     procs, started = [], []
-    for plan in plans:
-        rank_dir = os.path.join(work_dir, f"train_parallel{plan['rank_id']}")
-        shutil.rmtree(rank_dir, ignore_errors=True)
-        os.makedirs(rank_dir)
-        env = dict(base_env, **plan["env"])
-        with open(os.path.join(rank_dir, "env.log"), "w", encoding="utf-8") as f:
-            f.writelines(f"{k}={v}\n" for k, v in sorted(env.items()))
-        log_path = os.path.join(rank_dir, "log.txt")
-        cpus = set(plan["cpus"])
-        try:  # preexec_fn: the launcher runs no threads; the affinity is set in the child before exec
-            with open(log_path, "w", encoding="utf-8") as log:
-                proc = subprocess.Popen(command, cwd=rank_dir, env=env, stdin=subprocess.DEVNULL, stdout=log,
-                                        stderr=subprocess.STDOUT, start_new_session=True,
-                                        preexec_fn=lambda c=cpus: os.sched_setaffinity(0, c))
-        except (OSError, subprocess.SubprocessError) as err:
-            _stop(procs)
-            raise LaunchError(f"rank {plan['rank_id']} (device {plan['device_id']}) did not start "
-                              f"({command[0]}: {err}); stopped the {len(procs)} ranks started before it") from None
-        procs.append(proc)
-        started.append((plan, proc, log_path))
-        out(f"rank {plan['rank_id']} (device {plan['device_id']}, CPUs {cpu_list(plan['cpus'])}): pid {proc.pid}, "
-            f"log {log_path}")
-    deadline = time.monotonic() + check_seconds
-    while True:
-        for plan, proc, log_path in started:
-            code = proc.poll()
-            if code not in (None, 0):
-                others = [p for p in procs if p is not proc and p.poll() is None]
-                _stop(others)
-                last = _last_line(log_path)
-                raise LaunchError(f"rank {plan['rank_id']} (device {plan['device_id']}) exited with code {code} "
-                                  f"within {check_seconds:g} s of its start; stopped the {len(others)} other ranks "
-                                  f"still running; {log_path} ends: {last or '(empty)'}")
-        if all(proc.poll() is not None for proc in procs) or time.monotonic() >= deadline:
-            return [proc.pid for proc in procs], sum(proc.poll() is not None for proc in procs)
-        time.sleep(0.2)
+    previous = {sig: signal.signal(sig, _raise_interrupted) for sig in (signal.SIGINT, signal.SIGTERM)}
+    rank_dirs = [os.path.join(work_dir, f"train_parallel{plan['rank_id']}") for plan in plans]
+    for rank_dir in rank_dirs:  # every folder checked before any rank starts
+        refuse_running(rank_dir)
+    try:
+        for plan, rank_dir in zip(plans, rank_dirs):
+            claim_rank_dir(rank_dir)
+            env = dict(base_env, **plan["env"])
+            write_env_log(os.path.join(rank_dir, "env.log"), env)
+            log_path = os.path.join(rank_dir, "log.txt")
+            cpus = set(plan["cpus"])
+            try:  # preexec_fn: the launcher runs no threads; the affinity is set in the child before exec
+                with open(log_path, "w", encoding="utf-8") as log:
+                    proc = subprocess.Popen(command, cwd=rank_dir, env=env, stdin=subprocess.DEVNULL, stdout=log,
+                                            stderr=subprocess.STDOUT, start_new_session=True,
+                                            preexec_fn=lambda c=cpus: os.sched_setaffinity(0, c))
+            except (OSError, subprocess.SubprocessError) as err:
+                _stop(procs)
+                raise LaunchError(f"rank {plan['rank_id']} (device {plan['device_id']}) did not start "
+                                  f"({command[0]}: {err}); stopped the {len(procs)} ranks started before it") from None
+            with open(os.path.join(rank_dir, PID_FILE), "w", encoding="utf-8") as f:
+                f.write(f"{proc.pid}\n")
+            procs.append(proc)
+            started.append((plan, proc, log_path))
+            out(f"rank {plan['rank_id']} (device {plan['device_id']}, CPUs {cpu_list(plan['cpus'])}): pid {proc.pid}, "
+                f"log {log_path}")
+        deadline = time.monotonic() + check_seconds
+        while True:
+            for plan, proc, log_path in started:
+                code = proc.poll()
+                if code not in (None, 0):
+                    others = [p for p in procs if p is not proc and p.poll() is None]
+                    _stop(others, signal.SIGTERM)
+                    last = _last_line(log_path)
+                    when = "while the launcher watched" if wait else f"within {check_seconds:g} s of its start"
+                    raise LaunchError(f"rank {plan['rank_id']} (device {plan['device_id']}) exited with code {code} "
+                                      f"{when}; stopped the {len(others)} other ranks still running; {log_path} "
+                                      f"ends: {last or '(empty)'}")
+            if all(proc.poll() is not None for proc in procs) or (not wait and time.monotonic() >= deadline):
+                return [proc.pid for proc in procs], sum(proc.poll() is not None for proc in procs)
+            time.sleep(0.2)
+    except Interrupted as err:
+        out(f"{err}: stopping the {sum(p.poll() is None for p in procs)} ranks started")
+        _stop(procs, signal.SIGTERM)
+        raise
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+def check_seconds_option():
+    """LAUNCH_CHECK_SECONDS as a number >= 0; LaunchError in one line otherwise."""
+    text = os.environ.get("LAUNCH_CHECK_SECONDS", "").strip()
+    if not text:
+        return DEFAULT_CHECK_SECONDS
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not 0 <= value < 1e7:
+        raise LaunchError(f"LAUNCH_CHECK_SECONDS must be a number of seconds >= 0: {text}")
+    return value
 
 
 def run_rank_table(args, out=print):
-    positionals, options, flags = split_args(args, ("server_id", "global_batch", "dry_run"))
+    positionals, options, flags = split_args(args, ("server_id", "global_batch", "dry_run", "wait"))
     if not positionals:
         raise usage_error("RANK_TABLE_FILE is required")
+    check = check_seconds_option()
     cwd = os.getcwd()
     table_path = absolute(positionals[0], cwd)
     named = assign_optional(positionals[1:], ["TRAIN_IMG_DIR", "TRAIN_ANN_FILE", "PRETRAINED_BACKBONE", "CONFIG_PATH"])
@@ -532,9 +663,12 @@ def run_rank_table(args, out=print):
         out("dry run, nothing started; each rank would run: " + shlex.join(command))
         return 0
     base_env = dict(os.environ, RANK_TABLE_FILE=table_path)
-    check = float(os.environ.get("LAUNCH_CHECK_SECONDS", DEFAULT_CHECK_SECONDS))
+    wait = option(options, "wait", "LAUNCH_WAIT", "") in ("True", "1", "true")
     os.makedirs(output_dir, exist_ok=True)
-    _, finished = start_ranks(plans, command, output_dir, base_env, check, out)
+    _, finished = start_ranks(plans, command, output_dir, base_env, check, out, wait=wait)
+    if wait:
+        out(f"all {len(plans)} ranks of this server finished without error")
+        return 0
     state = ("all finished without error" if finished == len(plans) else
              f"{len(plans) - finished} running after {check:g} s, {finished} finished without error")
     out(f"started: the {len(plans)} ranks of this server ({state}); follow with: "
@@ -665,8 +799,7 @@ def run_eval(args, out=print):
     command, env_add, output_dir, target = eval_plan(args)
     os.makedirs(output_dir, exist_ok=True)
     env = dict(os.environ, **env_add)
-    with open(os.path.join(output_dir, "env.log"), "w", encoding="utf-8") as f:
-        f.writelines(f"{k}={v}\n" for k, v in sorted(env.items()))
+    write_env_log(os.path.join(output_dir, "env.log"), env)
     log_path = os.path.join(output_dir, "log.txt")
     out(f"evaluating on {target} device {env_add['DEVICE_ID']}; log: {log_path}")
     sys.stdout.flush()
@@ -695,6 +828,9 @@ def main(argv=None):
         if err.usage:
             print("\n".join(USAGE[name]))
         return 1
+    except Interrupted as err:
+        print(f"stopped by {err}; every rank this launcher started was stopped", flush=True)
+        return 128 + err.signum
 
 
 if __name__ == "__main__":

@@ -237,12 +237,18 @@ def load_config(argv=None, description="FCOS", flags=None):
     pre.add_argument("--config_path", default=DEFAULT_CONFIG)
     config_path = pre.parse_known_args(argv)[0].config_path
     if os.path.abspath(config_path) != DEFAULT_CONFIG:
-        user_values, user_helps, user_choices, _, _ = _read_yaml(config_path)
+        user_values, user_helps, user_choices, user_ranges, _ = _read_yaml(config_path)
         for key in user_values:
             if key not in values:
                 raise ConfigError(f"{key}: unknown key in {config_path}")
+        # the schema's choices and ranges hold for every run: a user file cannot widen them
+        changed = [key for key, allowed in user_choices.items() if base.choices.get(key) != allowed]
+        changed += [key for key, text in user_ranges.items() if base.ranges.get(key) != text]
+        if changed:
+            raise ConfigError(f"{config_path}: the allowed choices or ranges of {changed[0]} are default_config.yaml's "
+                              "and cannot be changed by a configuration file")
         values = {**values, **{k: _coerce(k, v, values[k]) for k, v in user_values.items()}}
-        helps, choices = {**helps, **user_helps}, {**choices, **user_choices}
+        helps = {**helps, **user_helps}
 
     parser = _build_parser(values, helps, choices, description, flags)
     args, unknown = parser.parse_known_args(argv)
