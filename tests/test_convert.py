@@ -173,3 +173,38 @@ def test_pth_input_equals_npz_input(tmp_path, state):
     assert loaded.keys() == state.keys()
     for key, value in loaded.items():
         np.testing.assert_array_equal(value, state[key])
+
+
+def test_output_without_ckpt_extension_is_one_line_and_writes_nothing(tmp_path, fcos_npz):
+    """MindSpore loads only .ckpt names; before, such an --output crashed and left a stray file."""
+    result = run_cli("--input", fcos_npz, "--output", str(tmp_path / "weights.bin"))
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert result.stderr.strip() == f"convert: error: --output must end with .ckpt (MindSpore loads only those): " \
+                                    f"{tmp_path / 'weights.bin'}"
+    assert os.listdir(tmp_path) == []
+
+
+def test_a_checkpoint_saved_under_any_name_leaves_no_temporary(tmp_path):
+    """save_checkpoint_atomic writes exactly the name given (MindSpore appends .ckpt to others)."""
+    from src.engine.checkpoint import save_checkpoint_atomic
+
+    save_checkpoint_atomic([{"name": "w", "data": ms.Tensor(np.ones(2, np.float32))}], str(tmp_path / "model"))
+    assert os.listdir(tmp_path) == ["model"]
+
+
+class _OldTorch:
+    """What `import torch` gives with torch 2.5 installed: only its version is read before refusing."""
+    __version__ = "2.5.1+cpu"
+
+    def load(self, *args, **kwargs):
+        raise AssertionError("torch.load must not run on torch < 2.6")
+
+
+def test_pth_with_torch_below_2_6_is_refused_in_one_line(tmp_path, monkeypatch):
+    """torch.load(weights_only=True) can be bypassed by a crafted file below 2.6 (CVE-2025-32434)."""
+    monkeypatch.setitem(sys.modules, "torch", _OldTorch())
+    path = tmp_path / "model.pth"
+    path.write_bytes(b"\0")
+    with pytest.raises(convert.ConversionError, match=r"needs torch >= 2\.6 \(this is 2\.5\.1\+cpu") as err:
+        convert.load_torchvision_state(str(path))
+    assert "\n" not in str(err.value)

@@ -352,3 +352,16 @@ def test_check_ascend310_build_script(mslite):
     assert "loading with Model::Build(path, kMindIR, context) (ENABLE_LITE)" in result.stdout
     assert "loading with Serialization::Load + Model::Build(GraphCell, context)" in result.stdout
     assert "build and link check passed" in result.stdout
+
+
+def test_mslite_wheel_never_deletes_a_folder_it_did_not_make(tmp_path):
+    """FCOS_MSLITE_CACHE=~/.cache once meant rmtree of the user's cache; now a non-empty folder
+    without the tool's marker is refused in one line and left as it was."""
+    folder = tmp_path / "cache"
+    folder.mkdir()
+    (folder / "precious.txt").write_text("keep me")
+    result = subprocess.run([sys.executable, os.path.join(INFER_DIR, "test", "mslite_wheel.py"), str(folder),
+                             str(tmp_path / "no.whl")], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 1
+    assert result.stderr.strip().startswith(f"error: {folder} exists and is not a runtime folder made by this tool")
+    assert sorted(os.listdir(folder)) == ["precious.txt"]

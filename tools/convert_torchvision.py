@@ -64,6 +64,12 @@ def _names(keys):
     return ", ".join(keys[:_SHOWN]) + more
 
 
+def _version(text):
+    """'2.6.0+cpu' -> (2, 6)."""
+    parts = re.match(r"(\d+)\.(\d+)", text)
+    return (int(parts.group(1)), int(parts.group(2))) if parts else (0, 0)
+
+
 def load_torchvision_state(path):
     """A .pth (torch) or .npz file -> {torchvision_key: float32 ndarray}."""
     if not os.path.isfile(path):
@@ -77,6 +83,9 @@ def load_torchvision_state(path):
         except ImportError:
             raise ConversionError(f"reading {path} needs PyTorch (pip install torch), "
                                   "or give an .npz of {key: array} instead") from None
+        if _version(torch.__version__) < (2, 6):  # weights_only could be bypassed below 2.6 (CVE-2025-32434)
+            raise ConversionError(f"reading {path} needs torch >= 2.6 (this is {torch.__version__}, whose "
+                                  "weights_only loader a crafted file can bypass); upgrade torch, or give an .npz")
         state = torch.load(path, map_location="cpu", weights_only=True)
         for wrapper in ("model", "state_dict"):
             if isinstance(state, dict) and isinstance(state.get(wrapper), dict):
@@ -235,6 +244,10 @@ def main(argv=None):
     parser.add_argument("--kind", choices=KINDS, default=None,
                         help="fcos (whole detector) or backbone (ImageNet ResNet); default: from the keys")
     args = parser.parse_args(argv)
+    if not args.output.endswith(".ckpt"):  # MindSpore's load_checkpoint reads no other name
+        print(f"convert: error: --output must end with .ckpt (MindSpore loads only those): {args.output}",
+              file=sys.stderr)
+        return 1
     try:
         kind, architecture, count = convert(args.input, args.output, args.kind)
     except ConversionError as err:

@@ -58,6 +58,13 @@ def main(argv):
     dest = os.path.abspath(argv[0])
     runtime = os.path.join(dest, "mindspore_lite")
     if not os.path.isfile(os.path.join(dest, DONE)):
+        if os.path.isdir(dest) and os.listdir(dest):  # never delete a folder this tool did not make
+            print(f"error: {dest} exists and is not a runtime folder made by this tool (no {DONE}); "
+                  "give a new or empty folder", file=sys.stderr)
+            return 1
+        if os.path.exists(dest) and not os.path.isdir(dest):
+            print(f"error: {dest} exists and is not a folder", file=sys.stderr)
+            return 1
         os.makedirs(os.path.dirname(dest) or ".", exist_ok=True)
         work = tempfile.mkdtemp(prefix=".mslite-", dir=os.path.dirname(dest) or ".")
         try:
@@ -65,7 +72,8 @@ def main(argv):
             unpack(wheel, os.path.join(work, "out"))
             with open(os.path.join(work, "out", DONE), "w", encoding="utf-8") as f:
                 f.write(os.path.basename(wheel) + "\n")
-            shutil.rmtree(dest, ignore_errors=True)
+            if os.path.isdir(dest):
+                os.rmdir(dest)  # empty (checked above)
             os.replace(os.path.join(work, "out"), dest)
         finally:
             shutil.rmtree(work, ignore_errors=True)

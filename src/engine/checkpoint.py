@@ -22,9 +22,10 @@ META_PREFIX = "meta_"
 
 
 def save_checkpoint_atomic(cell_or_params, path, meta=None):
-    """ms.save_checkpoint to ``path`` via a temporary file and os.replace (atomic on POSIX)."""
+    """ms.save_checkpoint to ``path`` (the name as given, .ckpt or not) via a temporary file and
+    os.replace (atomic on POSIX)."""
     append = {META_PREFIX + key: value for key, value in (meta or {}).items()}
-    with atomic_path(path) as tmp:
+    with atomic_path(path, suffix=".ckpt") as tmp:  # MindSpore appends .ckpt to any other name
         ms.save_checkpoint(cell_or_params, tmp, append_dict=append)
     return path
 

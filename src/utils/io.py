@@ -6,7 +6,7 @@ import glob
 import json
 import os
 import re
-from typing import Iterator, List
+from typing import Iterator, List, Optional
 
 TEMP_MARK = ".tmp"  # <root>.tmp<pid><ext>: the temporary name atomic_path uses
 _TEMP_PATTERN = re.compile(r"\.tmp(\d+)(\.[^.]*)?(\.tmp)?$")
@@ -27,16 +27,19 @@ def fsync_path(path: str) -> None:
 
 
 @contextlib.contextmanager
-def atomic_path(path: str) -> Iterator[str]:
+def atomic_path(path: str, suffix: Optional[str] = None) -> Iterator[str]:
     """Yield a temporary path next to ``path``; on success it is flushed, replaces ``path`` and the
     folder is flushed; on error it is removed.
 
-    The temporary name keeps the extension, since some writers (ms.save_checkpoint, cv2.imwrite,
-    ms.export) choose the format from it or append it.
+    The temporary name keeps the extension (or ends with ``suffix``), since some writers
+    (ms.save_checkpoint, cv2.imwrite, ms.export) choose the format from it or append it; ``path``
+    itself is written under exactly the name given.
     """
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
     root, ext = os.path.splitext(path)
+    if suffix is not None and ext != suffix:
+        root, ext = path, suffix
     tmp = f"{root}{TEMP_MARK}{os.getpid()}{ext}"
     try:
         yield tmp
