@@ -19,7 +19,7 @@ from src.builder import eval_size
 from src.data.coco import CocoDataset, DatasetError
 from src.data.transforms import keep_ratio_size, preprocess_image
 from src.deploy.contract import (IMAGES_DIR, bin_names, check_export_shape, read_export_info, write_input_bin,
-                                 write_preprocess_info)
+                                 remove_preprocess_info, write_preprocess_info)
 from src.engine.context import setup_logging
 from src.model_utils.config import ConfigError, Flag, guard_main, load_config, require_files
 
@@ -53,6 +53,9 @@ def preprocess_dataset(coco, out_dir, min_size, max_size, pad_hw):
     """Write every loadable image of ``coco`` as a bin -> the info dict (see the module docstring)."""
     img_dir = os.path.join(out_dir, IMAGES_DIR)
     os.makedirs(img_dir, exist_ok=True)
+    # the info goes first: a run that stops half-way leaves bins without an info file (the runners
+    # refuse that), never new bins paired with an earlier run's sizes
+    remove_preprocess_info(out_dir)
     stale = glob.glob(os.path.join(img_dir, "*.bin"))
     for path in stale:  # runners take every bin in the folder
         os.remove(path)

@@ -6,6 +6,7 @@ writes (logs, checkpoints, evaluation results) lands under --output_dir.
 import json
 import logging
 import os
+import time
 
 import src  # noqa: F401  (sets the oneDNN ISA before mindspore loads)
 import mindspore as ms
@@ -74,9 +75,12 @@ def build_evaluator(cfg, network):
     require_files(cfg, "val_img_dir", "val_ann_file")
     dataset, info = build_eval_dataset(cfg, batch_size=cfg.batch_size)
     infer_cell = build_inference(cfg, network)
-    out_dir = os.path.join(cfg.output_dir, "eval")
+    count = [0]
 
     def run():
+        # each evaluation its own folder (run_eval.sh writes <output_dir>/eval): nothing overwritten
+        count[0] += 1
+        out_dir = os.path.join(cfg.output_dir, "train_eval", f"{time.strftime('%Y%m%d-%H%M%S')}-{count[0]}")
         return evaluate(MindSporeRuntime(infer_cell), dataset, info, cfg.val_ann_file, selection_kwargs(cfg), out_dir,
                         batch_size=cfg.batch_size, views=tta_views(cfg))
 

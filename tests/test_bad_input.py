@@ -515,6 +515,15 @@ def test_predict_and_preprocess_skip_damaged_images(messy, ckpt, tmp_path):
     assert sorted(reasons) == [TRUNCATED, EMPTY, MISSING] and info["num_skipped"] == 3
     assert reasons[MISSING].startswith("image file not found")
 
+    # A second run that stops half-way (here: a bin it must write is a folder) leaves no info file
+    # that would pair its new bins with the first run's sizes. Mutation caught: info written only at the end.
+    os.remove(tmp_path / "pre" / "images" / "000001.bin")
+    os.mkdir(tmp_path / "pre" / "images" / "000001.bin")
+    result = run("preprocess.py", *MODEL_ARGS, f"--val_img_dir={messy['img_dir']}", f"--val_ann_file={messy['ann']}",
+                 "--export_height=64", "--export_width=64", f"--output_dir={tmp_path / 'pre'}")
+    assert result.returncode != 0
+    assert not (tmp_path / "pre" / "preprocess_info.json").exists()
+
 
 def test_resume_from_a_weights_only_checkpoint_names_the_alternatives(ckpt):
     with pytest.raises(ValueError, match="is not a train.py checkpoint .* --pretrained_backbone or --ckpt_file"):

@@ -160,3 +160,14 @@ def test_sigkill_during_a_save_leaves_loadable_checkpoints_and_the_next_start_cl
             weights, meta = _weights(path)
             assert weights.shape == (2048, 1024) and meta["global_step"] >= 1
             assert np.all(weights == weights.flat[0])  # one save's values throughout
+
+
+def test_newest_checkpoint_is_the_last_written_of_any_run(tmp_path):
+    from src.engine.checkpoint import newest_checkpoint
+
+    folder = str(tmp_path)
+    assert newest_checkpoint(folder) is None
+    CheckpointKeeper(folder).save(_Net(), 3, 0, 30, 2)
+    time.sleep(0.05)
+    later = CheckpointKeeper(folder).save(_Net(), 1, 0, 2, 2)  # a later run, lower step
+    assert newest_checkpoint(folder) == later

@@ -141,3 +141,7 @@ def test_train_twice_loads_its_graphs_and_trains_the_same(tmp_path, shapes_set):
 
     assert numbers(logs[0])[0] and numbers(logs[0])[1]
     assert numbers(logs[1]) == numbers(logs[0])
+    # two runs into one output folder: each run's checkpoint and each evaluation's result kept
+    run_dir = tmp_path / "run"
+    assert len(list((run_dir / "checkpoints").glob("fcos-*.ckpt"))) == 2
+    assert len(list((run_dir / "train_eval").glob("*/eval_result.json"))) == 2

@@ -23,7 +23,7 @@ import numpy as np
 
 from src.data.coco import CocoDataset
 from src.data.pipeline import synthetic_samples, window_samples
-from src.engine.checkpoint import CheckpointKeeper
+from src.engine.checkpoint import newest_checkpoint
 from src.model_utils.config import load_config
 from tools.make_deepforest import held_out_fold
 
@@ -75,7 +75,7 @@ def run_fold(fold_dir, seed, common, epochs):
     os.makedirs(run_dir, exist_ok=True)
     run(["train.py", *common, f"--epochs={epochs}", f"--save_ckpt_epochs={epochs}", f"--output_dir={run_dir}"],
         os.path.join(run_dir, "train.out"))
-    ckpt = CheckpointKeeper(os.path.join(run_dir, "checkpoints")).latest()
+    ckpt = newest_checkpoint(os.path.join(run_dir, "checkpoints"))
     if ckpt is None:
         raise SystemExit(f"no checkpoint in {run_dir}/checkpoints")
     run(["eval.py", *common, f"--ckpt_file={ckpt}", f"--output_dir={os.path.join(run_dir, 'eval')}"],

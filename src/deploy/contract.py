@@ -133,6 +133,13 @@ def write_preprocess_info(data_dir, info):
     write_json_atomic(os.path.join(data_dir, INFO_FILE), info)
 
 
+def remove_preprocess_info(data_dir):
+    """Remove <data>/preprocess_info.json if there (before its bins are replaced)."""
+    path = os.path.join(data_dir, INFO_FILE)
+    if os.path.exists(path):
+        os.remove(path)
+
+
 def read_preprocess_info(path):
     """preprocess.py's preprocess_info.json -> dict; ValueError naming the file when it is not one."""
     info = _read_json(path, PREPROCESS_INFO_KEYS, "a preprocess.py preprocess_info.json")

@@ -182,6 +182,13 @@ class CheckpointKeeper:
         return self.written[-1] if self.written else None
 
 
+def newest_checkpoint(folder):
+    """The most recently written fcos-*.ckpt of folder (any run), else None: what a script that has
+    just trained into folder evaluates next."""
+    paths = glob.glob(os.path.join(glob.escape(folder), "fcos-*.ckpt"))
+    return max(paths, key=os.path.getmtime) if paths else None
+
+
 # best.ckpt records its AP in parts per million (checkpoint meta entries are integers)
 BEST_AP_KEY = "best_ap_ppm"
 
