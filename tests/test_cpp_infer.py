@@ -365,3 +365,34 @@ def test_mslite_wheel_never_deletes_a_folder_it_did_not_make(tmp_path):
     assert result.returncode == 1
     assert result.stderr.strip().startswith(f"error: {folder} exists and is not a runtime folder made by this tool")
     assert sorted(os.listdir(folder)) == ["precious.txt"]
+
+
+def test_a_failed_result_write_exits_1_with_one_line_and_leaves_nothing(programs, fake_setup):
+    """A file-size limit of 0 makes every write fail. Mutation caught: checking the stream before
+    it was flushed (the empty temporary renamed into place, exit 0)."""
+    command = " ".join([str(programs["fake"]), f"--mindir_path={fake_setup['model']}",
+                        f"--input_path={fake_setup['inputs']}", f"--result_path={fake_setup['results']}",
+                        "--device_type=CPU"])
+    result = run(["bash", "-c", f"ulimit -f 0; exec {command}"])
+    assert result.returncode == 1, result.stdout + result.stderr
+    assert error_lines(result.stderr) == [result.stderr.splitlines()[-1]]
+    assert "cannot write " in result.stderr.splitlines()[-1]
+    assert [name for name in os.listdir(fake_setup["results"]) if os.path.getsize(fake_setup["results"] / name)
+            == 0 or name.endswith(".tmp")] == []
+
+
+def test_a_link_loop_among_the_inputs_is_one_line(programs, fake_setup):
+    """A symlink loop named like an input: once an uncaught filesystem_error (abort, rc 134)."""
+    os.symlink("loop.bin", fake_setup["inputs"] / "loop.bin")
+    result = run_fake(programs, fake_setup)
+    assert result.returncode == 1
+    assert error_lines(result.stderr) == [result.stderr.splitlines()[-1]]
+    assert "loop.bin" in result.stderr and "symbolic links" in result.stderr
+
+
+def test_an_input_shape_whose_size_overflows_is_one_line(programs, fake_setup, tmp_path):
+    model = tmp_path / "huge.txt"
+    model.write_text(f"fcos-fake-model batch=2 height={2 ** 31} width={2 ** 31} candidates=4 log={tmp_path / 'l'}\n")
+    result = run_fake(programs, fake_setup, model=model)
+    assert result.returncode == 1
+    assert "is larger than 68719476736 bytes a batch" in result.stderr.splitlines()[-1]

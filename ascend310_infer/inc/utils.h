@@ -16,8 +16,9 @@ namespace fcos {
 // there already is unknown). Returns an empty string, or the problem.
 std::string ParseFlags(int argc, char **argv, std::map<std::string, std::string> *flags);
 
-// Paths of the regular files in dir whose names end with suffix, sorted by name.
-std::vector<std::string> ListFiles(const std::string &dir, const std::string &suffix);
+// Paths of the regular files in dir whose names end with suffix, sorted by name, into *paths.
+// Returns "", or the problem (the folder cannot be listed; a link named like an input is broken).
+std::string ListFiles(const std::string &dir, const std::string &suffix, std::vector<std::string> *paths);
 
 // File name without its folder and its last extension: "a/000001.bin" -> "000001".
 std::string Stem(const std::string &path);

@@ -6,6 +6,17 @@
  * usage: main --mindir_path=FILE --input_path=DIR --result_path=DIR [--device_type=Ascend|GPU|CPU]
  *             [--device_id=0] [--precision_mode=MODE]
  */
-#include "inc/pipeline.h"
+#include <exception>
+#include <iostream>
 
-int main(int argc, char **argv) { return fcos::RunMain(argc, argv); }
+#include "inc/pipeline.h"
+#include "inc/utils.h"
+
+int main(int argc, char **argv) {
+  try {
+    return fcos::RunMain(argc, argv);
+  } catch (const std::exception &error) {  // anything a library threw past the checks: one line, exit 1
+    std::cerr << "error: " << fcos::FirstLine(error.what()) << std::endl;
+    return 1;
+  }
+}

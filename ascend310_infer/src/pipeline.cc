@@ -14,6 +14,8 @@
 
 #include <algorithm>
 #include <chrono>
+#include <csignal>
+#include <cstdint>
 #include <cstdio>
 #include <cstring>
 #include <exception>
@@ -44,11 +46,19 @@ std::string ShapeText(const std::vector<int64_t> &shape) {
   return text + ")";
 }
 
-// "" unless the model has one float32 (B, 3, H, W) input with positive sizes.
+constexpr uint64_t kMaxInputBytes = uint64_t{1} << 36;  // 64 GiB a batch: far above any detector input
+
+// "" unless the model has one float32 (B, 3, H, W) input with positive sizes whose batch's bytes fit
+// in kMaxInputBytes (so every size computed from them fits in size_t).
 std::string CheckInput(const TensorSpec &input) {
   bool positive = input.shape.size() == 4;
+  uint64_t bytes = sizeof(float);
   for (int64_t dim : input.shape) {
     positive = positive && dim > 0;
+    if (positive && (__builtin_mul_overflow(bytes, static_cast<uint64_t>(dim), &bytes) || bytes > kMaxInputBytes)) {
+      return "the model input " + ShapeText(input.shape) + " is larger than " + std::to_string(kMaxInputBytes) +
+             " bytes a batch";
+    }
   }
   if (input.dtype != DType::kFloat32 || !positive || input.shape[1] != 3) {
     return "expected one float32 (B, 3, H, W) model input of fixed size, got " + input.dtype_name + " " +
@@ -76,7 +86,10 @@ std::string CheckOutputs(const std::vector<HostTensor> &outputs, size_t batch) {
 
 // The sorted input bins, each checked to hold one image of image_bytes; "" or the problem.
 std::string ListInputs(const std::string &input_path, size_t image_bytes, std::vector<std::string> *files) {
-  *files = ListFiles(input_path, ".bin");
+  const std::string problem = ListFiles(input_path, ".bin", files);
+  if (!problem.empty()) {
+    return problem;
+  }
   if (files->empty()) {
     return "no .bin input files in " + input_path;
   }
@@ -200,6 +213,7 @@ std::string ParseOptions(int argc, char **argv, Options *options) {
 }
 
 int RunMain(int argc, char **argv) {
+  std::signal(SIGXFSZ, SIG_IGN);  // a file-size limit makes write() fail (reported), not kill the program
   Options options;
   std::string problem = ParseOptions(argc, argv, &options);
   if (!problem.empty()) {

@@ -3,7 +3,11 @@
  */
 #include "inc/utils.h"
 
+#include <fcntl.h>
+#include <unistd.h>
+
 #include <algorithm>
+#include <cerrno>
 #include <cstdio>
 #include <filesystem>
 #include <fstream>
@@ -30,18 +34,29 @@ std::string ParseFlags(int argc, char **argv, std::map<std::string, std::string>
   return "";
 }
 
-std::vector<std::string> ListFiles(const std::string &dir, const std::string &suffix) {
-  std::vector<std::string> paths;
+std::string ListFiles(const std::string &dir, const std::string &suffix, std::vector<std::string> *paths) {
+  paths->clear();
   std::error_code error;
-  for (const auto &entry : fs::directory_iterator(dir, error)) {
-    const std::string name = entry.path().filename().string();
-    if (entry.is_regular_file() && name.size() > suffix.size() &&
-        name.compare(name.size() - suffix.size(), suffix.size(), suffix) == 0) {
-      paths.push_back(entry.path().string());
+  fs::directory_iterator it(dir, error), end;
+  for (; !error && it != end; it.increment(error)) {
+    const std::string name = it->path().filename().string();
+    if (name.size() <= suffix.size() || name.compare(name.size() - suffix.size(), suffix.size(), suffix) != 0) {
+      continue;
+    }
+    std::error_code status;
+    const bool regular = it->is_regular_file(status);
+    if (status) {  // a broken or looping link named like an input
+      return "cannot read " + it->path().string() + ": " + status.message();
+    }
+    if (regular) {
+      paths->push_back(it->path().string());
     }
   }
-  std::sort(paths.begin(), paths.end());
-  return paths;
+  if (error) {
+    return "cannot list " + dir + ": " + error.message();
+  }
+  std::sort(paths->begin(), paths->end());
+  return "";
 }
 
 std::string Stem(const std::string &path) { return fs::path(path).stem().string(); }
@@ -59,16 +74,31 @@ bool ReadBinary(const std::string &path, void *data, size_t size) {
 }
 
 bool WriteBinary(const std::string &path, const void *data, size_t size) {
-  // A temporary name and a rename, so that a crash never leaves a truncated result behind.
+  // A temporary name, every byte written and flushed to disk, then a rename: a crash or a full disk
+  // never leaves a truncated result under the final name, and a failed write leaves nothing.
   const std::string tmp = path + ".tmp";
-  {
-    std::ofstream out(tmp, std::ios::binary | std::ios::trunc);
-    out.write(static_cast<const char *>(data), static_cast<std::streamsize>(size));
-    if (!out.good()) {
-      return false;
-    }
+  const int fd = ::open(tmp.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644);
+  if (fd < 0) {
+    return false;
   }
-  return std::rename(tmp.c_str(), path.c_str()) == 0;
+  const char *bytes = static_cast<const char *>(data);
+  size_t done = 0;
+  while (done < size) {
+    const ssize_t wrote = ::write(fd, bytes + done, size - done);
+    if (wrote < 0 && errno == EINTR) {
+      continue;
+    }
+    if (wrote <= 0) {
+      break;
+    }
+    done += static_cast<size_t>(wrote);
+  }
+  const bool ok = done == size && ::fsync(fd) == 0;
+  if (::close(fd) != 0 || !ok || std::rename(tmp.c_str(), path.c_str()) != 0) {
+    std::remove(tmp.c_str());
+    return false;
+  }
+  return true;
 }
 
 bool WriteText(const std::string &path, const std::string &text) {
