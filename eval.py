@@ -12,10 +12,10 @@ import logging
 import src  # noqa: F401  (sets the oneDNN ISA before mindspore loads)
 from src.builder import (build_eval_dataset, build_inference, build_runtime, load_network, selection_kwargs,
                          tta_views)
-from src.engine.coco_eval import check_category_count
-from src.engine.context import init_context, setup_logging
-from src.engine.evaluate import evaluate
-from src.model_utils.config import ConfigError, guard_main, load_config, require_files
+from src.evaluation.coco_eval import check_category_count
+from src.utils.context import init_context, setup_logging
+from src.evaluation.evaluate import evaluate
+from src.config import ConfigError, guard_main, load_config, require_files
 
 logger = logging.getLogger("fcos")
 

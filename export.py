@@ -19,9 +19,9 @@ from mindspore import Tensor
 
 from src.builder import build_inference, eval_size, load_network, selection_kwargs
 from src.deploy.contract import check_export_shape, export_info, write_export_info
-from src.deploy.export import EXTENSIONS, export_model
-from src.engine.context import init_context, setup_logging
-from src.model_utils.config import ConfigError, guard_main, load_config, require_files
+from src.inference.export import EXTENSIONS, export_model
+from src.utils.context import init_context, setup_logging
+from src.config import ConfigError, guard_main, load_config, require_files
 
 logger = logging.getLogger("fcos")
 

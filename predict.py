@@ -19,9 +19,9 @@ import src  # noqa: F401  (sets the oneDNN ISA before mindspore loads)
 from src.builder import (build_inference, build_runtime, eval_pad_buckets, eval_size, load_network, selection_kwargs,
                          tta_views)
 from src.data.coco import DatasetError, label_maps, load_image_rgb, read_coco_json
-from src.engine.context import init_context, setup_logging
+from src.utils.context import init_context, setup_logging
 from src.inference.predictor import Predictor
-from src.model_utils.config import ConfigError, Flag, guard_main, load_config
+from src.config import ConfigError, Flag, guard_main, load_config
 from src.utils.io import write_json_atomic
 from src.utils.visualize import draw_detections, save_image
 

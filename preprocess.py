@@ -20,8 +20,8 @@ from src.data.coco import CocoDataset, DatasetError
 from src.data.transforms import keep_ratio_size, preprocess_image
 from src.deploy.contract import (IMAGES_DIR, bin_names, check_export_shape, read_export_info, write_input_bin,
                                  remove_preprocess_info, write_preprocess_info)
-from src.engine.context import setup_logging
-from src.model_utils.config import ConfigError, Flag, guard_main, load_config, require_files
+from src.utils.context import setup_logging
+from src.config import ConfigError, Flag, guard_main, load_config, require_files
 
 logger = logging.getLogger("fcos")
 

@@ -15,12 +15,12 @@ from src.builder import (build_eval_dataset, build_inference, build_model, build
                          eval_graphs, precompile_graphs, selection_kwargs, train_graphs, tta_views)
 from src.data.pipeline import loader_error
 from src.engine.checkpoint import load_weights, read_training_checkpoint
-from src.engine.coco_eval import check_category_count
-from src.engine.context import init_context, setup_logging
-from src.engine.evaluate import evaluate
+from src.evaluation.coco_eval import check_category_count
+from src.utils.context import init_context, setup_logging
+from src.evaluation.evaluate import evaluate
 from src.engine.trainer import Trainer, TrainingStopped
 from src.inference.runtime import MindSporeRuntime
-from src.model_utils.config import ConfigError, guard_main, load_config, require_files
+from src.config import ConfigError, guard_main, load_config, require_files
 
 logger = logging.getLogger("fcos")
 

@@ -14,9 +14,9 @@ abspath() {
 need_file() { [ -f "$2" ] || { echo "error: $1 is not a file: $2"; usage; exit 1; }; }
 need_dir() { [ -d "$2" ] || { echo "error: $1 is not a folder: $2"; usage; exit 1; }; }
 
-# launch COMMAND ARGS...: python -m src.engine.launch COMMAND ARGS... from the caller's folder (the
+# launch COMMAND ARGS...: python -m src.launch COMMAND ARGS... from the caller's folder (the
 # arguments' relative paths are relative to it); the checks, the plan and the start live there.
-launch() { PYTHONPATH="$REPO_DIR${PYTHONPATH:+:$PYTHONPATH}" python -m src.engine.launch "$@"; }
+launch() { PYTHONPATH="$REPO_DIR${PYTHONPATH:+:$PYTHONPATH}" python -m src.launch "$@"; }
 
 REPO_DIR=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 export REPO_DIR

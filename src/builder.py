@@ -22,16 +22,10 @@ from src.inference.runtime import make_runtime
 from src.inference.tta import VIEW_SETS, view_pad_shapes
 from src.model.fcos import FCOS
 from src.model.loss import FCOSLoss
-from src.model_utils.config import ConfigError, require_files
-from src.ops.batch_norm import use_native_batch_norms
+from src.config import ConfigError, require_files
+from src.ops.backend import accelerate, enable_native_ops
 from src.ops.build import OpsUnavailable
-from src.ops.conv import use_onednn_convs
 from src.ops.global_norm import NativeSquaredNorm
-from src.ops.group_norm import use_native_group_norms
-from src.ops.layout import check_channels_last
-from src.ops.pooling import use_native_pooling
-from src.ops.upsample import use_native_upsampling
-from src.ops.select import select_conv_impl
 
 
 @contextlib.contextmanager
@@ -45,10 +39,10 @@ def model_errors():
 
 
 def build_model(cfg, portable=False):
-    """FCOS network from the configuration; where conv_impl selects the custom ops (src/ops/select.py)
+    """FCOS network from the configuration; where conv_impl selects the custom ops (src/ops/backend.py)
     its convolutions, GroupNorms, trained BatchNorms (each with the ReLU after it), stem max-pool
     and FPN merge run on them, with the activations between them in channels-last storage unless
-    channels_last is off (src/ops/layout.py). portable: MindSpore's own kernels whatever conv_impl says, for
+    channels_last is off (src/ops/backend.py accelerate). portable: MindSpore's own kernels whatever conv_impl says, for
     exports that must run anywhere. The parameters are the same either way."""
     with model_errors():
         network = FCOS(backbone=cfg.backbone, class_num=cfg.class_num, fpn_out_channels=cfg.fpn_out_channels,
@@ -57,26 +51,17 @@ def build_model(cfg, portable=False):
                     norm_reg_targets=cfg.norm_reg_targets, freeze_bn=cfg.freeze_bn,
                     freeze_stage_1=cfg.freeze_stage_1, strides=cfg.strides, point_offset=cfg.point_offset,
                     point_strides=cfg.point_strides, backbone_norm=cfg.backbone_norm)
-    if not portable and conv_impl(cfg) == "onednn":
-        network.head.set_stacking(False)  # the stacked head convolutions call ops.Conv2D itself
-        relu_pairs = network.backbone.norm_relu_pairs()  # before either swap replaces a ReLU
-        last = cfg.channels_last
-        use_onednn_convs(network, fold=network.backbone.frozen_norm_pairs(), relu_pairs=relu_pairs,
-                         channels_last=last, edges=network.layout_edges())
-        use_native_group_norms(network, channels_last=last)
-        use_native_batch_norms(network, relu_pairs=relu_pairs, channels_last=last)
-        use_native_pooling(network, channels_last=last)
-        use_native_upsampling(network, channels_last=last)
-        if last:
-            check_channels_last(network)
+    if not portable and native_ops(cfg):
+        accelerate(network, channels_last=cfg.channels_last)
     return network
 
 
-def conv_impl(cfg):
-    """conv_impl resolved for this run: "onednn" or "mindspore"; ConfigError when onednn was asked
-    for and cannot be had."""
+def native_ops(cfg):
+    """Whether this run's convolutions and norms run on the CPU native ops (conv_impl resolved,
+    the library built and oneDNN's ISA cap lifted when so: src/ops/backend.py); ConfigError when
+    onednn was asked for and cannot be had."""
     try:
-        return select_conv_impl(cfg.conv_impl, cfg.device_target, cfg.amp_level)
+        return enable_native_ops(cfg.conv_impl, cfg.device_target, cfg.amp_level)
     except OpsUnavailable as err:
         raise ConfigError(f"--conv_impl=onednn: {err}") from None
 
@@ -200,7 +185,7 @@ def build_train_step(cfg, network, steps_per_epoch, group_size):
         network = network.mixed_precision(cfg.amp_level)
         scaler = ms.amp.DynamicLossScaler(2.0 ** 16, 2, 1000)
     net_with_loss = FCOSWithLoss(network, loss)
-    squared_norm = NativeSquaredNorm() if conv_impl(cfg) == "onednn" else None  # the custom ops are in
+    squared_norm = NativeSquaredNorm() if native_ops(cfg) else None  # the custom ops are in
     step = TrainStep(net_with_loss, optimizer, cfg.grad_clip_norm, distributed=group_size > 1, loss_scaler=scaler,
                      squared_norm=squared_norm)
     step.set_train(True)

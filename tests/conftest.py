@@ -3,7 +3,7 @@ import os
 import sys
 
 # Before mindspore is imported anywhere, and set here rather than left to src/__init__.py so that it
-# counts as the user's choice and src/ops/select.py keeps it: in-process tests mix MindSpore's
+# counts as the user's choice and src/ops/backend.py keeps it: in-process tests mix MindSpore's
 # Conv2D (exports, references) with the oneDNN custom ops, and the cap is process-wide.
 # FCOS_TEST_LIFT_ISA=1 (test_onednn_conv's child run) leaves it to src, whose cap the oneDNN tests lift.
 if os.environ.get("FCOS_TEST_LIFT_ISA") != "1":
@@ -67,7 +67,7 @@ def ops_library(tmp_path_factory):
         from src.ops.conv import OneDNNConv2d
 
         if os.environ.get("FCOS_TEST_LIFT_ISA") == "1":
-            from src.ops.select import LIFTED, lift_isa_cap
+            from src.ops.backend import LIFTED, lift_isa_cap
 
             assert lift_isa_cap() == LIFTED
 

@@ -22,10 +22,10 @@ from src.data.coco import CocoDataset, DatasetError, clean_box, load_image_rgb, 
 from src.data.pipeline import PAD_IMAGE_ID, PadBucketError, create_eval_dataset, resolve_pad_buckets
 from src.engine.checkpoint import (fitting_params, load_checkpoint_file, read_training_checkpoint,
                                    save_checkpoint_atomic)
-from src.engine.coco_eval import coco_evaluate, load_coco
+from src.evaluation.coco_eval import coco_evaluate, load_coco
 from src.engine.train_step import FCOSWithLoss, TrainStep, build_optimizer
 from src.engine.trainer import Trainer
-from src.model_utils.config import ConfigError, load_config
+from src.config import ConfigError, load_config
 from tools.synthetic import make_synthetic_coco
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

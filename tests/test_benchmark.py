@@ -14,7 +14,7 @@ from mindspore import nn
 
 from conftest import ROOT
 from src.builder import build_model
-from src.model_utils.config import load_config
+from src.config import load_config
 from tools.benchmark.common import RESULT_KEYS, summarise, synthetic_ground_truth
 from tools.benchmark.convs import layer_spec
 from tools.benchmark.run import default_input_shape, time_cell

@@ -1,4 +1,4 @@
-"""Channels-last storage (src/ops/layout.py): every custom op built for it, fed the storage of its
+"""Channels-last storage (src/ops/backend.py): every custom op built for it, fed the storage of its
 NCHW inputs, gives the storage of the NCHW op's outputs and gradients (the NCHW ops are checked
 against NumPy in their own test files), and whole networks built with and without it agree in
 training and inference; a network holding a layer that would read the storage as NCHW is refused.
@@ -173,7 +173,7 @@ def test_fpn_merge_in_channels_last_storage(ops_library, mode, top, size):
 
 
 def _config(*overrides):
-    from src.model_utils.config import load_config
+    from src.config import load_config
 
     return load_config(["--config_path=configs/synthetic_cpu.yaml", "--fpn_out_channels=32", "--num_head_convs=2",
                         "--conv_impl=onednn", *overrides])
@@ -228,7 +228,7 @@ def test_networks_agree_with_and_without_channels_last(ops_library, name):
 def test_a_layer_left_on_nchw_is_refused(ops_library):
     from src.builder import build_model
     from src.model.fpn import UpsampleAdd
-    from src.ops.layout import check_channels_last
+    from src.ops.backend import check_channels_last
 
     network = build_model(_config())
     check_channels_last(network)

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from conftest import ROOT
-from src.engine.coco_eval import STAT_KEYS, coco_evaluate, load_coco, to_coco_results
+from src.evaluation.coco_eval import STAT_KEYS, coco_evaluate, load_coco, to_coco_results
 
 
 def _write_gt(path):

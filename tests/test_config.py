@@ -6,7 +6,7 @@ import sys
 import pytest
 import yaml
 
-from src.model_utils.config import DEFAULT_CONFIG, ConfigError, Flag, load_config, range_test, schema
+from src.config import DEFAULT_CONFIG, ConfigError, Flag, load_config, range_test, schema
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ORIGINAL_KEYS = ("pretrained", "freeze_stage_1", "freeze_bn", "fpn_out_channels", "use_p5", "class_num",
@@ -122,7 +122,7 @@ def test_a_user_file_cannot_change_choices_or_ranges(tmp_path, documents, key):
 
 @pytest.mark.parametrize("value", ["two", "-3", "9" * 30])
 def test_a_bad_launcher_variable_is_one_line(monkeypatch, value):
-    from src.engine.context import launched_distributed
+    from src.utils.context import launched_distributed
 
     monkeypatch.setenv("RANK_SIZE", value)
     with pytest.raises(ConfigError, match="environment variable RANK_SIZE="):

@@ -13,7 +13,7 @@ import sys
 
 import pytest
 
-from src.engine.coco_eval import STAT_KEYS
+from src.evaluation.coco_eval import STAT_KEYS
 from src.inference.runtime import RUNTIMES
 from tools.synthetic import make_synthetic_coco
 

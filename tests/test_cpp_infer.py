@@ -238,7 +238,7 @@ def exported(tmp_path_factory):
     import mindspore as ms
 
     from src.builder import build_model
-    from src.model_utils.config import load_config
+    from src.config import load_config
 
     root = tmp_path_factory.mktemp("exported")
     ms.set_seed(0)

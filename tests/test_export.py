@@ -15,7 +15,7 @@ from src.builder import build_inference, build_model
 from src.deploy.contract import read_export_info
 from src.deploy.runner import mindir_input_shape
 from src.inference.runtime import MindSporeRuntime, OnnxRuntime
-from src.model_utils.config import load_config
+from src.config import load_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # Narrow and small, but with the real backbone, FPN, GroupNorm head and decoder; H != W so that a

@@ -1,4 +1,4 @@
-"""src/engine/launch.py without starting processes: rank tables of one, 2 and 4 servers (which
+"""src/launch/ without starting processes: rank tables of one, 2 and 4 servers (which
 devices start on each server, RANK_SIZE, RANK_ID, DEVICE_NUM), finding this server, CPU shares,
 the global batch split, and the msrun command for one and several nodes."""
 import json
@@ -7,8 +7,8 @@ import os
 import pytest
 
 from conftest import ROOT
-from src.engine import launch
-from src.engine.launch import LaunchError
+from src.launch import arguments, commands, processes, rank_table as tables
+from src.launch.arguments import LaunchError
 from tests.test_scripts import rank_table
 
 
@@ -19,13 +19,13 @@ def write_table(path, servers, server_ids=None):
 
 @pytest.mark.parametrize("layout", [[8, 8], [8, 8, 8, 8], [4, 2, 4, 2]])
 def test_every_server_starts_its_own_devices_with_global_ranks(tmp_path, layout):
-    servers = launch.read_rank_table(write_table(tmp_path / "table.json", layout))
+    servers = tables.read_rank_table(write_table(tmp_path / "table.json", layout))
     total = sum(layout)
     seen = []
     for index, count in enumerate(layout):
-        server, how = launch.select_server(servers, str(index))
+        server, how = tables.select_server(servers, str(index))
         assert server.index == index and how == f"SERVER_ID={index}"
-        plans = launch.plan_ranks(servers, server, range(16))
+        plans = processes.plan_ranks(servers, server, range(16))
         first = sum(layout[:index])
         assert [p["device_id"] for p in plans] == list(range(count))
         assert [p["rank_id"] for p in plans] == list(range(first, first + count))
@@ -37,23 +37,23 @@ def test_every_server_starts_its_own_devices_with_global_ranks(tmp_path, layout)
 
 
 def test_server_found_by_its_server_id_or_by_this_machines_address(tmp_path):
-    servers = launch.read_rank_table(write_table(tmp_path / "t.json", [2, 2, 2, 2]))
-    assert launch.select_server(servers, "10.0.0.3")[0].index == 3
-    server, how = launch.select_server(servers, None, addresses={"127.0.0.1", "10.0.0.2"})
+    servers = tables.read_rank_table(write_table(tmp_path / "t.json", [2, 2, 2, 2]))
+    assert tables.select_server(servers, "10.0.0.3")[0].index == 3
+    server, how = tables.select_server(servers, None, addresses={"127.0.0.1", "10.0.0.2"})
     assert server.index == 2 and how == "its address 10.0.0.2"
     with pytest.raises(LaunchError, match=r"this machine \(127.0.0.1\) is none of the 4 servers .*give SERVER_ID"):
-        launch.select_server(servers, None, addresses={"127.0.0.1"})
+        tables.select_server(servers, None, addresses={"127.0.0.1"})
     with pytest.raises(LaunchError, match="matches 2 servers"):
-        launch.select_server(servers, "", addresses={"10.0.0.1", "10.0.0.2"})
+        tables.select_server(servers, "", addresses={"10.0.0.1", "10.0.0.2"})
     with pytest.raises(LaunchError, match=r"SERVER_ID=4 is neither a position 0..3"):
-        launch.select_server(servers, "4")
+        tables.select_server(servers, "4")
     # the real address lookup: this machine's loopback address names server 1 of this table
-    servers = launch.read_rank_table(write_table(tmp_path / "lo.json", [2, 2], ["198.51.100.7", "127.0.0.1"]))
-    assert "127.0.0.1" in launch.local_addresses()
-    assert launch.select_server(servers)[0].index == 1
+    servers = tables.read_rank_table(write_table(tmp_path / "lo.json", [2, 2], ["198.51.100.7", "127.0.0.1"]))
+    assert "127.0.0.1" in tables.local_addresses()
+    assert tables.select_server(servers)[0].index == 1
     # one server: no address needed (as before multi-server support)
-    single = launch.read_rank_table(write_table(tmp_path / "one.json", [8], ["198.51.100.7"]))
-    assert launch.select_server(single, None, addresses=set()) == (single[0], "the table's only server")
+    single = tables.read_rank_table(write_table(tmp_path / "one.json", [8], ["198.51.100.7"]))
+    assert tables.select_server(single, None, addresses=set()) == (single[0], "the table's only server")
 
 
 @pytest.mark.parametrize("content, message", [
@@ -75,47 +75,47 @@ def test_unusable_rank_tables_are_one_line(tmp_path, content, message):
     path = tmp_path / "bad.json"
     path.write_text(content if isinstance(content, str) else json.dumps(content))
     with pytest.raises(LaunchError, match=message) as err:
-        launch.read_rank_table(str(path))
+        tables.read_rank_table(str(path))
     assert "\n" not in str(err.value) and str(path) in str(err.value)
 
 
 def test_cpu_shares_come_from_the_allowed_cpus():
-    assert launch.cpu_shares({4, 5, 6, 7}, 2) == [[4, 5], [6, 7]]
-    assert launch.cpu_shares({0, 1}, 4) == [[0], [1], [0], [1]]  # more ranks than CPUs: shared, none idle
-    assert launch.cpu_shares(range(24), 8) == [list(range(i * 3, i * 3 + 3)) for i in range(8)]
-    assert launch.cpu_shares({3, 9, 10}, 1) == [[3, 9, 10]]
-    assert launch.cpu_list([0, 1, 2, 5, 7, 8]) == "0-2,5,7-8"
+    assert processes.cpu_shares({4, 5, 6, 7}, 2) == [[4, 5], [6, 7]]
+    assert processes.cpu_shares({0, 1}, 4) == [[0], [1], [0], [1]]  # more ranks than CPUs: shared, none idle
+    assert processes.cpu_shares(range(24), 8) == [list(range(i * 3, i * 3 + 3)) for i in range(8)]
+    assert processes.cpu_shares({3, 9, 10}, 1) == [[3, 9, 10]]
+    assert processes.cpu_list([0, 1, 2, 5, 7, 8]) == "0-2,5,7-8"
     with pytest.raises(LaunchError):
-        launch.cpu_shares(set(), 1)
+        processes.cpu_shares(set(), 1)
 
 
 def test_arguments_split_into_positionals_launcher_options_and_flags():
-    pos, opts, flags = launch.split_args(["a", "b", "--server_id=1", "--epochs=3", "--dry_run"],
+    pos, opts, flags = arguments.split_args(["a", "b", "--server_id=1", "--epochs=3", "--dry_run"],
                                          ("server_id", "dry_run"))
     assert pos == ["a", "b"] and opts == {"server_id": "1", "dry_run": "True"} and flags == ["--epochs=3"]
     with pytest.raises(LaunchError, match="positional arguments come first"):
-        launch.split_args(["--epochs=3", "a"], ())
+        arguments.split_args(["--epochs=3", "a"], ())
     with pytest.raises(LaunchError, match="are --key=value"):
-        launch.split_args(["--epochs", "3"], ())
+        arguments.split_args(["--epochs", "3"], ())
     names = ["TRAIN_IMG_DIR", "TRAIN_ANN_FILE", "PRETRAINED_BACKBONE", "CONFIG_PATH"]
-    assert launch.assign_optional(["configs/x.yaml"], names) == {"CONFIG_PATH": "configs/x.yaml"}
-    assert launch.assign_optional(["img", "ann.json", "none", "cfg"], names) == dict(
+    assert arguments.assign_optional(["configs/x.yaml"], names) == {"CONFIG_PATH": "configs/x.yaml"}
+    assert arguments.assign_optional(["img", "ann.json", "none", "cfg"], names) == dict(
         zip(names, ["img", "ann.json", "none", "cfg"]))
-    assert launch.assign_optional(["img", "c.yml"], names) == {"TRAIN_IMG_DIR": "img", "CONFIG_PATH": "c.yml"}
+    assert arguments.assign_optional(["img", "c.yml"], names) == {"TRAIN_IMG_DIR": "img", "CONFIG_PATH": "c.yml"}
     with pytest.raises(LaunchError, match="too many arguments: extra"):
-        launch.assign_optional(["a", "b", "c", "d", "extra"], names)
+        arguments.assign_optional(["a", "b", "c", "d", "extra"], names)
 
 
 def test_global_batch_must_split_over_the_devices():
-    from src.model_utils.config import load_config
+    from src.config import load_config
 
     cfg = load_config([])
-    assert launch.batch_flags({}, [], cfg, 8) == ([], cfg.batch_size, cfg.batch_size * 8)
-    assert launch.batch_flags({"global_batch": "16"}, [], cfg, 4) == (["--batch_size=4"], 4, 16)
+    assert arguments.batch_flags({}, [], cfg, 8) == ([], cfg.batch_size, cfg.batch_size * 8)
+    assert arguments.batch_flags({"global_batch": "16"}, [], cfg, 4) == (["--batch_size=4"], 4, 16)
     with pytest.raises(LaunchError, match="the global batch 16 cannot be split over 3 devices"):
-        launch.batch_flags({"global_batch": "16"}, [], cfg, 3)
+        arguments.batch_flags({"global_batch": "16"}, [], cfg, 3)
     with pytest.raises(LaunchError, match="not both"):
-        launch.batch_flags({"global_batch": "16"}, ["--batch_size=2"], cfg, 8)
+        arguments.batch_flags({"global_batch": "16"}, ["--batch_size=2"], cfg, 8)
 
 
 def msrun_args(tmp_path, *extra):
@@ -130,7 +130,7 @@ def msrun_args(tmp_path, *extra):
 def test_msrun_command_for_one_and_several_nodes(tmp_path, monkeypatch):
     for var in ("NODE_NUM", "NODE_RANK", "MASTER_ADDR", "MASTER_PORT", "GLOBAL_BATCH"):
         monkeypatch.delenv(var, raising=False)
-    command, lines, out_dir, dry = launch.msrun_plan(msrun_args(tmp_path, "--epochs=1"))
+    command, lines, out_dir, dry = commands.msrun_plan(msrun_args(tmp_path, "--epochs=1"))
     assert command[:8] == ["msrun", "--worker_num=2", "--local_worker_num=2", "--node_rank=0",
                            "--master_addr=127.0.0.1", "--master_port=8118",
                            f"--log_dir={tmp_path / 'out' / 'msrun_log'}", "--join=True"]
@@ -139,7 +139,7 @@ def test_msrun_command_for_one_and_several_nodes(tmp_path, monkeypatch):
     assert "--pretrained=False" in command and f"--output_dir={tmp_path / 'out'}" in command
     assert "global batch 8" in lines[1]  # synthetic_cpu.yaml: batch 4 per device, 2 devices
 
-    command, lines, _, _ = launch.msrun_plan(msrun_args(tmp_path, "--node_num=3", "--node_rank=2",
+    command, lines, _, _ = commands.msrun_plan(msrun_args(tmp_path, "--node_num=3", "--node_rank=2",
                                                         "--master_addr=10.1.2.3", "--global_batch=12"))
     assert command[1:6] == ["--worker_num=6", "--local_worker_num=2", "--node_rank=2", "--master_addr=10.1.2.3",
                             "--master_port=8118"]
@@ -149,10 +149,10 @@ def test_msrun_command_for_one_and_several_nodes(tmp_path, monkeypatch):
     monkeypatch.setenv("NODE_RANK", "1")
     monkeypatch.setenv("MASTER_ADDR", "10.9.9.9")
     monkeypatch.setenv("MASTER_PORT", "9000")
-    command, _, _, _ = launch.msrun_plan(msrun_args(tmp_path))
+    command, _, _, _ = commands.msrun_plan(msrun_args(tmp_path))
     assert command[1:6] == ["--worker_num=4", "--local_worker_num=2", "--node_rank=1", "--master_addr=10.9.9.9",
                             "--master_port=9000"]
-    assert launch.msrun_plan(msrun_args(tmp_path, "--node_rank=0"))[0][3] == "--node_rank=0"  # flag over env
+    assert commands.msrun_plan(msrun_args(tmp_path, "--node_rank=0"))[0][3] == "--node_rank=0"  # flag over env
 
 
 @pytest.mark.parametrize("extra, env, message", [
@@ -171,5 +171,5 @@ def test_msrun_refuses_bad_node_options(tmp_path, monkeypatch, extra, env, messa
     for key, value in env.items():
         monkeypatch.setenv(key, value)
     with pytest.raises(LaunchError) as err:
-        launch.msrun_plan(msrun_args(tmp_path, *extra))
+        commands.msrun_plan(msrun_args(tmp_path, *extra))
     assert message in str(err.value)

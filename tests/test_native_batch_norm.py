@@ -41,7 +41,7 @@ def numpy_batch_norm(x, gamma, beta, relu, eps=1e-5):
 
 
 class _Norm(nn.Cell):
-    """bn, then a ReLU when relu (the pair use_native_batch_norms fuses)."""
+    """bn, then a ReLU when relu (the pair the batch_norm row of src/ops/backend.py fuses)."""
 
     def __init__(self, channels, relu):
         super().__init__()
@@ -74,7 +74,8 @@ def _train_once(net, x, w):
 
 @pytest.mark.parametrize("case", CASES, ids=lambda c: f"{'x'.join(map(str, c[0]))}-relu{int(c[2])}")
 def test_native_batch_norm_matches_float64_reference(ops_library, mode, case):
-    from src.ops.batch_norm import NativeBatchNorm2d, use_native_batch_norms
+    from src.ops.backend import SwapPlan, replace_portable
+    from src.ops.batch_norm import NativeBatchNorm2d
 
     shape, offset, relu = case
     rng = np.random.default_rng(sum(shape))
@@ -92,7 +93,8 @@ def test_native_batch_norm_matches_float64_reference(ops_library, mode, case):
         net.bn1.gamma.set_data(Tensor(gamma))
         net.bn1.beta.set_data(Tensor(beta))
         if native:
-            assert use_native_batch_norms(net, [(net.bn1, net.relu1)] if relu else []) == 1
+            assert replace_portable(net, SwapPlan.make(relu_pairs=[(net.bn1, net.relu1)] if relu else []),
+                                    only=["batch_norm"]) == {"batch_norm": 1}
             assert isinstance(net.bn1, NativeBatchNorm2d) and net.bn1.relu == relu
             assert isinstance(net.relu1, nn.Identity)
         results.append(_train_once(net, x, w))
@@ -114,7 +116,7 @@ def test_native_batch_norm_matches_float64_reference(ops_library, mode, case):
 
 def test_native_batch_norm_infers_with_the_running_statistics(ops_library):
     """Out of training it is nn.BatchNorm2d's inference (+ the fused ReLU), and the statistics stay."""
-    from src.ops.batch_norm import use_native_batch_norms
+    from src.ops.backend import SwapPlan, replace_portable
 
     rng = np.random.default_rng(5)
     x = Tensor(rng.standard_normal((2, 4, 5, 6)).astype(np.float32))
@@ -126,7 +128,7 @@ def test_native_batch_norm_infers_with_the_running_statistics(ops_library):
         cell.set_train(False)
     before = reference(x).asnumpy()
     stats = [p.asnumpy().copy() for p in (net.bn1.moving_mean, net.bn1.moving_variance)]
-    use_native_batch_norms(net, [(net.bn1, net.relu1)])
+    replace_portable(net, SwapPlan.make(relu_pairs=[(net.bn1, net.relu1)]), only=["batch_norm"])
     np.testing.assert_allclose(net(x).asnumpy(), before, rtol=0, atol=1e-6)
     assert before.min() == 0.0
     for param, value in zip((net.bn1.moving_mean, net.bn1.moving_variance), stats):
@@ -137,7 +139,8 @@ def test_backbone_norm_relu_pairs_and_the_swap_in_a_resnet(ops_library):
     """The pairs are each norm and the ReLU that takes only its output (stem, block insides), not
     the ReLUs after a residual sum; the swap keeps every Parameter (names, objects)."""
     from src.model.backbone import ResNet
-    from src.ops.batch_norm import NativeBatchNorm2d, use_native_batch_norms
+    from src.ops.backend import SwapPlan, replace_portable
+    from src.ops.batch_norm import NativeBatchNorm2d
 
     for name, inner in (("resnet18", 1), ("resnet50", 2)):
         backbone = ResNet(name, freeze_bn=False, freeze_stage_1=False)
@@ -146,7 +149,7 @@ def test_backbone_norm_relu_pairs_and_the_swap_in_a_resnet(ops_library):
         assert len(pairs) == 1 + inner * blocks
         params = [(p.name, id(p)) for p in backbone.get_parameters()]
         norms = sum(type(cell) is nn.BatchNorm2d for _, cell in backbone.cells_and_names())
-        assert use_native_batch_norms(backbone, pairs) == norms
+        assert replace_portable(backbone, SwapPlan.make(relu_pairs=pairs), only=["batch_norm"]) == {"batch_norm": norms}
         assert [(p.name, id(p)) for p in backbone.get_parameters()] == params
         fused = [cell for _, cell in backbone.cells_and_names() if isinstance(cell, NativeBatchNorm2d) and cell.relu]
         assert len(fused) == len(pairs)
@@ -158,7 +161,7 @@ def test_a_training_network_with_native_batch_norms_matches_the_portable_one(ops
     custom op, BatchNorm with its ReLU fused) and the portable one give the same loss-like value,
     gradients of every trainable parameter, and running statistics after the step."""
     from src.builder import build_model
-    from src.model_utils.config import load_config
+    from src.config import load_config
 
     cfg = load_config(["--config_path=configs/synthetic_cpu.yaml", "--fpn_out_channels=32", "--num_head_convs=1",
                        "--min_size=[64]", "--max_size=96", "--freeze_bn=False", "--freeze_stage_1=False",

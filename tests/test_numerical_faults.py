@@ -17,7 +17,7 @@ from src.builder import build_loss, build_model
 from src.engine.checkpoint import load_checkpoint_file, load_weights, split_meta
 from src.engine.train_step import FCOSWithLoss, TrainStep, build_optimizer
 from src.engine.trainer import Trainer, TrainingStopped
-from src.model_utils.config import load_config
+from src.config import load_config
 from tools.synthetic import make_synthetic_coco
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -161,16 +161,13 @@ def test_onednn_convs_with_and_without_bias_in_one_network(ops_library, mode):
 
 
 @pytest.mark.parametrize("freeze_bn", [False, True])
-def test_use_onednn_convs_keeps_the_networks_outputs_and_gradients(ops_library, freeze_bn):
+def test_accelerate_keeps_the_networks_outputs_and_gradients(ops_library, freeze_bn):
     """With freeze_bn the backbone's frozen BatchNorms are folded into the convolutions before
     them (the *Scaled ops, in training and inference) with the ReLU after them, and the head's GroupNorms, the stem's
     max-pool and the FPN's merge run on their custom ops: outputs and every trainable gradient stay those of the portable network."""
     from src.builder import build_model
-    from src.model_utils.config import load_config
-    from src.ops.conv import use_onednn_convs
-    from src.ops.group_norm import use_native_group_norms
-    from src.ops.pooling import use_native_pooling
-    from src.ops.upsample import use_native_upsampling
+    from src.config import load_config
+    from src.ops.backend import SwapPlan, fold_frozen_norms, replace_portable
 
     cfg = load_config(["--config_path=configs/synthetic_cpu.yaml", "--fpn_out_channels=32", "--num_head_convs=1",
                        "--min_size=[64]", "--max_size=96", f"--freeze_bn={freeze_bn}", "--freeze_stage_1=False"])
@@ -192,8 +189,9 @@ def test_use_onednn_convs_keeps_the_networks_outputs_and_gradients(ops_library, 
     want_value, want = network_gradients(network, x, weights)
     names = [p.name for p in network.get_parameters()]
 
-    relu_pairs = network.backbone.norm_relu_pairs()
-    assert use_onednn_convs(network, fold=pairs, relu_pairs=relu_pairs) == convs > 20
+    plan = SwapPlan.make(fold=pairs, relu_pairs=network.backbone.norm_relu_pairs())
+    assert fold_frozen_norms(pairs) == len(pairs)
+    assert replace_portable(network, plan, only=["convolution"]) == {"convolution": convs} and convs > 20
     assert not any(type(cell) is nn.Conv2d for _, cell in network.cells_and_names())
     # the ReLU after each folded norm of the stem and the blocks (1 + 8) is the convolution's
     fused = [cell for _, cell in network.cells_and_names() if isinstance(cell, ops_library) and cell.relu]
@@ -201,9 +199,9 @@ def test_use_onednn_convs_keeps_the_networks_outputs_and_gradients(ops_library, 
     assert sum(isinstance(cell, nn.Identity) for _, cell in network.cells_and_names()) == len(fused)
     assert [p.name for p in network.get_parameters()] == names  # checkpoints unchanged
     assert all(norm.folded for _, norm in pairs)
-    assert use_native_group_norms(network) == 2  # one GroupNorm per tower
-    assert use_native_pooling(network) == 1
-    assert use_native_upsampling(network) == 1
+    # one GroupNorm per tower; no trained BatchNorm with freeze_bn (without, 1 + 2 x 8 + 3 of them)
+    assert replace_portable(network, plan) == {"convolution": 0, "batch_norm": 0 if freeze_bn else 20,
+                                               "group_norm": 2, "stem_pool": 1, "fpn_merge": 1}
     if freeze_bn:  # (trained BatchNorm would normalise by the batch in training mode)
         network.set_train(True)
         for trained, expected in zip(network(Tensor(x)), outputs):
@@ -223,22 +221,19 @@ def test_use_onednn_convs_keeps_the_networks_outputs_and_gradients(ops_library, 
                                    err_msg=name)
 
 
-def test_use_onednn_convs_runs_every_swapped_layer(ops_library):
+def test_every_swapped_convolution_runs(ops_library):
     """Every OneDNNConv2d the swap puts in runs in the forward pass, those inside a SequentialCell
     (the backbone's downsample projections) too: SequentialCell runs its own list of cells, which
     insert_child_to_cell does not update (the old nn.Conv2d kept running there)."""
     from src.builder import build_model
-    from src.model_utils.config import load_config
-    from src.ops.conv import use_onednn_convs
-    from src.ops.group_norm import use_native_group_norms
-    from src.ops.pooling import use_native_pooling
-    from src.ops.upsample import use_native_upsampling
+    from src.config import load_config
+    from src.ops.backend import replace_portable
 
     cfg = load_config(["--config_path=configs/synthetic_cpu.yaml", "--fpn_out_channels=32", "--num_head_convs=1",
                        "--min_size=[64]", "--max_size=96"])
     network = build_model(cfg, portable=True)
     network.head.set_stacking(False)
-    replaced = use_onednn_convs(network)
+    replaced = replace_portable(network, only=["convolution"])["convolution"]
     calls = {}
     for name, cell in network.cells_and_names():
         if isinstance(cell, ops_library):
@@ -253,7 +248,7 @@ def test_use_onednn_convs_runs_every_swapped_layer(ops_library):
 
 
 def _small_config(*overrides):
-    from src.model_utils.config import load_config
+    from src.config import load_config
 
     return load_config(["--config_path=configs/synthetic_cpu.yaml", "--fpn_out_channels=32", "--num_head_convs=1",
                         "--min_size=[64]", "--max_size=96", *overrides])
@@ -276,10 +271,10 @@ def test_build_model_puts_in_the_convolutions_conv_impl_selects(ops_library, con
 
 def test_conv_impl_on_other_devices_and_with_mixed_precision(ops_library):
     from src.builder import build_model
-    from src.model_utils.config import ConfigError
-    from src.ops.select import select_conv_impl
+    from src.config import ConfigError
+    from src.ops.backend import enable_native_ops
 
-    assert select_conv_impl("onednn", "Ascend") == select_conv_impl("auto", "GPU") == "mindspore"
+    assert not enable_native_ops("onednn", "Ascend") and not enable_native_ops("auto", "GPU")
     with pytest.raises(ConfigError, match=r"--conv_impl=onednn: .*float32 only \(amp_level=O2\)"):
         build_model(_small_config("--conv_impl=onednn", "--amp_level=O2"))
 
@@ -288,14 +283,14 @@ def test_without_the_ops_auto_falls_back_in_one_line_and_onednn_is_an_error(tmp_
     import logging
 
     import src.ops.build as ops_build
-    import src.ops.select as ops_select
+    import src.ops.backend as ops_backend
     from src.builder import build_model
-    from src.model_utils.config import ConfigError
+    from src.config import ConfigError
     from src.ops.conv import OneDNNConv2d
     from src.ops.group_norm import NativeGroupNormFunction
 
     monkeypatch.setattr(ops_build, "_LIBRARY", None)
-    monkeypatch.setattr(ops_select, "_said", set())
+    monkeypatch.setattr(ops_backend, "_said", set())
     monkeypatch.setenv("FCOS_OPS_CACHE", str(tmp_path / "cache"))
     monkeypatch.setenv("ONEDNN_INCLUDE", str(tmp_path / "nowhere"))
     for name in ("prefix", "base_prefix"):
@@ -313,10 +308,12 @@ def test_without_the_ops_auto_falls_back_in_one_line_and_onednn_is_an_error(tmp_
 
 def test_export_refuses_a_network_with_custom_op_convolutions(ops_library, tmp_path):
     from src.builder import build_inference, build_model
-    from src.deploy.export import export_model
+    from src.inference.export import export_model
 
     cfg = _small_config("--conv_impl=onednn")
-    with pytest.raises(ValueError, match=r"portable=True"):
-        export_model(build_inference(cfg, build_model(cfg)), Tensor(np.zeros((1, 3, 64, 96), np.float32)),
+    network = build_model(cfg)
+    assert network.backend["kind"] == "native" and network.backend["layout"] == "channels_last"
+    with pytest.raises(ValueError, match=r"runs on the CPU native ops \(build the network with portable=True\)"):
+        export_model(build_inference(cfg, network), Tensor(np.zeros((1, 3, 64, 96), np.float32)),
                      str(tmp_path / "fcos.mindir"), "MINDIR")
     assert not list(tmp_path.iterdir())

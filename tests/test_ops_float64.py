@@ -91,7 +91,7 @@ def relative_error(got, want):
 
 
 def to_storage(x, channels_last):
-    """NCHW values -> the op's storage (channels-last keeps the NCHW shape, src/ops/layout.py)."""
+    """NCHW values -> the op's storage (channels-last keeps the NCHW shape, src/ops/backend.py)."""
     if not channels_last:
         return x
     n, c, h, w = x.shape
@@ -163,7 +163,7 @@ SIZES = padded_sizes()
 GEOMETRIES = {size: r50_fpn_geometries(*size) for size in SIZES}
 CONV_CASES = [(size, conv) for size in SIZES for conv in GEOMETRIES[size][0]]
 STORAGES = {"nchw": False, "channels_last": True}
-# Training runs with oneDNN's ISA cap lifted (AVX-512 kernels, src/ops/select.py), which a test
+# Training runs with oneDNN's ISA cap lifted (AVX-512 kernels, src/ops/backend.py), which a test
 # session that ran MindSpore's own convolutions cannot do: the checks run in a process of their own.
 LIFTED_RUN = os.environ.get("FCOS_TEST_LIFT_ISA") == "1"
 needs_lifted = pytest.mark.skipif(not LIFTED_RUN, reason="run by test_every_op_with_the_isa_cap_lifted")

@@ -40,7 +40,7 @@ from mindspore import ParameterTuple, Tensor, nn, ops
 from conftest import parity_dir
 from src.builder import build_loss, build_model
 from src.engine.train_step import FCOSWithLoss
-from src.model_utils.config import load_config
+from src.config import load_config
 from tests.test_parity_loss_decode import padded_ground_truth
 from tools.convert_torchvision import torchvision_to_mindspore
 

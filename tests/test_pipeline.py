@@ -14,7 +14,7 @@ from src.data.coco import CocoDataset
 from src.data.pipeline import (PAD_IMAGE_ID, create_eval_dataset, create_train_dataset, group_by_bucket, pad_targets,
                                plan_eval_batches, plan_train_epoch, resolve_pad_buckets)
 from src.data.transforms import TrainTransform
-from src.model_utils.config import load_config
+from src.config import load_config
 from tools.synthetic import make_synthetic_coco
 
 DEEPFOREST = os.path.join(ROOT, "data", "deepforest")

@@ -13,7 +13,7 @@ import pytest
 import predict
 from src.builder import build_model
 from src.inference.runtime import RUNTIMES
-from src.model_utils.config import load_config
+from src.config import load_config
 from src.utils.visualize import caption, draw_detections, label_colour, save_image
 from tools.synthetic import make_synthetic_coco
 

@@ -14,7 +14,7 @@ from src.data.coco import CocoDataset
 from src.data.pipeline import SYNTHETIC_ID, create_train_dataset, window_samples
 from src.data.synthetic_crowns import RADIUS_RANGE, make_stand
 from src.data.transforms import TrainTransform
-from src.model_utils.config import ConfigError, load_config
+from src.config import ConfigError, load_config
 from tools.synthetic import make_synthetic_coco
 from tools.synthetic_crowns import preview
 

@@ -24,7 +24,7 @@ import numpy as np
 from src.data.coco import CocoDataset
 from src.data.pipeline import synthetic_samples, window_samples
 from src.engine.checkpoint import newest_checkpoint
-from src.model_utils.config import load_config
+from src.config import load_config
 from tools.make_deepforest import held_out_fold
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

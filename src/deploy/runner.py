@@ -14,7 +14,7 @@ import numpy as np
 from mindspore import Tensor, nn
 
 from src.deploy.contract import OUTPUT_DTYPES, list_input_bins, read_input_bin, write_infer_time, write_result
-from src.engine.context import init_context
+from src.utils.context import init_context
 
 _MINDIR_FLOAT32 = 1  # TensorProto.DataType FLOAT in mind_ir.proto
 

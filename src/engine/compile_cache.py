@@ -36,9 +36,8 @@ import time
 import mindspore as ms
 import numpy as np
 
-from src.model_utils.config import schema
-from src.ops.build import loaded_library
-from src.ops.select import isa_cap
+from src.config import schema
+from src.ops.backend import backend_of
 
 logger = logging.getLogger("fcos")
 
@@ -70,6 +69,7 @@ class PlannedGraph:
         """JSON-able identity: cell class, mode, parameters (name, shape, dtype) and inputs."""
         params = [(p.name, list(p.shape), str(p.dtype)) for p in self.cell.get_parameters()]
         return {"cell": type(self.cell).__name__, "training": self.training, "params": params,
+                "backend": backend_of(self.cell),
                 "inputs": [(list(shape), dtype.name) for shape, dtype in self.inputs]}
 
     def compile(self):
@@ -94,7 +94,6 @@ def source_digest():
 def plan_digest(cfg, graphs):
     """Name of the cache folder for this configuration and sequence of graphs (16 hex digits)."""
     identity = {"source": source_digest(), "mindspore": ms.__version__,
-                "isa": isa_cap(), "ops": loaded_library(),
                 "config": graph_config(cfg),
                 "graphs": [g.describe() for g in graphs]}
     return hashlib.sha256(json.dumps(identity, sort_keys=True, default=str).encode()).hexdigest()[:16]

@@ -9,7 +9,7 @@ import time
 import mindspore as ms
 
 from src.engine.checkpoint import CheckpointKeeper, fitting_params, read_best_ap, save_best
-from src.engine.progress import Progress
+from src.utils.progress import Progress
 
 logger = logging.getLogger("fcos")
 

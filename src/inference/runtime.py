@@ -13,7 +13,7 @@ import time
 import numpy as np
 from mindspore import Tensor
 
-from src.deploy.export import export_model
+from src.inference.export import export_model
 
 logger = logging.getLogger("fcos")
 

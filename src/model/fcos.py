@@ -40,12 +40,12 @@ class FCOS(nn.Cell):
 
     def features(self, images):
         """images (B, 3, H, W) -> FPN outputs (P3, ..., P7), each (B, fpn_out_channels, H_l, W_l)
-        (in channels-last storage where build_model chose it, src/ops/layout.py)."""
+        (in channels-last storage where build_model chose it, src/ops/backend.py)."""
         return self.fpn(self.backbone(images))
 
     def layout_edges(self):
         """-> (the convolutions reading the network's input, those writing its outputs): where
-        channels-last storage between the layers (src/ops/layout.py) starts and ends."""
+        channels-last storage between the layers (src/ops/backend.py) starts and ends."""
         return (self.backbone.conv1,), self.head.output_convs()
 
     def construct(self, images):

@@ -17,7 +17,7 @@
 // nn.BatchNorm2d(momentum=0.9) -> 0.1, torch's momentum), relu (1: y = max(0, BatchNorm(x)), the
 // ReLU that follows a backbone norm, saving its own pass over the tensor each way; the backward
 // recomputes the mask from x), channels_last (1: x, y, dy, dx in channels-last storage,
-// src/ops/layout.py). rstd = 1 / sqrt(biased variance + eps); the running variance takes
+// src/ops/backend.py). rstd = 1 / sqrt(biased variance + eps); the running variance takes
 // the unbiased variance (MindSpore's and torch's rule). In channels-last storage a task is a block
 // of pixels, all channels at once (norm_loops.h).
 #include <algorithm>

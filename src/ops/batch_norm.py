@@ -4,20 +4,19 @@ NativeBatchNorm2d is an nn.BatchNorm2d (same Parameters and checkpoint names); i
 normalises with the batch's statistics through two kernels (forward, backward),
 optionally applying the ReLU that follows it, and moves the running statistics by MindSpore's
 rule (momentum, unbiased variance) with two Assigns; out of training a third kernel normalises
-with the running statistics. use_native_batch_norms swaps it into a network whose convolutions
+with the running statistics. The backend (src/ops/backend.py) swaps it into a network whose convolutions
 run on the custom ops.
 """
 import numpy as np
 from mindspore import Tensor, nn, ops
 
 from src.ops.build import library
-from src.ops.swap import drop_cells, replace_cells
 
 
 class NativeBatchNorm2d(nn.BatchNorm2d):
     """nn.BatchNorm2d whose training forward and backward are custom ops: x (B, C, H, W) -> same
     shape; relu: the output is max(0, BatchNorm(x)), in training and in inference; channels_last:
-    x and y in channels-last storage (src/ops/layout.py).
+    x and y in channels-last storage (src/ops/backend.py).
 
     The forward op also returns the batch's per-channel mean and 1/sqrt(var + eps), (C,) each, which
     only the backward op reads, and the new running mean and variance, (C,) each, assigned here.
@@ -53,26 +52,3 @@ class NativeBatchNorm2d(nn.BatchNorm2d):
                                                        self.moving_variance, self.attrs)
         y = ops.depend(y, ops.assign(self.moving_mean, ops.stop_gradient(new_mean)))
         return ops.depend(y, ops.assign(self.moving_variance, ops.stop_gradient(new_variance)))
-
-
-def use_native_batch_norms(network, relu_pairs=(), channels_last=False):
-    """Replace every nn.BatchNorm2d of network (the trained ones; frozen ones are folded into their
-    convolutions) by a NativeBatchNorm2d holding the same Parameter objects, in place -> how many.
-
-    relu_pairs: (norm, nn.ReLU taking only that norm's output) pairs (ResNet.norm_relu_pairs());
-    such a norm applies the ReLU itself and the ReLU cell becomes an identity. channels_last: the
-    norms' tensors in channels-last storage (src/ops/layout.py).
-    """
-    relu_after = {id(norm) for norm, _ in relu_pairs}
-
-    def make(child):
-        new = NativeBatchNorm2d(child.num_features, eps=child.eps, momentum=1.0 - child.momentum,
-                                relu=id(child) in relu_after, channels_last=channels_last)
-        new.gamma, new.beta = child.gamma, child.beta
-        new.moving_mean, new.moving_variance = child.moving_mean, child.moving_variance
-        return new
-
-    trained = [(norm, relu) for norm, relu in relu_pairs if type(norm) is nn.BatchNorm2d]  # before the swap
-    replaced = replace_cells(network, lambda cell: type(cell) is nn.BatchNorm2d, make)
-    drop_cells(network, [relu for _, relu in trained])
-    return replaced

@@ -3,7 +3,7 @@
 Same constructor, parameters and checkpoint names as nn.Conv2d (it is one), so weights load
 either way; only construct differs. The kernels are src/ops/onednn_conv.cc, built on first use
 (src/ops/build.py). oneDNN picks blocked layouts and AVX-512 kernels itself once the AVX2 cap
-of src/__init__.py is lifted (src/ops/select.py does that when a run selects these convolutions);
+of src/__init__.py is lifted (src/ops/backend.py does that when a run selects these convolutions);
 under the cap they run AVX2 kernels, same results.
 """
 import numpy as np
@@ -11,7 +11,6 @@ from mindspore import Tensor, nn, ops
 from mindspore.ops.auto_generate import ReluGrad
 
 from src.ops.build import library
-from src.ops.swap import drop_cells, replace_cells
 
 
 def _pair(value):
@@ -42,7 +41,7 @@ class OneDNNConv2d(nn.Conv2d):
     (names, checkpoints); it is kept out of this cell's children for that. relu (with a folded
     norm only): the output is max(0, norm(conv(x))), the ReLU that follows the norm, as a oneDNN
     post-op (no pass of its own forward; backward, MindSpore's ReluGrad before the adjoints).
-    x_channels_last, y_channels_last: x, and y, are in channels-last storage (src/ops/layout.py);
+    x_channels_last, y_channels_last: x, and y, are in channels-last storage (src/ops/backend.py);
     the gradients dx and dy take the same storage.
     """
 
@@ -54,7 +53,8 @@ class OneDNNConv2d(nn.Conv2d):
         if folded_norm is not None:
             if self.has_bias:
                 raise ValueError("OneDNNConv2d folds a norm only into a bias-free convolution")
-            folded_norm.folded = True
+            if not getattr(folded_norm, "folded", False):
+                raise ValueError("fold the norm first (src/ops/backend.py fold_frozen_norms)")
             self.forward_op, self.attrs = self._scaled_forward(relu)
         else:
             self.forward_op, self.attrs = self._forward(self.has_bias)
@@ -150,35 +150,3 @@ class OneDNNConv2d(nn.Conv2d):
         if self.has_bias:
             return self.forward_op(x, self.weight, self.bias, self.attrs)
         return self.forward_op(x, self.weight, self.attrs)
-
-
-def use_onednn_convs(network, fold=(), relu_pairs=(), channels_last=False, edges=((), ())):
-    """Replace every nn.Conv2d of network, in place, by an OneDNNConv2d holding the same Parameter
-    objects (names, values, requires_grad) -> the number replaced. fold: (conv, FrozenBatchNorm2d)
-    pairs whose norm the new convolution applies (see OneDNNConv2d). relu_pairs: (norm, nn.ReLU
-    taking only that norm's output) pairs (ResNet.norm_relu_pairs()); where the norm is folded the
-    convolution applies the ReLU too, and the ReLU cell becomes an identity. channels_last: the
-    activations in channels-last storage, but for edges = (convolutions reading NCHW,
-    convolutions writing NCHW) (FCOS.layout_edges()). Cells that call ops.Conv2D directly (the
-    head's stacked convolutions: FCOSHead.set_stacking(False) turns them back into their layers)
-    are not reached."""
-    norms = {id(conv): norm for conv, norm in fold}
-    relus = {id(norm): relu for norm, relu in relu_pairs}
-    nchw_in, nchw_out = ({id(conv) for conv in side} for side in edges)
-
-    def make(child):
-        norm = norms.get(id(child))
-        new = OneDNNConv2d(child.in_channels, child.out_channels, child.kernel_size, stride=child.stride,
-                           pad_mode=child.pad_mode, padding=child.padding, dilation=child.dilation,
-                           group=child.group, has_bias=child.has_bias, folded_norm=norm,
-                           relu=norm is not None and id(norm) in relus,
-                           x_channels_last=channels_last and id(child) not in nchw_in,
-                           y_channels_last=channels_last and id(child) not in nchw_out)
-        new.weight = child.weight
-        if child.has_bias:
-            new.bias = child.bias
-        return new
-
-    replaced = replace_cells(network, lambda cell: type(cell) is nn.Conv2d, make)
-    drop_cells(network, [relus[id(norm)] for _, norm in fold if id(norm) in relus])
-    return replaced

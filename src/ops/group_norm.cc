@@ -12,7 +12,7 @@
 //   FcosGroupNormForward:  x (N,C,H,W), gamma (C), beta (C), attrs -> y (N,C,H,W), mean (N,G), rstd (N,G)
 //   FcosGroupNormBackward: x, gamma, mean, rstd, dy, attrs -> dx (N,C,H,W), dgamma (C), dbeta (C)
 // attrs: float64 (3,) = groups, eps, channels_last (1: x, y, dy, dx in channels-last storage,
-// src/ops/layout.py). rstd = 1 / sqrt(biased variance + eps), torch's definition.
+// src/ops/backend.py). rstd = 1 / sqrt(biased variance + eps), torch's definition.
 // A group's channels are contiguous in NCHW, so one task is one (image, group) block; in
 // channels-last storage a task is a block of one image's pixels, all channels at once, and the
 // per-channel sums are added up by group (norm_loops.h).

@@ -1,7 +1,7 @@
 """GroupNorm computed by C++ custom ops on CPU (src/ops/group_norm.cc).
 
 NativeGroupNormFunction has the contract of src/model/norm.py's GroupNormFunction (x, gamma, beta
--> y, biased variance, float32), so use_native_group_norms swaps it into every GroupNorm of a
+-> y, biased variance, float32), so the backend (src/ops/backend.py) swaps it into every GroupNorm of a
 network whose convolutions run on the custom ops; GroupNorm's Parameters and checkpoint names do
 not change. Two kernels a call (forward, backward) instead of about 30 MatMul, BatchNorm and
 element-wise kernels (docs/performance.md).
@@ -9,13 +9,12 @@ element-wise kernels (docs/performance.md).
 import numpy as np
 from mindspore import Tensor, nn, ops
 
-from src.model.norm import GroupNorm
 from src.ops.build import library
 
 
 class NativeGroupNormFunction(nn.Cell):
     """construct(x (B, C, H, W), gamma (C,), beta (C,)) -> y (B, C, H, W), float32; channels_last:
-    x and y in channels-last storage (src/ops/layout.py).
+    x and y in channels-last storage (src/ops/backend.py).
 
     The forward op also returns each (image, group)'s mean and 1/sqrt(var + eps), (B, G) each,
     which only the backward op reads.
@@ -48,11 +47,3 @@ class NativeGroupNormFunction(nn.Cell):
 
     def construct(self, x, gamma, beta):
         return self.forward(x, gamma, beta, self.attrs)[0]
-
-
-def use_native_group_norms(network, channels_last=False):
-    """Compute every GroupNorm of network with NativeGroupNormFunction, in place -> how many."""
-    norms = [cell for _, cell in network.cells_and_names() if isinstance(cell, GroupNorm)]
-    for norm in norms:
-        norm.function = NativeGroupNormFunction(norm.function.num_groups, norm.function.eps, channels_last)
-    return len(norms)

@@ -1,7 +1,7 @@
 // The vectorised loops of a normalisation that the GroupNorm and BatchNorm kernels share
 // (src/ops/group_norm.cc, src/ops/batch_norm.cc), and their argument check: over one row of a
 // channel's H*W values (NCHW), and over blocks of pixels, each a row of C channels (channels-last
-// storage, src/ops/layout.py), with a value per channel in m, a, b.
+// storage, src/ops/backend.py), with a value per channel in m, a, b.
 #ifndef FCOS_OPS_NORM_LOOPS_H_
 #define FCOS_OPS_NORM_LOOPS_H_
 

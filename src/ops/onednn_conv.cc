@@ -13,7 +13,7 @@
 //   FcosConvForwardScaledRelu: FcosConvForwardScaled followed by a ReLU (a oneDNN post-op)
 // attrs: int64 (11,) = stride_h, stride_w, pad_h, pad_w, dilation_h, dilation_w, groups, has_bias, relu,
 // x_channels_last, y_channels_last. A tensor in channels-last storage keeps its (N,C,H,W) shape but
-// holds its values in (N,H,W,C) order (src/ops/layout.py): between two layers that both take it,
+// holds its values in (N,H,W,C) order (src/ops/backend.py): between two layers that both take it,
 // oneDNN runs its channels-last kernels on it directly, with no reorder; a plain NCHW tensor is
 // reordered to the layout oneDNN picks and back.
 // Primitives and reorders are built once per shape and attributes and kept; blocked copies of the

@@ -13,7 +13,7 @@
 //   FcosMaxPoolForward:  x (N,C,H,W) -> y (N,C,ceil(H/2),ceil(W/2))
 //   FcosMaxPoolBackward: x, dy -> dx (N,C,H,W)
 //   FcosMaxPoolForwardChannelsLast, FcosMaxPoolBackwardChannelsLast: the same on channels-last
-//   storage (src/ops/layout.py), every channel of a pixel at once; the backward first finds every
+//   storage (src/ops/backend.py), every channel of a pixel at once; the backward first finds every
 //   window's maxima (one pass, like the forward), then gathers each dx row as below.
 // y is the maximum over the window's rows 2i-1..2i+1 and columns 2j-1..2j+1 inside the map (the
 // padding is -inf, as torch's). The backward sends dy to the window's first maximum in row-major

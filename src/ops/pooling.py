@@ -1,19 +1,17 @@
 """The stem's max-pool computed by C++ custom ops on CPU (src/ops/pooling.cc).
 
-NativeStemMaxPool has StemMaxPool's contract (torch's MaxPool2d(3, 2, padding=1)); use_native_pooling
-swaps it into a network whose convolutions run on the custom ops (no Parameters involved).
+NativeStemMaxPool has StemMaxPool's contract (torch's MaxPool2d(3, 2, padding=1)); the backend
+(src/ops/backend.py) swaps it into a network whose convolutions run on the custom ops.
 """
 from mindspore import nn, ops
 
-from src.model.backbone import StemMaxPool
 from src.ops.build import library
-from src.ops.swap import replace_cells
 
 
 class NativeStemMaxPool(nn.Cell):
     """(B, C, H, W) -> (B, C, ceil(H/2), ceil(W/2)): the maximum of each 3x3 window at stride 2,
     padding -inf; its gradient goes to the window's first maximum (row-major). channels_last: x
-    and y in channels-last storage (src/ops/layout.py)."""
+    and y in channels-last storage (src/ops/backend.py)."""
 
     def __init__(self, channels_last=False):
         super().__init__()
@@ -31,9 +29,3 @@ class NativeStemMaxPool(nn.Cell):
 
     def construct(self, x):
         return self.forward(x)
-
-
-def use_native_pooling(network, channels_last=False):
-    """Replace every StemMaxPool of network by NativeStemMaxPool, in place -> how many."""
-    return replace_cells(network, lambda cell: isinstance(cell, StemMaxPool),
-                         lambda _: NativeStemMaxPool(channels_last))

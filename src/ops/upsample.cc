@@ -10,7 +10,7 @@
 //   FcosUpsampleAdd:         lateral (N,C,H,W), top (N,C,h,w) -> y (N,C,H,W)
 //   FcosUpsampleAddBackward: top, dy (N,C,H,W) -> dtop (N,C,h,w)
 //   FcosUpsampleAddChannelsLast, FcosUpsampleAddBackwardChannelsLast: the same on channels-last
-//   storage (src/ops/layout.py), a pixel's channels at once
+//   storage (src/ops/backend.py), a pixel's channels at once
 // Source index of output row i is floor(i * h / H) (torch's 'nearest', MindSpore's
 // ResizeNearestNeighbor without align_corners), the same for columns; any sizes.
 #include <cstdint>

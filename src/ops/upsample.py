@@ -1,19 +1,17 @@
 """The FPN's top-down merge computed by C++ custom ops on CPU (src/ops/upsample.cc).
 
-NativeUpsampleAdd has UpsampleAdd's contract (src/model/fpn.py); use_native_upsampling swaps it
+NativeUpsampleAdd has UpsampleAdd's contract (src/model/fpn.py); the backend (src/ops/backend.py) swaps it
 into a network whose convolutions run on the custom ops (no Parameters involved).
 """
 from mindspore import nn, ops
 
-from src.model.fpn import UpsampleAdd
 from src.ops.build import library
-from src.ops.swap import replace_cells
 
 
 class NativeUpsampleAdd(nn.Cell):
     """construct(lateral (B, C, H, W), top (B, C, h, w)) -> lateral + top nearest-upsampled to
     (H, W), source index floor(dst * h / H). channels_last: the three tensors in channels-last
-    storage (src/ops/layout.py)."""
+    storage (src/ops/backend.py)."""
 
     def __init__(self, channels_last=False):
         super().__init__()
@@ -30,9 +28,3 @@ class NativeUpsampleAdd(nn.Cell):
 
     def construct(self, lateral, top):
         return self.forward(lateral, top)
-
-
-def use_native_upsampling(network, channels_last=False):
-    """Replace every UpsampleAdd of network by NativeUpsampleAdd, in place -> how many."""
-    return replace_cells(network, lambda cell: isinstance(cell, UpsampleAdd),
-                         lambda _: NativeUpsampleAdd(channels_last))

@@ -1,4 +1,4 @@
-"""Time COCO bbox scoring with both backends of src.engine.coco_eval on a COCO-sized synthetic set:
+"""Time COCO bbox scoring with both backends of src.evaluation.coco_eval on a COCO-sized synthetic set:
 
     python -m tools.benchmark.coco [--num_images 5000] [--boxes_per_image 7] [--detections_per_image 100]
 
@@ -17,7 +17,7 @@ import time
 import numpy as np
 
 from src.data.coco import coco_index
-from src.engine.coco_eval import BACKENDS, STAT_KEYS, coco_evaluate, faster_coco_eval
+from src.evaluation.coco_eval import BACKENDS, STAT_KEYS, coco_evaluate, faster_coco_eval
 
 NUM_CATEGORIES = 80
 

@@ -26,7 +26,7 @@ from tools.benchmark.common import CONV_TIME_KEYS, aligned, best_ms
 def layer_spec(cell, input_shape):
     """An nn.Conv2d and the (B, C, H, W) shape it is called with -> a JSON-able description;
     channels_last: whether its input and output are in channels-last storage in the network
-    (src/ops/layout.py; the custom ops only)."""
+    (src/ops/backend.py; the custom ops only)."""
     pad = cell.padding if isinstance(cell.padding, tuple) else (cell.padding,) * 4
     if cell.pad_mode != "pad" or pad[0] != pad[1] or pad[2] != pad[3]:
         raise ValueError(f"{cell.cls_name}: only symmetric pad_mode='pad' convolutions can be timed "

@@ -1,7 +1,7 @@
 """What lifting MindSpore's oneDNN ISA cap does to the network's other oneDNN-backed CPU ops.
 
 src/__init__.py caps oneDNN at AVX2 (MindSpore's own NCHW convolutions need it) and
-src/ops/select.py lifts the cap when every convolution runs as a oneDNN custom op. The cap is
+src/ops/backend.py lifts the cap when every convolution runs as a oneDNN custom op. The cap is
 process-wide, so this times, in two child processes (cap on, cap lifted), forward and
 forward+backward of each other kind of op an FCOS training step runs on CPU, at the shapes of
 R50-FPN 800x1216 batch 1 (or --scale 0.5 for quicker numbers):
@@ -87,7 +87,7 @@ def main(argv=None):
     if args.child:
         import src  # noqa: F401  (the AVX2 default, before mindspore)
         if args.child == "lifted":
-            from src.ops.select import lift_isa_cap
+            from src.ops.backend import lift_isa_cap
             lift_isa_cap()
         print(json.dumps(run_child(args.scale, args.steps)))
         return

@@ -60,16 +60,16 @@ import src  # noqa: F401  (sets the oneDNN ISA before mindspore loads)
 import mindspore as ms
 import numpy as np
 
-from src.builder import (build_inference, build_model, build_train_dataset, build_train_step, conv_impl,
+from src.builder import (build_inference, build_model, build_train_dataset, build_train_step, native_ops,
                          precompile_graphs, selection_kwargs)
 from src.data.pipeline import resolve_pad_buckets, window_pad_shape
-from src.deploy.export import export_model
+from src.inference.export import export_model
 from src.engine.compile_cache import PlannedGraph
-from src.engine.context import init_context
+from src.utils.context import init_context
 from src.engine.lr_schedule import scaled_lr
 from src.inference.select import postprocess_batch
-from src.model_utils.config import ConfigError, guard_main, load_config, schema
-from src.ops.select import isa_cap
+from src.config import ConfigError, guard_main, load_config, schema
+from src.ops.backend import isa_cap
 from tools.benchmark.common import (CONV_TIME_KEYS, format_table, json_line, peak_rss_mb, summarise,
                                     synthetic_ground_truth, time_steps)
 from tools.benchmark.convs import format_layers, time_layer, totals, trace_layers
@@ -253,7 +253,7 @@ def describe_run(args, cfg):
         versions["onnxruntime"] = onnxruntime.__version__
     convolutions = None  # data: no network
     if args.mode != "data":
-        convolutions = conv_impl(cfg) if args.runtime == "mindspore" else "onnxruntime"
+        convolutions = ("onednn" if native_ops(cfg) else "mindspore") if args.runtime == "mindspore" else "onnxruntime"
     return {"framework": args.runtime, "mode": args.mode, "batch_size": cfg.batch_size,
             "input": f"{args.height}x{args.width}", "steps": args.steps, "warmup": args.warmup,
             "conv_impl": convolutions, "channels_last": convolutions == "onednn" and cfg.channels_last,
@@ -298,7 +298,7 @@ def run_convs(args, cfg):
     for index, layer in enumerate(layers, 1):
         print(f"layer {index}/{len(layers)}: {layer['input']} -> {layer['out_channels']} channels, "
               f"kernel {layer['kernel']}, stride {layer['stride']}", file=sys.stderr, flush=True)
-        layer.update(time_layer(layer, args.steps, args.warmup, conv_impl(cfg)))
+        layer.update(time_layer(layer, args.steps, args.warmup, "onednn" if native_ops(cfg) else "mindspore"))
     result.update({"layers": layers, "totals": totals(layers), "peak_rss_mb": round(peak_rss_mb(), 1)})
     if args.compare_torchvision:
         result["ratio"] = {"fwd_bwd_ms": round(result["totals"]["fwd_bwd_ms"] /

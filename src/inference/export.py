@@ -1,8 +1,6 @@
 """Export of the inference cell to MINDIR, AIR or ONNX (export.py and the benchmark's ONNX route)."""
 import mindspore as ms
 
-from src.ops.conv import OneDNNConv2d
-from src.ops.group_norm import NativeGroupNormFunction
 from src.utils.io import atomic_path
 
 EXTENSIONS = {"MINDIR": ".mindir", "AIR": ".air", "ONNX": ".onnx"}
@@ -13,12 +11,13 @@ def export_model(infer_cell, inputs, path, file_format):
 
     ONNX gets named inputs and outputs (images -> boxes, scores, labels), as onnxruntime users
     address them. A cell with custom ops (convolutions, GroupNorm) is refused (ValueError): its file would
-    name a library on this machine; build it with builder.build_model(cfg, portable=True).
+    name a library on this machine (the record accelerate leaves, src/ops/backend.py); build it
+    with builder.build_model(cfg, portable=True).
     """
-    custom = [name for name, cell in infer_cell.cells_and_names()
-              if isinstance(cell, (OneDNNConv2d, NativeGroupNormFunction))]
-    if custom:
-        raise ValueError(f"export needs MindSpore's own kernels, {custom[0]} is a custom op "
+    native = [name for name, cell in infer_cell.cells_and_names()
+              if getattr(cell, "backend", {"kind": "portable"})["kind"] != "portable"]
+    if native:
+        raise ValueError(f"export needs MindSpore's own kernels, {native[0] or 'the network'} runs on the CPU native ops "
                          "(build the network with portable=True)")
     with atomic_path(path) as tmp:
         if file_format == "ONNX":

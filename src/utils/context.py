@@ -5,7 +5,7 @@ import sys
 
 import mindspore as ms
 
-from src.model_utils.config import ConfigError
+from src.config import ConfigError
 
 logger = logging.getLogger("fcos")
 

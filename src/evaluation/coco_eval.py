@@ -15,7 +15,7 @@ except ImportError:
     faster_coco_eval = None
 
 from src.data.coco import clean_box, coco_index, read_coco_json
-from src.model_utils.config import ConfigError
+from src.config import ConfigError
 from src.utils.io import write_json_atomic
 
 logger = logging.getLogger("fcos")

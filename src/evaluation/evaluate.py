@@ -6,8 +6,8 @@ import logging
 import time
 
 from src.data.pipeline import PAD_IMAGE_ID
-from src.engine.coco_eval import coco_evaluate, load_coco, to_coco_results
-from src.engine.progress import Progress
+from src.evaluation.coco_eval import coco_evaluate, load_coco, to_coco_results
+from src.utils.progress import Progress
 from src.inference.select import postprocess_batch
 from src.inference.tta import IDENTITY, view_candidates
 
