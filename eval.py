@@ -13,7 +13,8 @@ import src  # noqa: F401  (sets the oneDNN ISA before mindspore loads)
 from src.builder import (build_eval_dataset, build_inference, build_runtime, load_network, selection_kwargs,
                          tta_views)
 from src.evaluation.coco_eval import check_category_count
-from src.utils.context import init_context, setup_logging
+from src.utils.context import init_context
+from src.utils.logs import setup_logging
 from src.evaluation.evaluate import evaluate
 from src.config import ConfigError, guard_main, load_config, require_files
 

@@ -15,7 +15,7 @@ import src  # noqa: F401  (sets the oneDNN ISA before mindspore loads)
 from src.data.coco import DatasetError, label_maps
 from src.deploy.contract import export_candidates, read_export_info, read_infer_time, read_preprocess_info, read_result
 from src.evaluation.coco_eval import check_category_count, coco_evaluate, load_coco, to_coco_results
-from src.utils.context import setup_logging
+from src.utils.logs import setup_logging
 from src.inference.select import select_detections
 from src.config import ConfigError, Flag, guard_main, load_config, require_files
 

@@ -14,13 +14,12 @@ import glob
 import logging
 import os
 
-import src  # noqa: F401  (sets the oneDNN ISA before mindspore loads)
-from src.builder import eval_size
 from src.data.coco import CocoDataset, DatasetError
-from src.data.transforms import keep_ratio_size, preprocess_image
+from src.geometry import EvalGeometry, PadBucketError, keep_ratio_size
+from src.data.transforms import preprocess_image
 from src.deploy.contract import (IMAGES_DIR, bin_names, check_export_shape, read_export_info, write_input_bin,
                                  remove_preprocess_info, write_preprocess_info)
-from src.utils.context import setup_logging
+from src.utils.logs import setup_logging
 from src.config import ConfigError, Flag, guard_main, load_config, require_files
 
 logger = logging.getLogger("fcos")
@@ -32,7 +31,11 @@ FLAGS = {"export_info": Flag("", "export.py's .json: sets the export shape, min_
 def resize_settings(cfg, export_info_path):
     """-> (min_size, max_size, (H, W)) from the export info file, else from the configuration."""
     if not export_info_path:
-        (min_size, max_size), pad_hw = eval_size(cfg), (cfg.export_height, cfg.export_width)
+        try:
+            geometry = EvalGeometry.from_config(cfg)
+        except PadBucketError as err:
+            raise ConfigError(f"--pad_buckets: {err}") from None
+        min_size, max_size, pad_hw = geometry.min_size, geometry.max_size, (cfg.export_height, cfg.export_width)
     else:
         require_files({"export_info": export_info_path}, "export_info")
         try:

@@ -16,7 +16,8 @@ from src.builder import (build_eval_dataset, build_inference, build_model, build
 from src.data.pipeline import loader_error
 from src.engine.checkpoint import load_weights, read_training_checkpoint
 from src.evaluation.coco_eval import check_category_count
-from src.utils.context import init_context, setup_logging
+from src.utils.context import init_context
+from src.utils.logs import setup_logging
 from src.evaluation.evaluate import evaluate
 from src.engine.trainer import Trainer, TrainingStopped
 from src.inference.runtime import MindSporeRuntime

@@ -10,7 +10,8 @@ import mindspore as ms
 import numpy as np
 
 from src.data.coco import DatasetError
-from src.data.pipeline import PadBucketError, create_eval_dataset, create_train_dataset, resolve_pad_buckets
+from src.geometry import EvalGeometry, PadBucketError
+from src.data.pipeline import create_eval_dataset, create_train_dataset
 from src.data.transforms import TrainTransform
 from src.engine.checkpoint import load_weights
 from src.engine.compile_cache import PlannedGraph, precompile
@@ -97,16 +98,10 @@ def build_inference(cfg, network):
     return FCOSInference(network, decoder)
 
 
-def eval_size(cfg):
-    """(min_size, max_size) of evaluation and inference: the first min_size, max_size."""
-    return cfg.min_size[0], cfg.max_size
-
-
-def eval_pad_buckets(cfg):
-    """The pad shapes of evaluation and inference (pad_buckets, or the defaults of eval_size)."""
-    min_size, max_size = eval_size(cfg)
+def eval_geometry(cfg):
+    """The EvalGeometry of evaluation and inference (src.geometry); ConfigError for unusable pad_buckets."""
     try:
-        return resolve_pad_buckets(cfg.pad_buckets, [min_size], max_size, cfg.size_divisor)
+        return EvalGeometry.from_config(cfg)
     except PadBucketError as err:
         raise ConfigError(f"--pad_buckets: {err}") from None
 
@@ -161,12 +156,10 @@ def build_train_dataset(cfg, rank=0, group_size=1, start_epoch=0):
 
 def build_eval_dataset(cfg, batch_size=1, rank=0, group_size=1):
     """create_eval_dataset from the configuration; ConfigError for an unusable dataset."""
-    min_size, max_size = eval_size(cfg)
+    geometry = eval_geometry(cfg)
     with dataset_errors("val_ann_file"):
-        return create_eval_dataset(
-            cfg.val_img_dir, cfg.val_ann_file, batch_size=batch_size, min_size=min_size, max_size=max_size,
-            pad_buckets=cfg.pad_buckets, num_parallel_workers=cfg.num_parallel_workers, rank=rank,
-            group_size=group_size, size_divisor=cfg.size_divisor)
+        return create_eval_dataset(cfg.val_img_dir, cfg.val_ann_file, batch_size=batch_size, geometry=geometry,
+                                   num_parallel_workers=cfg.num_parallel_workers, rank=rank, group_size=group_size)
 
 
 def build_train_step(cfg, network, steps_per_epoch, group_size):

@@ -19,7 +19,8 @@ from hypothesis import strategies as st
 import export
 from src.builder import build_inference, build_loss, build_model
 from src.data.coco import CocoDataset, DatasetError, clean_box, load_image_rgb, read_coco_json
-from src.data.pipeline import PAD_IMAGE_ID, PadBucketError, create_eval_dataset, resolve_pad_buckets
+from src.geometry import EvalGeometry, PadBucketError, resolve_pad_buckets
+from src.data.pipeline import PAD_IMAGE_ID, create_eval_dataset
 from src.engine.checkpoint import (fitting_params, load_checkpoint_file, read_training_checkpoint,
                                    save_checkpoint_atomic)
 from src.evaluation.coco_eval import coco_evaluate, load_coco
@@ -265,8 +266,8 @@ def test_scoring_ground_truth_leaves_out_what_cannot_match(tmp_path, caplog):
 # ---- pipelines ----
 
 def test_eval_pipeline_skips_and_counts_unreadable_images(messy):
-    dataset, info = create_eval_dataset(messy["img_dir"], messy["ann"], batch_size=2, min_size=[64], max_size=64,
-                                        pad_buckets=[], num_parallel_workers=2)
+    dataset, info = create_eval_dataset(messy["img_dir"], messy["ann"], batch_size=2,
+                                        geometry=EvalGeometry.make(64, 64), num_parallel_workers=2)
     assert info.skipped_missing == 1 and info.num_images == 7
     seen = []
     for images, ids, sizes, _ in dataset.create_tuple_iterator(num_epochs=1, output_numpy=True):
@@ -283,8 +284,8 @@ def test_eval_pipeline_skips_and_counts_unreadable_images(messy):
 
 def test_eval_pipeline_without_any_image_file(messy, tmp_path):
     with pytest.raises(DatasetError, match=r"none of the 8 image files of .*messy.json is in .*nowhere"):
-        create_eval_dataset(str(tmp_path / "nowhere"), messy["ann"], batch_size=2, min_size=[64], max_size=64,
-                            pad_buckets=[], num_parallel_workers=1)
+        create_eval_dataset(str(tmp_path / "nowhere"), messy["ann"], batch_size=2,
+                            geometry=EvalGeometry.make(64, 64), num_parallel_workers=1)
 
 
 @pytest.mark.parametrize("buckets, expected", [

@@ -122,7 +122,7 @@ def test_a_user_file_cannot_change_choices_or_ranges(tmp_path, documents, key):
 
 @pytest.mark.parametrize("value", ["two", "-3", "9" * 30])
 def test_a_bad_launcher_variable_is_one_line(monkeypatch, value):
-    from src.utils.context import launched_distributed
+    from src.utils.logs import launched_distributed
 
     monkeypatch.setenv("RANK_SIZE", value)
     with pytest.raises(ConfigError, match="environment variable RANK_SIZE="):

@@ -11,8 +11,8 @@ import pytest
 from conftest import ROOT
 from src.builder import build_eval_dataset, build_train_dataset
 from src.data.coco import CocoDataset
-from src.data.pipeline import (PAD_IMAGE_ID, create_eval_dataset, create_train_dataset, group_by_bucket, pad_targets,
-                               plan_eval_batches, plan_train_epoch, resolve_pad_buckets)
+from src.geometry import EvalGeometry, resolve_pad_buckets
+from src.data.pipeline import (PAD_IMAGE_ID, create_eval_dataset, create_train_dataset, group_by_bucket, pad_targets, plan_eval_batches, plan_train_epoch)
 from src.data.transforms import TrainTransform
 from src.config import load_config
 from tools.synthetic import make_synthetic_coco
@@ -180,8 +180,8 @@ def test_unreadable_images_are_skipped_and_counted(mixed, tmp_path):
 
 def test_eval_dataset_keeps_every_image(mixed):
     img_dir, ann_file = mixed
-    dataset, info = create_eval_dataset(img_dir, ann_file, batch_size=4, min_size=[96, 128],
-                                        max_size=160, pad_buckets=[], num_parallel_workers=2)
+    dataset, info = create_eval_dataset(img_dir, ann_file, batch_size=4,
+                                        geometry=EvalGeometry.make(96, 160), num_parallel_workers=2)
     assert info.num_images == 19 and info.batches == 3 + 2
     seen = []
     for images, ids, sizes, orig in _collect(dataset)[0]:
@@ -208,8 +208,7 @@ def test_deepforest_train_and_eval():
     assert images.shape == (2, 3, 352, 352) and boxes.shape == (2, 100, 4)
     assert mask.sum() > 10 and (labels[mask] == 0).all()
     dataset, info = create_eval_dataset(img.format("val"), ann.format("val"), batch_size=2,
-                                        min_size=[320], max_size=352, pad_buckets=[[352, 352]],
-                                        num_parallel_workers=1)
+                                        geometry=EvalGeometry.make(320, 352, [[352, 352]]), num_parallel_workers=1)
     assert info.num_images == 5
     batches = _collect(dataset)[0]
     assert len(batches) == 3 and all(b[0].shape == (2, 3, 352, 352) for b in batches)

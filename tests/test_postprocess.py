@@ -5,7 +5,8 @@ import pytest
 from mindspore import Tensor, nn
 
 from src.inference.decoder import FCOSDecoder
-from src.inference.select import batched_nms, clip_boxes, postprocess_batch, rescale_boxes, select_detections
+from src.geometry import clip_boxes, rescale_boxes
+from src.inference.select import batched_nms, postprocess_batch, select_detections
 from src.model.points import PointCoder
 
 STRIDES = (8, 16, 32, 64, 128)

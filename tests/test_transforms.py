@@ -13,10 +13,8 @@ from hypothesis import strategies as st
 
 from conftest import parity_dir
 from src.data.coco import load_image_rgb
-from src.data.transforms import (IMAGENET_MEAN, IMAGENET_STD, TrainTransform, choose_pad_shape, color_jitter,
-                                 default_pad_buckets, hflip, hue_shift, invert_lightness, keep_ratio_size,
-                                 normalize_and_pad, preprocess_image, random_conv, random_crop, random_window, resize,
-                                 rot90, rotate, vflip)
+from src.geometry import choose_pad_shape, default_pad_buckets, keep_ratio_size
+from src.data.transforms import (IMAGENET_MEAN, IMAGENET_STD, TrainTransform, color_jitter, hflip, hue_shift, invert_lightness, normalize_and_pad, preprocess_image, random_conv, random_crop, random_window, resize, rot90, rotate, vflip)
 
 PROPERTY = settings(max_examples=40, deadline=None)
 TOLERANCE = 2.0  # pixels: interpolation blurs a painted edge by about one pixel

@@ -23,7 +23,9 @@ import numpy as np
 
 from .coco import CocoDataset, DatasetError
 from .synthetic_crowns import make_stand
-from .transforms import default_pad_buckets, pad_shape_for, preprocess_image
+from src.geometry import PadBucketError, box_area, pad_shape_for, resolve_pad_buckets, window_pad_shape
+
+from .transforms import preprocess_image
 
 logger = logging.getLogger("fcos")
 
@@ -31,10 +33,6 @@ TRAIN_COLUMNS = ["images", "gt_boxes", "gt_labels", "gt_mask"]
 EVAL_COLUMNS = ["images", "image_ids", "image_sizes", "orig_sizes"]
 PAD_IMAGE_ID = -1  # image_ids entry of an evaluation batch slot whose outputs are to be ignored
 SYNTHETIC_ID = -2  # image id of a training sample that is a procedural stand (synthetic_crowns)
-
-
-class PadBucketError(ValueError):
-    """The pad buckets do not suit the images or the size divisor (a configuration problem)."""
 
 
 def loader_error(err):
@@ -61,7 +59,7 @@ def pad_targets(boxes, labels, max_gt_boxes):
     With more than M boxes the M largest (by area) are kept, in their original order.
     """
     if len(boxes) > max_gt_boxes:
-        area = (boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])
+        area = box_area(boxes)
         keep = np.sort(np.argsort(-area, kind="stable")[:max_gt_boxes])
         boxes, labels = boxes[keep], labels[keep]
     n = len(boxes)
@@ -70,25 +68,6 @@ def pad_targets(boxes, labels, max_gt_boxes):
     mask = np.zeros((max_gt_boxes,), np.bool_)
     out_boxes[:n], out_labels[:n], mask[:n] = boxes, labels, True
     return out_boxes, out_labels, mask
-
-
-def resolve_pad_buckets(pad_buckets, min_sizes, max_size, size_divisor=32):
-    """Config pad_buckets ([[h, w], ...], empty = default) -> list of (h, w) tuples."""
-    if not pad_buckets:
-        return default_pad_buckets(min_sizes, max_size, size_divisor)
-    if any(not isinstance(b, (list, tuple)) or len(b) != 2 for b in pad_buckets):
-        raise PadBucketError(f"expected [[h, w], ...], got {pad_buckets}")
-    buckets = [tuple(int(v) for v in b) for b in pad_buckets]
-    for h, w in buckets:
-        if h <= 0 or w <= 0 or h % size_divisor or w % size_divisor:
-            raise PadBucketError(f"{h}x{w} is not a positive multiple of {size_divisor}")
-    return buckets
-
-
-def window_pad_shape(window, size_divisor=32):
-    """Window mode's one training pad shape: (side, side), window rounded up to size_divisor."""
-    side = -(-int(window) // size_divisor) * size_divisor
-    return side, side
 
 
 def group_by_bucket(coco, image_ids, min_size, max_size, buckets):
@@ -467,12 +446,11 @@ def create_train_dataset(img_dir, ann_file, transform, *, batch_size, pad_bucket
     return dataset, info
 
 
-def create_eval_dataset(img_dir, ann_file, *, batch_size, min_size, max_size, pad_buckets,
-                        num_parallel_workers, rank=0, group_size=1, size_divisor=32):
+def create_eval_dataset(img_dir, ann_file, *, batch_size, geometry, num_parallel_workers, rank=0, group_size=1):
     """Evaluation dataset -> (dataset, info).
 
-    Every image of the annotation file is kept (with or without boxes), resized with the first
-    min_size. Columns: images (B,3,H,W) float32, image_ids (B,) int32 (PAD_IMAGE_ID = -1 marks a
+    Every image of the annotation file is kept (with or without boxes), resized and padded as
+    ``geometry`` (src.geometry.EvalGeometry) says. Columns: images (B,3,H,W) float32, image_ids (B,) int32 (PAD_IMAGE_ID = -1 marks a
     slot to ignore: a repeat that fills the batch, or an image that failed to load), image_sizes
     (B,2) int32 resized (h, w) before padding, orig_sizes (B,2) int32. Images whose file is
     missing are left out up front, undecodable ones while iterating; both are counted, and the
@@ -480,7 +458,6 @@ def create_eval_dataset(img_dir, ann_file, *, batch_size, min_size, max_size, pa
 
     info: EvalDataInfo (counts of this rank).
     """
-    eval_size = _min_sizes(min_size)[0]
     coco = CocoDataset(img_dir, ann_file)
     if not coco.image_ids:
         raise DatasetError(f"no images in annotation file: {ann_file}")
@@ -488,11 +465,11 @@ def create_eval_dataset(img_dir, ann_file, *, batch_size, min_size, max_size, pa
     if not present:
         raise DatasetError(f"none of the {len(coco.image_ids)} image files of {ann_file} is in "
                            f"{img_dir}")
-    buckets = resolve_pad_buckets(pad_buckets, [eval_size], max_size, size_divisor)
-    members = group_by_bucket(coco, present, eval_size, max_size, buckets)
+    buckets = list(geometry.buckets)
+    members = group_by_bucket(coco, present, geometry.min_size, geometry.max_size, buckets)
     batches = plan_eval_batches(members, batch_size, rank, group_size)
     failed = FailedImages(coco, present)
-    source = EvalBatches(coco, batches, buckets, eval_size, max_size, failed)
+    source = EvalBatches(coco, batches, buckets, geometry.min_size, geometry.max_size, failed)
     dataset = _generator_dataset(source, EVAL_COLUMNS, num_parallel_workers, shuffle=False)
     num_images = sum(sum(real) for _, _, real in batches)
     info = EvalDataInfo(num_images=num_images, skipped_missing=len(coco.image_ids) - len(present), buckets=buckets,

@@ -11,6 +11,8 @@ with real windows (``synthetic_crowns``, docs/quickstart_experiments.md for what
 import cv2
 import numpy as np
 
+from src.geometry import box_area
+
 RADIUS_RANGE = (8.0, 35.0)  # crown radius in pixels: boxes of about 16-70 px
 _MAX_OVERLAP = 0.3  # of the smaller box, so that every labelled crown stays mostly visible
 
@@ -90,7 +92,7 @@ def overlap_of_smaller(box, others):
     w = np.clip(np.minimum(box[2], others[:, 2]) - np.maximum(box[0], others[:, 0]), 0, None)
     h = np.clip(np.minimum(box[3], others[:, 3]) - np.maximum(box[1], others[:, 1]), 0, None)
     area = (box[2] - box[0]) * (box[3] - box[1])
-    return w * h / np.minimum(area, (others[:, 2] - others[:, 0]) * (others[:, 3] - others[:, 1]))
+    return w * h / np.minimum(area, box_area(others))
 
 
 def _place(rng, height, width, count):

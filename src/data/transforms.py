@@ -10,11 +10,12 @@ so that augmentation is reproducible from a seed.
 ``preprocess_image`` is the one inference preprocessing (evaluation, preprocess.py for the
 exported graph, prediction); ``TrainTransform`` is the training one built on the same pieces.
 """
-import math
 from typing import NamedTuple
 
 import cv2
 import numpy as np
+
+from src.geometry import box_area, clip_boxes, hflip_boxes, keep_ratio_size, rot90_boxes
 
 IMAGENET_MEAN = np.array([0.485, 0.456, 0.406], np.float32)
 IMAGENET_STD = np.array([0.229, 0.224, 0.225], np.float32)
@@ -30,25 +31,6 @@ class ImageMeta(NamedTuple):
     """
     orig_hw: tuple
     resized_hw: tuple
-
-
-def ceil_to(value, divisor):
-    """Smallest multiple of ``divisor`` that is >= value."""
-    return -(-int(value) // int(divisor)) * int(divisor)
-
-
-def keep_ratio_size(height, width, min_size, max_size, fit_hw=None):
-    """Keep-ratio size -> (new_h, new_w).
-
-    scale = min(min_size / short side, max_size / long side) and each side is floor(side * scale),
-    in double precision as torchvision computes it. ``fit_hw`` (h, w) lowers the scale further
-    when needed so the result fits inside it (a fixed pad shape, or a crop whose rounding turned
-    a square image's orientation).
-    """
-    scale = min(min_size / min(height, width), max_size / max(height, width))
-    if fit_hw is not None:
-        scale = min(scale, fit_hw[0] / height, fit_hw[1] / width)
-    return max(1, math.floor(height * scale)), max(1, math.floor(width * scale))
 
 
 def resize_image(image, size_hw):
@@ -71,15 +53,6 @@ def resize(image, boxes, size_hw):
     return resize_image(image, size_hw), scaled.astype(np.float32)
 
 
-def hflip_boxes(boxes, width):
-    """(N, 4) x1, y1, x2, y2 boxes -> the same boxes in the image mirrored left-right (``width``
-    wide): pixel column i goes to w-1-i, so coordinate x goes to w-x."""
-    flipped = boxes.copy()
-    flipped[:, 0] = width - boxes[:, 2]
-    flipped[:, 2] = width - boxes[:, 0]
-    return flipped
-
-
 def hflip(image, boxes):
     """Mirror an (H, W, C) image and its boxes left-right (hflip_boxes)."""
     return np.ascontiguousarray(image[:, ::-1]), hflip_boxes(boxes, image.shape[1])
@@ -92,17 +65,6 @@ def vflip(image, boxes):
     flipped[:, 1] = h - boxes[:, 3]
     flipped[:, 3] = h - boxes[:, 1]
     return np.ascontiguousarray(image[::-1]), flipped
-
-
-def rot90_boxes(boxes, turns, size_hw):
-    """(N, 4) x1, y1, x2, y2 boxes of an image of size (h, w) -> the same boxes after turning the
-    image counter-clockwise by turns x 90 degrees, as np.rot90: pixel (row r, column c) of a w-wide
-    image goes to (w-1-c, r), so point (x, y) goes to (y, w-x)."""
-    height, width = size_hw
-    for _ in range(turns % 4):
-        boxes = np.stack([boxes[:, 1], width - boxes[:, 2], boxes[:, 3], width - boxes[:, 0]], axis=1)
-        height, width = width, height
-    return boxes
 
 
 def rot90(image, boxes, turns):
@@ -180,16 +142,10 @@ def random_conv(image, rng, kernel_sizes=(1, 3, 5)):
 def _keep_visible(moved, unclipped_area, width, height, min_visible):
     """Clip boxes (N,4) to a width x height window -> (clipped (N,4), keep (N,) bool: at least
     ``min_visible`` of unclipped_area (N,) is left)."""
-    clipped = moved.copy()
-    clipped[:, 0::2] = np.clip(moved[:, 0::2], 0, width)
-    clipped[:, 1::2] = np.clip(moved[:, 1::2], 0, height)
-    area = (clipped[:, 2] - clipped[:, 0]) * (clipped[:, 3] - clipped[:, 1])
+    clipped = clip_boxes(moved, (height, width))
+    area = box_area(clipped)
     keep = (area > 0) & (area >= min_visible * unclipped_area)
     return clipped, keep
-
-
-def _box_area(boxes):
-    return (boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])
 
 
 def random_crop(image, boxes, labels, rng, min_scale, min_visible=0.5, max_tries=10):
@@ -207,7 +163,7 @@ def random_crop(image, boxes, labels, rng, min_scale, min_visible=0.5, max_tries
         y0 = int(rng.integers(0, h - crop_h + 1))
         x0 = int(rng.integers(0, w - crop_w + 1))
         moved = boxes - np.array([x0, y0, x0, y0], np.float32)
-        clipped, keep = _keep_visible(moved, _box_area(boxes), crop_w, crop_h, min_visible)
+        clipped, keep = _keep_visible(moved, box_area(boxes), crop_w, crop_h, min_visible)
         if keep.any() or len(boxes) == 0:
             return image[y0:y0 + crop_h, x0:x0 + crop_w], clipped[keep], labels[keep]
     return image, boxes, labels
@@ -228,7 +184,7 @@ def random_window(image, boxes, labels, rng, size, scale_range, min_visible=0.5)
     y0 = int(rng.integers(0, h - win_h + 1))
     x0 = int(rng.integers(0, w - win_w + 1))
     moved = boxes - np.array([x0, y0, x0, y0], np.float32)
-    clipped, keep = _keep_visible(moved, _box_area(boxes), win_w, win_h, min_visible)
+    clipped, keep = _keep_visible(moved, box_area(boxes), win_w, win_h, min_visible)
     out_hw = (min(size, max(1, round(win_h * zoom))), min(size, max(1, round(win_w * zoom))))
     window, kept = resize(image[y0:y0 + win_h, x0:x0 + win_w], clipped[keep], out_hw)
     return window, kept, labels[keep]
@@ -306,30 +262,6 @@ def normalize_and_pad(image, pad_hw):
         np.multiply(image[:, :, c], 1.0 / (255.0 * IMAGENET_STD[c]), out=view, casting="unsafe")
         view -= IMAGENET_MEAN[c] / IMAGENET_STD[c]
     return out
-
-
-def default_pad_buckets(min_sizes, max_size, size_divisor=32):
-    """Pad shapes that hold every keep-ratio resized image: [(S, L), (L, S)] (landscape and
-    portrait), S the largest short side rounded up to size_divisor, L the same for max_size;
-    one (S, S) when they coincide."""
-    short = ceil_to(min(max(min_sizes), max_size), size_divisor)
-    long = ceil_to(max_size, size_divisor)
-    return [(short, long)] if short == long else [(short, long), (long, short)]
-
-
-def pad_shape_for(image_hw, min_size, max_size, buckets):
-    """The bucket (h, w) an image of image_hw goes to at a keep-ratio size of min_size/max_size;
-    ValueError when none holds it."""
-    return buckets[choose_pad_shape(keep_ratio_size(*image_hw, min_size, max_size), buckets)]
-
-
-def choose_pad_shape(size_hw, buckets):
-    """Index of the smallest (by area) bucket (h, w) that holds an image of size_hw."""
-    fits = [i for i, (bh, bw) in enumerate(buckets) if bh >= size_hw[0] and bw >= size_hw[1]]
-    if not fits:
-        raise ValueError(f"a resized image of {size_hw[0]}x{size_hw[1]} fits none of the pad "
-                         f"buckets {[list(b) for b in buckets]}")
-    return min(fits, key=lambda i: buckets[i][0] * buckets[i][1])
 
 
 def preprocess_image(image, min_size, max_size, pad_hw):

@@ -22,6 +22,7 @@ import os
 
 import numpy as np
 
+from src.geometry import ceil_div
 from src.utils.io import write_json_atomic
 
 INFO_FILE = "preprocess_info.json"
@@ -183,7 +184,7 @@ def read_result(result_dir, name, num_candidates):
 
 def write_infer_time(result_dir, images, batch_size, seconds):
     """infer_time.json: the mean model time per image and per batch call."""
-    batches = -(-images // batch_size)
+    batches = ceil_div(images, batch_size)
     timing = {"images": images, "batch_size": batch_size, "mean_ms_per_image": 1000.0 * seconds / images,
               "mean_ms_per_batch": 1000.0 * seconds / batches}
     write_json_atomic(os.path.join(result_dir, TIME_FILE), timing)

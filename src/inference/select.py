@@ -5,28 +5,7 @@ rescaled to the original image. eval.py, predict.py and postprocess.py all end h
 """
 import numpy as np
 
-
-def clip_boxes(boxes, image_size):
-    """Clip (N, 4) x1, y1, x2, y2 boxes to an image of size (h, w)."""
-    h, w = image_size
-    clipped = boxes.copy()
-    clipped[:, 0::2] = np.clip(boxes[:, 0::2], 0, w)
-    clipped[:, 1::2] = np.clip(boxes[:, 1::2], 0, h)
-    return clipped
-
-
-def _iou_one_to_many(box, boxes):
-    """IoU of one (4,) box with (N, 4) boxes, in the boxes' dtype, as torchvision's nms kernel."""
-    x1 = np.maximum(box[0], boxes[:, 0])
-    y1 = np.maximum(box[1], boxes[:, 1])
-    x2 = np.minimum(box[2], boxes[:, 2])
-    y2 = np.minimum(box[3], boxes[:, 3])
-    zero = boxes.dtype.type(0)
-    inter = np.maximum(zero, x2 - x1) * np.maximum(zero, y2 - y1)
-    area = (box[2] - box[0]) * (box[3] - box[1])
-    areas = (boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])
-    with np.errstate(invalid="ignore", divide="ignore"):
-        return inter / (area + areas - inter)
+from src.geometry import clip_boxes, iou_one_to_many, rescale_boxes
 
 
 def batched_nms(boxes, scores, labels, iou_threshold, max_keep=None):
@@ -48,7 +27,7 @@ def batched_nms(boxes, scores, labels, iou_threshold, max_keep=None):
     while remaining.size and (max_keep is None or len(keep) < max_keep):
         best, rest = remaining[0], remaining[1:]
         keep.append(best)
-        overlap = _iou_one_to_many(boxes[best], boxes[rest]) > iou_threshold
+        overlap = iou_one_to_many(boxes[best], boxes[rest]) > iou_threshold
         remaining = rest[~(overlap & (labels[rest] == labels[best]))]
     return np.asarray(keep, dtype=np.int64)
 
@@ -75,7 +54,7 @@ def fuse_views(boxes, scores, labels, view_ids, num_views, iou_threshold, max_ke
     fused_boxes, fused_scores, fused_labels = [], [], []
     while remaining.size:
         best, rest = remaining[0], remaining[1:]
-        joins = (_iou_one_to_many(boxes[best], boxes[rest]) > iou_threshold) & (labels[rest] == labels[best])
+        joins = (iou_one_to_many(boxes[best], boxes[rest]) > iou_threshold) & (labels[rest] == labels[best])
         cluster = np.concatenate([[best], rest[joins]])
         remaining = rest[~joins]
         _, first = np.unique(view_ids[cluster], return_index=True)
@@ -119,19 +98,6 @@ def select_detections(boxes, scores, labels, image_size, score_threshold, nms_io
     if original_size is not None:
         boxes = rescale_boxes(boxes, image_size, original_size)
     return boxes, scores, labels
-
-
-def rescale_boxes(boxes, resized_size, original_size):
-    """Map (N, 4) boxes from the resized image to the original one, per-axis ratios.
-
-    Args:
-        resized_size, original_size: (h, w).
-    Returns:
-        (N, 4) boxes in original image pixels (float32 ratios, as torchvision's transform).
-    """
-    ratio_h = np.float32(original_size[0]) / np.float32(resized_size[0])
-    ratio_w = np.float32(original_size[1]) / np.float32(resized_size[1])
-    return boxes * np.array([ratio_w, ratio_h, ratio_w, ratio_h], dtype=np.float32)
 
 
 def postprocess_batch(boxes, scores, labels, image_sizes, score_threshold, nms_iou_threshold,

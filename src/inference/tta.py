@@ -8,7 +8,8 @@ the network sees every view exactly as it would see such a photo.
 """
 import numpy as np
 
-from src.data.transforms import hflip_boxes, rot90_boxes
+from src.geometry import hflip_boxes, rot90_boxes
+
 
 IDENTITY = ((0, False),)
 VIEW_SETS = {

@@ -21,6 +21,8 @@ and in PYNATIVE_MODE.
 import mindspore as ms
 from mindspore import ops
 
+from src.geometry import ceil_div
+
 POINT_STRIDES = ("torchvision", "nominal")
 
 
@@ -46,7 +48,7 @@ class PointCoder:
     def level_sizes(self, image_h, image_w):
         """Feature map (h, w) of every level for a padded input of image_h x image_w: ceil(image /
         stride), as the stride-2 convs give. -> tuple of (h, w) int pairs."""
-        return tuple(((image_h + s - 1) // s, (image_w + s - 1) // s) for s in self.strides)
+        return tuple((ceil_div(image_h, s), ceil_div(image_w, s)) for s in self.strides)
 
     def level_steps(self, image_h, image_w):
         """Pixel step (y, x) between neighbouring points of every level."""

@@ -62,7 +62,8 @@ import numpy as np
 
 from src.builder import (build_inference, build_model, build_train_dataset, build_train_step, native_ops,
                          precompile_graphs, selection_kwargs)
-from src.data.pipeline import resolve_pad_buckets, window_pad_shape
+from src.geometry import resolve_pad_buckets, window_pad_shape
+
 from src.inference.export import export_model
 from src.engine.compile_cache import PlannedGraph
 from src.utils.context import init_context
