@@ -119,9 +119,9 @@ def main(argv=None):
     steps_per_epoch = info.batches_per_epoch
     logger.info("rank %d/%d: %d training images, %d batches of %d per epoch, pad shapes %s", rank, group_size,
                 info.num_images, steps_per_epoch, cfg.batch_size, info.buckets)
-    if info.stands_per_epoch:
+    if info.generated_per_epoch:
         logger.info("%d procedural tree-crown stands an epoch among the samples (--synthetic_crowns=%g)",
-                    info.stands_per_epoch, cfg.synthetic_crowns)
+                    info.generated_per_epoch, cfg.synthetic_crowns)
 
     network = build_model(cfg)
     load_initial_weights(cfg, network)

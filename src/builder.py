@@ -4,6 +4,7 @@ Deep modules take plain values; entry points call these builders with the parsed
 """
 import contextlib
 import logging
+import math
 import os
 
 import mindspore as ms
@@ -12,6 +13,7 @@ import numpy as np
 from src.data.coco import DatasetError
 from src.geometry import EvalGeometry, PadBucketError
 from src.data.pipeline import create_eval_dataset, create_train_dataset
+from src.data.synthetic_crowns import CrownStands
 from src.data.transforms import TrainTransform
 from src.engine.checkpoint import load_weights
 from src.engine.compile_cache import PlannedGraph, precompile
@@ -139,19 +141,29 @@ def train_transform(cfg):
         window_scale=cfg.window_scale)
 
 
-def build_train_dataset(cfg, rank=0, group_size=1, start_epoch=0):
-    """create_train_dataset from the configuration; ConfigError for an unusable dataset."""
-    if cfg.synthetic_crowns and (not cfg.train_window or cfg.class_num != 1):
+def crown_stands(cfg, transform):
+    """The procedural tree-crown stands of --synthetic_crowns (the pipeline's generated-samples
+    plug-in), big enough for the widest zoom of the training windows; None when off."""
+    if not cfg.synthetic_crowns:
+        return None
+    if not cfg.train_window or cfg.class_num != 1:
         raise ConfigError(f"--synthetic_crowns={cfg.synthetic_crowns}: procedural tree-crown stands need "
                           f"window mode (train_window > 0, now {cfg.train_window}) and one class "
                           f"(class_num 1, now {cfg.class_num})")
+    return CrownStands(cfg.synthetic_crowns, math.ceil(transform.window / min(transform.window_scale)))
+
+
+def build_train_dataset(cfg, rank=0, group_size=1, start_epoch=0):
+    """create_train_dataset from the configuration; ConfigError for an unusable dataset."""
+    transform = train_transform(cfg)
+    generated = crown_stands(cfg, transform)
     with dataset_errors("train_ann_file"):
         return create_train_dataset(
-            cfg.train_img_dir, cfg.train_ann_file, train_transform(cfg), batch_size=cfg.batch_size,
+            cfg.train_img_dir, cfg.train_ann_file, transform, batch_size=cfg.batch_size,
             pad_buckets=cfg.pad_buckets, max_gt_boxes=cfg.max_gt_boxes,
             skip_empty_images=cfg.skip_empty_images, num_parallel_workers=cfg.num_parallel_workers,
             rank=rank, group_size=group_size, seed=cfg.seed, size_divisor=cfg.size_divisor,
-            start_epoch=start_epoch, synthetic_fraction=cfg.synthetic_crowns)
+            start_epoch=start_epoch, generated=generated)
 
 
 def build_eval_dataset(cfg, batch_size=1, rank=0, group_size=1):

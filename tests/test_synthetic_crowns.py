@@ -1,7 +1,7 @@
 """src/data/synthetic_crowns.py and --synthetic_crowns: procedural tree-crown stands, how the
 training pipeline mixes them with real windows, and the preview tool."""
+import math
 import os
-import shutil
 
 import src  # noqa: F401
 import cv2
@@ -11,8 +11,8 @@ import pytest
 from conftest import ROOT
 from src.builder import build_train_dataset
 from src.data.coco import CocoDataset
-from src.data.pipeline import SYNTHETIC_ID, create_train_dataset, window_samples
-from src.data.synthetic_crowns import RADIUS_RANGE, make_stand
+from src.data.pipeline import GENERATED_ID, create_train_dataset, window_samples
+from src.data.synthetic_crowns import RADIUS_RANGE, CrownStands, make_stand
 from src.data.transforms import TrainTransform
 from src.config import ConfigError, load_config
 from tools.synthetic import make_synthetic_coco
@@ -22,6 +22,11 @@ VOC = os.path.join(ROOT, "data", "deepforest_voc")
 HELDOUT_TRAIN = os.path.join(ROOT, "data", "deepforest", "annotations", "heldout_train.json")
 WINDOW = dict(min_sizes=[128], max_size=128, flip_prob=0.5, vflip_prob=0.5, rot90_prob=0.5, color_jitter=0.3,
               window=96, window_scale=(0.8, 1.25))
+
+
+def _stands(fraction, transform):
+    """The plug-in train.py makes for --synthetic_crowns (src.builder.crown_stands)."""
+    return CrownStands(fraction, math.ceil(transform.window / min(transform.window_scale)))
 
 
 def test_stands_are_reproducible_varied_and_boxed_within_the_image():
@@ -68,22 +73,22 @@ def test_window_training_mixes_in_a_new_set_of_stands_every_epoch():
                 seed=4)
     coco = CocoDataset(VOC, HELDOUT_TRAIN)
     real = len(window_samples(coco, coco.image_ids, 96))
-    dataset, info = create_train_dataset(VOC, HELDOUT_TRAIN, transform, synthetic_fraction=0.75, **args)
-    assert info.stands_per_epoch == 3 * real and info.batches_per_epoch == 4 * real // 4
+    dataset, info = create_train_dataset(VOC, HELDOUT_TRAIN, transform, generated=_stands(0.75, transform), **args)
+    assert info.generated_per_epoch == 3 * real and info.batches_per_epoch == 4 * real // 4
     plan = [[i for _, ids in info.plan(epoch) for i in ids] for epoch in (0, 1)]
-    assert plan[0].count(SYNTHETIC_ID) >= 3 * real - 3 and set(plan[0]) - {SYNTHETIC_ID} == set(coco.image_ids)
+    assert plan[0].count(GENERATED_ID) >= 3 * real - 3 and set(plan[0]) - {GENERATED_ID} == set(coco.image_ids)
     iterator = dataset.create_tuple_iterator(num_epochs=2, output_numpy=True)
     epochs = [[tuple(c.copy() for c in batch) for batch in iterator] for _ in range(2)]
     for epoch, batches in zip(plan, epochs):
         flat = [b for batch in batches for b in zip(*batch)]
-        stands = [sample for image_id, sample in zip(epoch, flat) if image_id == SYNTHETIC_ID]
+        stands = [sample for image_id, sample in zip(epoch, flat) if image_id == GENERATED_ID]
         assert all((labels[mask] == 0).all() for _, _, labels, mask in stands)
         assert sum(mask.any() for *_, mask in stands) >= 0.8 * len(stands)  # a window may miss every crown
         assert len({images.tobytes() for images, *_ in stands}) == len(stands)
     first = {b[0].tobytes() for batch in epochs[0] for b in zip(*batch)}
     assert not first & {b[0].tobytes() for batch in epochs[1] for b in zip(*batch)}
     # reproducible from the seed with another worker count
-    again, _ = create_train_dataset(VOC, HELDOUT_TRAIN, transform, synthetic_fraction=0.75,
+    again, _ = create_train_dataset(VOC, HELDOUT_TRAIN, transform, generated=_stands(0.75, transform),
                                     **{**args, "num_parallel_workers": 1})
     for a, b in zip(epochs[0], again.create_tuple_iterator(num_epochs=1, output_numpy=True)):
         np.testing.assert_array_equal(a[0], b[0])
@@ -95,7 +100,7 @@ def test_a_broken_real_image_is_replaced_by_a_real_one(tmp_path):
     (tmp_path / "images" / "000002.jpg").write_bytes(b"not an image")
     transform = TrainTransform(**{**WINDOW, "window": 64})
     dataset, info = create_train_dataset(str(tmp_path / "images"), str(tmp_path / "annotations.json"), transform,
-                                         synthetic_fraction=0.5, batch_size=4, pad_buckets=[], max_gt_boxes=60,
+                                         generated=_stands(0.5, transform), batch_size=4, pad_buckets=[], max_gt_boxes=60,
                                          skip_empty_images=True, num_parallel_workers=1, seed=1)
     batches = list(dataset.create_tuple_iterator(num_epochs=1, output_numpy=True))
     assert len(batches) == info.batches_per_epoch == (24 + 24) // 4

@@ -22,7 +22,8 @@ import time
 import numpy as np
 
 from src.data.coco import CocoDataset
-from src.data.pipeline import synthetic_samples, window_samples
+from src.data.pipeline import window_samples
+from src.data.synthetic_crowns import CrownStands
 from src.engine.checkpoint import newest_checkpoint
 from src.config import load_config
 from tools.make_deepforest import held_out_fold
@@ -35,7 +36,7 @@ def batches_per_epoch(img_dir, ann_file, cfg):
     annotation file."""
     coco = CocoDataset(img_dir, ann_file)
     real = len(window_samples(coco, coco.image_ids, cfg.train_window))
-    return (real + len(synthetic_samples(real, cfg.synthetic_crowns))) // cfg.batch_size
+    return (real + CrownStands(cfg.synthetic_crowns, 1).count(real)) // cfg.batch_size
 
 
 def eval_size_overrides(ann_file):

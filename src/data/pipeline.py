@@ -12,7 +12,6 @@ training sees at each step the batch one process with the global batch size woul
 """
 import dataclasses
 import logging
-import math
 import multiprocessing
 import os
 import re
@@ -22,7 +21,6 @@ import mindspore.dataset as ds
 import numpy as np
 
 from .coco import CocoDataset, DatasetError
-from .synthetic_crowns import make_stand
 from src.geometry import PadBucketError, box_area, pad_shape_for, resolve_pad_buckets, window_pad_shape
 
 from .transforms import preprocess_image
@@ -32,7 +30,7 @@ logger = logging.getLogger("fcos")
 TRAIN_COLUMNS = ["images", "gt_boxes", "gt_labels", "gt_mask"]
 EVAL_COLUMNS = ["images", "image_ids", "image_sizes", "orig_sizes"]
 PAD_IMAGE_ID = -1  # image_ids entry of an evaluation batch slot whose outputs are to be ignored
-SYNTHETIC_ID = -2  # image id of a training sample that is a procedural stand (synthetic_crowns)
+GENERATED_ID = -2  # image id of a training sample that a GeneratedSamples plug-in makes
 
 
 def loader_error(err):
@@ -180,12 +178,20 @@ def window_samples(coco, image_ids, window):
     return samples
 
 
-def synthetic_samples(num_real, fraction):
-    """-> [(SYNTHETIC_ID, k)]: procedural stands that make ``fraction`` (in [0, 1)) of an epoch's
-    samples next to num_real real ones."""
-    if not 0.0 <= fraction < 1.0:
-        raise ValueError(f"the synthetic fraction must be in [0, 1), got {fraction}")
-    return [(SYNTHETIC_ID, k) for k in range(round(num_real * fraction / (1.0 - fraction)))]
+class GeneratedSamples(typing.Protocol):
+    """The training pipeline's one plug-in point: a source of generated samples mixed into an
+    epoch next to the real ones (e.g. src/data/synthetic_crowns.py CrownStands)."""
+
+    def count(self, num_real: int) -> int:
+        """Generated samples an epoch next to num_real real ones."""
+
+    def make(self, rng: np.random.Generator) -> tuple:
+        """One sample -> (image (H, W, 3) uint8 RGB, boxes (K, 4) float32, labels (K,) int32)."""
+
+
+def generated_samples(num_real, generated):
+    """-> [(GENERATED_ID, k)]: the generated samples of an epoch next to num_real real ones."""
+    return [(GENERATED_ID, k) for k in range(generated.count(num_real) if generated else 0)]
 
 
 class TrainBatches:
@@ -195,13 +201,13 @@ class TrainBatches:
     ``samples`` lists (image_id, copy) pairs and ``members`` holds, per bucket, indices into it:
     an image with several copies (window mode) gives that many differently augmented samples an
     epoch, each drawn from its own (seed, epoch, image id, copy) stream. Samples with image id
-    SYNTHETIC_ID are procedural stands of ``stand_size`` pixels (label 0), a new one every epoch.
+    GENERATED_ID come from the ``generated`` plug-in, a new one every epoch.
     """
 
     def __init__(self, coco, samples, members, buckets, transform, *, batch_size, max_gt_boxes,
-                 seed, rank, group_size, shuffle, failed, stand_size=0):
+                 seed, rank, group_size, shuffle, failed, generated=None):
         self.coco = coco
-        self.stand_size = stand_size
+        self.generated = generated
         self.samples = samples
         self.members = members
         self.buckets = buckets
@@ -246,10 +252,9 @@ class TrainBatches:
         """Sample index -> (index actually used, image (H,W,3) uint8, boxes (K,4), labels (K,),
         the sample's random stream for its augmentation)."""
         image_id, copy = self.samples[index]
-        if image_id == SYNTHETIC_ID:
+        if image_id == GENERATED_ID:
             rng = np.random.default_rng([self.seed, epoch, 2 ** 32, copy])  # apart from image ids
-            image, boxes = make_stand(rng, self.stand_size)
-            return index, image, boxes, np.zeros(len(boxes), np.int32), rng
+            return (index, *self.generated.make(rng), rng)
         index, image = self._load(index, bucket, epoch, used)
         image_id, copy = self.samples[index]
         boxes, labels = self.coco.targets(image_id)
@@ -270,7 +275,7 @@ class TrainBatches:
                 except DatasetError as err:
                     self.failed.mark(image_id, err)
             candidates = [i for i in self.members[bucket] if i not in used
-                          and self.samples[i][0] != SYNTHETIC_ID and self.samples[i][0] not in self.failed]
+                          and self.samples[i][0] != GENERATED_ID and self.samples[i][0] not in self.failed]
             if not candidates:
                 raise DatasetError(f"no loadable image left to fill a batch of pad bucket "
                                    f"{self.buckets[bucket]}; failed: {self.failed.paths()[:3]}")
@@ -365,11 +370,11 @@ class DataInfo:
 @dataclasses.dataclass
 class TrainDataInfo(DataInfo):
     """DataInfo of a training set; batches_per_epoch and plan (epoch -> [(bucket, [image ids])])
-    are this rank's, the same pad shapes in every epoch; stands_per_epoch: procedural stands
+    are this rank's, the same pad shapes in every epoch; generated_per_epoch: generated samples
     among an epoch's samples (all ranks)."""
     batches_per_epoch: int
     plan: typing.Callable
-    stands_per_epoch: int = 0
+    generated_per_epoch: int = 0
 
 
 @dataclasses.dataclass
@@ -390,7 +395,7 @@ def _min_sizes(min_size):
 
 def create_train_dataset(img_dir, ann_file, transform, *, batch_size, pad_buckets, max_gt_boxes,
                          skip_empty_images, num_parallel_workers, seed, rank=0, group_size=1, shuffle=True,
-                         size_divisor=32, start_epoch=0, synthetic_fraction=0.0):
+                         size_divisor=32, start_epoch=0, generated=None):
     """Training dataset -> (dataset, info).
 
     ``transform`` (TrainTransform) augments every sample; its sizes choose the pad buckets.
@@ -400,9 +405,8 @@ def create_train_dataset(img_dir, ann_file, transform, *, batch_size, pad_bucket
     rounded up to size_divisor. Images whose file is missing are left out up front; one that fails to decode
     is replaced in its batch by another image of its bucket. ``shuffle=False`` keeps a fixed
     batch order (augmentation still changes with the epoch); ``start_epoch`` continues the epoch
-    sequence when resuming. In window mode ``synthetic_fraction`` of every epoch's samples are
-    procedural tree-crown stands (synthetic_samples; label 0, so for one-class data), big enough
-    for the widest zoom of ``transform.window_scale``.
+    sequence when resuming. In window mode a ``generated`` plug-in (GeneratedSamples) adds its
+    samples to every epoch.
 
     info: TrainDataInfo.
     """
@@ -418,11 +422,11 @@ def create_train_dataset(img_dir, ann_file, transform, *, batch_size, pad_bucket
     if window:
         buckets = [window_pad_shape(window, size_divisor)]
         samples = window_samples(coco, present, window)
-        samples += synthetic_samples(len(samples), synthetic_fraction)
+        samples += generated_samples(len(samples), generated)
         members = [list(range(len(samples)))]
     else:
-        if synthetic_fraction:
-            raise ValueError("synthetic stands need window mode (train_window > 0)")
+        if generated is not None:
+            raise ValueError("generated samples need window mode (train_window > 0)")
         buckets = resolve_pad_buckets(pad_buckets, min_sizes, max_size, size_divisor)
         samples = [(image_id, 0) for image_id in present]
         index = {image_id: i for i, image_id in enumerate(present)}
@@ -431,8 +435,7 @@ def create_train_dataset(img_dir, ann_file, transform, *, batch_size, pad_bucket
     failed = FailedImages(coco, present)
     source = TrainBatches(coco, samples, members, buckets, transform, batch_size=batch_size,
                           max_gt_boxes=max_gt_boxes, seed=seed, rank=rank, group_size=group_size,
-                          shuffle=shuffle, failed=failed,
-                          stand_size=math.ceil(window / min(transform.window_scale)) if window else 0)
+                          shuffle=shuffle, failed=failed, generated=generated)
     if source.num_batches == 0:
         raise DatasetError(f"{len(samples)} usable samples make no full batch of {batch_size} per "
                            f"device for {group_size} device(s) in any pad bucket: {ann_file}")
@@ -442,7 +445,7 @@ def create_train_dataset(img_dir, ann_file, transform, *, batch_size, pad_bucket
                          pad_shapes=used_pad_shapes(buckets, source.plan(start_epoch)), failed_images=failed,
                          label_to_cat_id=coco.label_to_cat_id, class_names=coco.class_names,
                          cleaning=dict(coco.stats), batches_per_epoch=source.num_batches, plan=source.plan,
-                         stands_per_epoch=sum(image_id == SYNTHETIC_ID for image_id, _ in samples))
+                         generated_per_epoch=sum(image_id == GENERATED_ID for image_id, _ in samples))
     return dataset, info
 
 

@@ -161,3 +161,24 @@ def make_stand(rng, size):
             boxes.append((x1, y1, x2, y2))
     image = cv2.GaussianBlur(image, (0, 0), rng.uniform(0.3, 1.0))
     return np.clip(image, 0, 255).astype(np.uint8), np.array(boxes, np.float32).reshape(-1, 4)
+
+
+class CrownStands:
+    """Generated training samples (the pipeline's plug-in, src/data/pipeline.py GeneratedSamples):
+    procedural stands of ``size`` pixels that make ``fraction`` (in [0, 1)) of an epoch's samples,
+    labelled 0 (one-class data), a new one every epoch."""
+
+    def __init__(self, fraction: float, size: int):
+        if not 0.0 <= fraction < 1.0:
+            raise ValueError(f"the synthetic fraction must be in [0, 1), got {fraction}")
+        self.fraction = fraction
+        self.size = size
+
+    def count(self, num_real: int) -> int:
+        """Generated samples an epoch next to num_real real ones."""
+        return round(num_real * self.fraction / (1.0 - self.fraction))
+
+    def make(self, rng: np.random.Generator):
+        """-> (image (size, size, 3) uint8 RGB, boxes (K, 4) float32, labels (K,) int32)."""
+        image, boxes = make_stand(rng, self.size)
+        return image, boxes, np.zeros(len(boxes), np.int32)
