@@ -129,8 +129,14 @@ def test_native_batch_norm_infers_with_the_running_statistics(ops_library):
     before = reference(x).asnumpy()
     stats = [p.asnumpy().copy() for p in (net.bn1.moving_mean, net.bn1.moving_variance)]
     replace_portable(net, SwapPlan.make(relu_pairs=[(net.bn1, net.relu1)]), only=["batch_norm"])
-    np.testing.assert_allclose(net(x).asnumpy(), before, rtol=0, atol=1e-6)
-    assert before.min() == 0.0
+    got = net(x).asnumpy()
+    np.testing.assert_allclose(got, before, rtol=0, atol=1e-6)
+    # the native cell's own output against the running statistics written out (not the reference cell)
+    mean, var, gamma, beta = values  # get_parameters order: moving mean, variance, gamma, beta
+    z = (x.asnumpy() - mean[None, :, None, None]) / np.sqrt(var[None, :, None, None] + 1e-5) * \
+        gamma[None, :, None, None] + beta[None, :, None, None]
+    np.testing.assert_allclose(got, np.maximum(z, 0), rtol=0, atol=1e-5)
+    assert got.min() == 0.0 and (z < 0).any()
     for param, value in zip((net.bn1.moving_mean, net.bn1.moving_variance), stats):
         np.testing.assert_array_equal(param.asnumpy(), value)
 
