@@ -54,10 +54,11 @@ def mode(request):
     ms.set_context(mode=previous)
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def ops_library(tmp_path_factory):
-    """Build the custom-op library into a fresh cache (a real g++ build, once per test module) ->
-    OneDNNConv2d; skips where it cannot be built."""
+    """Build the custom-op library into a fresh cache (a real g++ build, once per test session;
+    tests/test_ops_cache.py builds into caches of its own) -> OneDNNConv2d; skips where it cannot
+    be built."""
     from src.ops.build import OpsUnavailable, build
 
     previous = os.environ.get("FCOS_OPS_CACHE")
