@@ -1,4 +1,5 @@
 """Test setup: CPU-friendly MindSpore settings and paths to the real fixtures."""
+import importlib.util
 import os
 import sys
 
@@ -80,6 +81,12 @@ def ops_library(tmp_path_factory):
             os.environ.pop("FCOS_OPS_CACHE")
         else:
             os.environ["FCOS_OPS_CACHE"] = previous
+
+
+def skip_without_runtime(runtime):
+    """Skip, with the reason, a test of --runtime=onnxruntime where that optional package is missing."""
+    if runtime == "onnxruntime" and importlib.util.find_spec("onnxruntime") is None:
+        pytest.skip("onnxruntime is not installed (optional: pip install onnxruntime)")
 
 
 @pytest.fixture(scope="session")

@@ -17,7 +17,7 @@ import cv2
 import numpy as np
 import pytest
 
-from conftest import ROOT, parity_dir
+from conftest import ROOT, parity_dir, skip_without_runtime
 from src.inference.runtime import RUNTIMES
 
 
@@ -97,6 +97,7 @@ def eval_result(fixture, tmp_path_factory):
 
 @pytest.mark.parametrize("runtime", RUNTIMES)
 def test_eval_of_converted_weights_gives_torchvision_detections(fixture, eval_result, runtime):
+    skip_without_runtime(runtime)
     _, arrays = fixture
     detections = eval_result(runtime)["detections"]
     for i in range(len(arrays["orig_sizes"])):

@@ -10,6 +10,8 @@ import mindspore as ms
 import numpy as np
 import pytest
 
+from conftest import skip_without_runtime
+
 import predict
 from src.builder import build_model
 from src.inference.runtime import RUNTIMES
@@ -57,6 +59,7 @@ def eval_detections(data, tmp_path_factory):
 
 @pytest.mark.parametrize("runtime", RUNTIMES)
 def test_predictions_equal_eval_detections(data, eval_detections, runtime, tmp_path):
+    skip_without_runtime(runtime)
     result = command("predict.py", f"--ckpt_file={data['ckpt']}", "--input", str(data["img_dir"]),
                      f"--val_ann_file={data['ann_file']}", f"--output_dir={tmp_path / 'pred'}", f"--runtime={runtime}")
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
