@@ -78,7 +78,7 @@ def test_native_group_norm_matches_float64_reference(ops_library, mode, case):
         np.testing.assert_allclose(got, portable, rtol=0, atol=4e-5 * scale)
 
 
-def test_use_native_group_norms_keeps_parameters_and_outputs(ops_library):
+def test_the_backend_swaps_group_norms_keeping_parameters_and_outputs(ops_library):
     """The swap keeps GroupNorm's Parameters (names, objects) and its outputs; a network of two
     GroupNorms of different group counts gets both swapped (the statistics' shapes differ)."""
     from src.ops.backend import replace_portable

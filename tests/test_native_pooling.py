@@ -54,7 +54,7 @@ def test_native_stem_max_pool_matches_numpy(ops_library, mode, shape):
     np.testing.assert_allclose(dx, vjp(w), rtol=0, atol=1e-6)
 
 
-def test_use_native_pooling_replaces_the_stem_pool(ops_library):
+def test_the_backend_replaces_the_stem_pool(ops_library):
     from src.model.backbone import ResNet, StemMaxPool
     from src.ops.backend import replace_portable
     from src.ops.pooling import NativeStemMaxPool

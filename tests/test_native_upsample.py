@@ -47,7 +47,7 @@ def test_native_upsample_add_matches_numpy_and_the_portable_merge(ops_library, m
         np.testing.assert_allclose(got, portable, rtol=0, atol=1e-5)
 
 
-def test_use_native_upsampling_replaces_the_fpn_merge(ops_library):
+def test_the_backend_replaces_the_fpn_merge(ops_library):
     from src.model.fpn import FPN
     from src.ops.backend import replace_portable
     from src.ops.upsample import NativeUpsampleAdd
