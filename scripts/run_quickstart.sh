@@ -5,8 +5,7 @@
 # Usage: bash scripts/run_quickstart.sh [OUTPUT_DIR (default output/quickstart)] [extra --key=value ...]
 # CONFIG=... picks another configuration (e.g. configs/deepforest_tiles_cpu.yaml), IMAGE=... the
 # image to draw predictions on (default: the held-out validation image), DRAW_THRESHOLD=... the
-# lowest score drawn (default 0.45: 40 of the quick start's 100 fused detections on OSBS_029, seed 1,
-# 23 of them on a labelled crown; 15 and 10 on the NCHW storage before 2026-12-06's evening).
+# lowest score drawn (default 0.45).
 source "$(dirname "$0")/common.sh"
 OUTPUT_DIR=$(abspath "${1:-output/quickstart}")
 [ $# -ge 1 ] && shift

@@ -65,18 +65,5 @@ def _upsample_like(x, reference):
     ResizeNearestNeighbor (align_corners False) reads source index floor(dst * h / H), as torch's
     'nearest', also for odd sizes; unlike ops.interpolate it exports to ONNX.
     """
-    # Faster forms were exact in one process (tested against NumPy, values and gradients) but a
-    # 2-rank data-parallel run then drifted from the single-process one by the same 0.056 max
-    # weight difference after 8 steps (tests/test_distributed.py) with each of: a broadcast or
-    # a stack of (B,C,h,1,w,1) to (B,C,h,2,w,2) (8-10 ms vs 46 forward on 256x50x76), two matmuls
-    # with 0/1 selection matrices (6.5 ms). Traced for the matmul form with a checkpoint per step:
-    # one process is identical (<= 1.2e-7) with either upsampling; the 2-rank run matches it for
-    # two steps (1.5e-8), then step 3's update differs (7e-5 in head.cls_tower.3.weight) while
-    # both ranks' step-3 losses are unchanged, with gradient-allreduce fusion on or off. Gradients
-    # dumped per rank: the allreduce is exact; rank 1's own step-3 gradient differs (up to 7% of
-    # head.cls_tower.3.weight's), deterministically, in GRAPH and in PYNATIVE mode; the same batch
-    # and weights in one process give bit-identical gradients with either form. So the difference
-    # arises only inside MindSpore's data-parallel process, not in this arithmetic. A depthwise stride-2
-    # transposed conv kept parity (3 ms) but MindSpore exports it to ONNX with an output_shape
-    # onnxruntime rejects; ResizeNearestNeighborV2 and ops.interpolate do not export at all.
+    # faster forms broke 2-rank data-parallel equivalence or ONNX export (docs/performance.md, the FPN merge)
     return ops.ResizeNearestNeighbor(reference.shape[2:])(x)

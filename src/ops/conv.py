@@ -36,8 +36,8 @@ class OneDNNConv2d(nn.Conv2d):
 
     folded_norm: a bias-free layer's following FrozenBatchNorm2d, applied here as
     conv(x, w * scale) + shift (its scale_shift(); the ops scale the weights) while the norm passes
-    its input through: one pass over the output instead of two, forward and backward (R50-FPN
-    800x1216 training step 4.42 -> see docs/performance.md). The norm's Parameters stay its own
+    its input through: one pass over the output instead of two, forward and backward (measured
+    in docs/performance.md). The norm's Parameters stay its own
     (names, checkpoints); it is kept out of this cell's children for that. relu (with a folded
     norm only): the output is max(0, norm(conv(x))), the ReLU that follows the norm, as a oneDNN
     post-op (no pass of its own forward; backward, MindSpore's ReluGrad before the adjoints).

@@ -7,7 +7,7 @@
 // and 20 ms here (timed with a weighted sum around both, GRAPH mode, 2 cores). The kernels below
 // find each window's maximum without branches and the backward gathers into dx row by row: on
 // 4x64x160x160 (the quick start's stem) forward 3.3 ms and backward 16.5 ms of a training step,
-// against 4.9 and 20.3 ms for a plain scatter (MindSpore's profiler, 2026-12-06).
+// against 4.9 and 20.3 ms for a plain scatter (MindSpore's profiler; docs/performance.md).
 //
 // Ops (params are the inputs then the outputs, plain row-major float32):
 //   FcosMaxPoolForward:  x (N,C,H,W) -> y (N,C,ceil(H/2),ceil(W/2))
