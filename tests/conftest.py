@@ -63,7 +63,9 @@ def ops_library(tmp_path_factory):
     from src.ops.build import OpsUnavailable, build
 
     previous = os.environ.get("FCOS_OPS_CACHE")
-    os.environ["FCOS_OPS_CACHE"] = str(tmp_path_factory.mktemp("ops_cache"))
+    # a test session's subprocesses (the ISA-lifted runs) reuse the session's build
+    os.environ.setdefault("FCOS_TEST_OPS_CACHE", str(tmp_path_factory.mktemp("ops_cache")))
+    os.environ["FCOS_OPS_CACHE"] = os.environ["FCOS_TEST_OPS_CACHE"]
     try:
         build()
         from src.ops.conv import OneDNNConv2d

@@ -135,15 +135,19 @@ def test_stacked_head_convs_match_the_layers_run_one_by_one(use_gn, cnt_on_reg, 
     features = [ms.Tensor(rng.randn(2, 32, size, size).astype(np.float32)) for size in (6, 3)]
     cls_logits, bbox_reg, centerness = (o.asnumpy() for o in head(features))
     cls_ref, reg_ref, ctr_ref = [], [], []
-    for feature, scale in zip(features, head.scales):
-        cls_feat, reg_feat = feature, feature
-        for cls_layer, reg_layer in zip(head.cls_tower, head.reg_tower):
-            cls_feat, reg_feat = cls_layer(cls_feat), reg_layer(reg_feat)
-        flat = lambda x: x.asnumpy().transpose(0, 2, 3, 1).reshape(2, -1, x.shape[1])
-        cls_ref.append(flat(head.cls_logits(cls_feat)))
-        reg_ref.append(np.maximum(flat(head.bbox_reg(reg_feat)) * scale.scale.asnumpy(), 0))
-        if add_centerness:
-            ctr_ref.append(flat(head.centerness(reg_feat if cnt_on_reg else cls_feat)))
+    ms.set_context(mode=ms.PYNATIVE_MODE)  # the reference layer by layer, without a graph per layer
+    try:
+        for feature, scale in zip(features, head.scales):
+            cls_feat, reg_feat = feature, feature
+            for cls_layer, reg_layer in zip(head.cls_tower, head.reg_tower):
+                cls_feat, reg_feat = cls_layer(cls_feat), reg_layer(reg_feat)
+            flat = lambda x: x.asnumpy().transpose(0, 2, 3, 1).reshape(2, -1, x.shape[1])
+            cls_ref.append(flat(head.cls_logits(cls_feat)))
+            reg_ref.append(np.maximum(flat(head.bbox_reg(reg_feat)) * scale.scale.asnumpy(), 0))
+            if add_centerness:
+                ctr_ref.append(flat(head.centerness(reg_feat if cnt_on_reg else cls_feat)))
+    finally:
+        ms.set_context(mode=ms.GRAPH_MODE)
     np.testing.assert_allclose(cls_logits, np.concatenate(cls_ref, 1), rtol=1e-4, atol=1e-4)
     np.testing.assert_allclose(bbox_reg, np.concatenate(reg_ref, 1), rtol=1e-4, atol=1e-4)
     expected_ctr = np.concatenate(ctr_ref, 1) if add_centerness else np.zeros_like(centerness)

@@ -2,6 +2,7 @@
 write to is refused in one line, the compiler's version and flags key the cache, and concurrent
 processes build once under the lock. Real g++ builds (a wrapper around g++ counts them)."""
 import os
+import shutil
 import subprocess
 import sys
 
@@ -22,14 +23,17 @@ def _wrapper(tmp_path, version="wrapper 1"):
 
 
 @pytest.fixture()
-def cache(tmp_path, monkeypatch):
-    folder = tmp_path / "cache"
-    monkeypatch.setenv("FCOS_OPS_CACHE", str(folder))
-    try:
-        path = build()
-    except OpsUnavailable as err:
-        pytest.skip(str(err))
-    return path
+def cache(tmp_path, monkeypatch, ops_library):
+    """A cache of this test's own holding a copy of the session's build (no compile) -> the library."""
+    from src.ops.build import library
+
+    built = library()
+    entry = tmp_path / "cache" / os.path.basename(os.path.dirname(built))
+    entry.mkdir(parents=True, mode=0o700)
+    shutil.copy2(built, entry / os.path.basename(built))
+    monkeypatch.setenv("FCOS_OPS_CACHE", str(tmp_path / "cache"))
+    assert build() == str(entry / os.path.basename(built))  # the same digest: found, not built
+    return build()
 
 
 def test_a_foreign_or_writable_cache_entry_is_refused_in_one_line(cache):
@@ -53,22 +57,6 @@ def test_a_foreign_or_writable_cache_entry_is_refused_in_one_line(cache):
     check_trusted(cache)
 
 
-def test_compiler_version_keys_the_cache_and_a_second_build_reuses_it(tmp_path, monkeypatch):
-    """Mutation caught: a digest without the compiler's version (a new compiler reused a stale build)."""
-    monkeypatch.setenv("FCOS_OPS_CACHE", str(tmp_path / "cache"))
-    first_cxx, log = _wrapper(tmp_path, "wrapper 1")
-    monkeypatch.setenv("CXX", first_cxx)
-    try:
-        first = build()
-    except OpsUnavailable as err:
-        pytest.skip(str(err))
-    assert build() == first and log.read_text().count("compile") == 1
-    second_cxx, _ = _wrapper(tmp_path, "wrapper 2")
-    monkeypatch.setenv("CXX", second_cxx)
-    second = build()
-    assert second != first and log.read_text().count("compile") == 2
-
-
 BUILDER = """
 import sys
 sys.path.insert(0, sys.argv[1])
@@ -77,10 +65,12 @@ print(build())
 """
 
 
-def test_concurrent_processes_build_once(tmp_path):
+def test_concurrent_builds_happen_once_and_the_compiler_version_keys_the_cache(tmp_path, monkeypatch):
     """Two processes (two ranks) start on an empty cache: one compiles, the other waits for it and
-    loads the same file. Mutation caught: no lock (both ran g++, each renaming over the other)."""
-    cxx, log = _wrapper(tmp_path)
+    loads the same file; a compiler reporting another version builds anew. Mutations caught: no
+    lock (both ran g++, each renaming over the other), a digest without the compiler's version (a
+    new compiler reused a stale build)."""
+    cxx, log = _wrapper(tmp_path, "wrapper 1")
     env = dict(os.environ, FCOS_OPS_CACHE=str(tmp_path / "cache"), CXX=cxx)
     procs = [subprocess.Popen([sys.executable, "-c", BUILDER, ROOT], env=env, stdout=subprocess.PIPE,
                               stderr=subprocess.PIPE, text=True) for _ in range(2)]
@@ -90,3 +80,9 @@ def test_concurrent_processes_build_once(tmp_path):
     assert [proc.returncode for proc in procs] == [0, 0], outputs
     assert outputs[0][0] == outputs[1][0]
     assert log.read_text().count("compile") == 1
+    monkeypatch.setenv("FCOS_OPS_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("CXX", cxx)
+    assert build() == outputs[0][0].strip() and log.read_text().count("compile") == 1  # reused
+    second_cxx, _ = _wrapper(tmp_path, "wrapper 2")
+    monkeypatch.setenv("CXX", second_cxx)
+    assert build() != outputs[0][0].strip() and log.read_text().count("compile") == 2
