@@ -8,6 +8,7 @@ import glob
 import logging
 import os
 import re
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import mindspore as ms
 import numpy as np
@@ -21,7 +22,7 @@ logger = logging.getLogger("fcos")
 META_PREFIX = "meta_"
 
 
-def save_checkpoint_atomic(cell_or_params, path, meta=None):
+def save_checkpoint_atomic(cell_or_params, path: str, meta: Optional[Dict[str, int]] = None) -> str:
     """ms.save_checkpoint to ``path`` (the name as given, .ckpt or not) via a temporary file and
     os.replace (atomic on POSIX)."""
     append = {META_PREFIX + key: value for key, value in (meta or {}).items()}
@@ -30,7 +31,7 @@ def save_checkpoint_atomic(cell_or_params, path, meta=None):
     return path
 
 
-def load_checkpoint_file(path):
+def load_checkpoint_file(path: str) -> Dict[str, ms.Parameter]:
     """Load a .ckpt into {name: Parameter}; one clear error for a missing or corrupt file."""
     if not os.path.isfile(path):
         raise FileNotFoundError(f"checkpoint not found: {path}")
@@ -42,7 +43,7 @@ def load_checkpoint_file(path):
         raise ValueError(f"checkpoint {path} cannot be read: {str(err).splitlines()[0]}") from None
 
 
-def split_meta(params):
+def split_meta(params: Dict[str, ms.Parameter]) -> Tuple[Dict[str, ms.Parameter], Dict[str, int]]:
     """Separate the schedule position entries from a loaded checkpoint dict."""
     meta = {}
     for name in [n for n in params if n.startswith(META_PREFIX)]:
@@ -50,7 +51,8 @@ def split_meta(params):
     return params, meta
 
 
-def fitting_params(own, params, path, required_prefixes=("",)):
+def fitting_params(own: Dict[str, ms.Parameter], params: Dict[str, ms.Parameter], path: str,
+                   required_prefixes: Sequence[str] = ("",)) -> Dict[str, ms.Parameter]:
     """The entries of a loaded checkpoint ``params`` that fit the parameters ``own`` ({name:
     Parameter} of a cell) -> {name: Parameter} to load.
 
@@ -97,18 +99,18 @@ class TrainingCheckpoint:
     meta: dict
 
     @property
-    def epoch(self):
+    def epoch(self) -> int:
         """The epoch training continues in (0-based)."""
         return int(self.meta["epoch"])
 
     @property
-    def global_batch(self):
+    def global_batch(self) -> Optional[int]:
         """Images per step of the run that saved it (devices x batch_size); None in checkpoints
         written before it was recorded."""
         return int(self.meta["global_batch"]) if "global_batch" in self.meta else None
 
 
-def read_training_checkpoint(path):
+def read_training_checkpoint(path: str) -> "TrainingCheckpoint":
     """-> TrainingCheckpoint; ValueError naming the file when it is not a train.py checkpoint."""
     params, meta = split_meta(load_checkpoint_file(path))
     if not {"epoch", "step_in_epoch", "global_step"} <= set(meta):
@@ -117,7 +119,7 @@ def read_training_checkpoint(path):
     return TrainingCheckpoint(path, params, meta)
 
 
-def load_weights(network, path, strict_prefixes=()):
+def load_weights(network, path: str, strict_prefixes: Sequence[str] = ()) -> None:
     """Load the network's parameters from ``path`` (extra entries such as optimiser momenta are
     ignored; see fitting_params for the checks: a missing parameter starting with one of
     ``strict_prefixes`` raises ValueError, others keep their initial values)."""
@@ -134,7 +136,7 @@ class CheckpointKeeper:
 
     PATTERN = re.compile(r"^fcos-(\d+)_(\d+)(?:-(\d+))?\.ckpt$")
 
-    def __init__(self, folder, keep=5):
+    def __init__(self, folder: str, keep: int = 5):
         self.folder = folder
         self.keep = max(int(keep), 1)
         self.written = []  # this run's checkpoints, oldest first
@@ -146,7 +148,7 @@ class CheckpointKeeper:
                 logger.info("%s holds %d checkpoints of earlier runs (newest %s); this run keeps them",
                             folder, len(others), os.path.basename(others[-1]))
 
-    def _free_path(self, epoch, global_step):
+    def _free_path(self, epoch: int, global_step: int) -> str:
         path = os.path.join(self.folder, f"fcos-{epoch}_{global_step}.ckpt")
         n = 1
         while os.path.exists(path) and path not in self.written:
@@ -154,7 +156,7 @@ class CheckpointKeeper:
             n += 1
         return path
 
-    def save(self, cell, epoch, step_in_epoch, global_step, global_batch):
+    def save(self, cell, epoch: int, step_in_epoch: int, global_step: int, global_batch: int) -> str:
         """Save, then remove this run's checkpoints beyond the newest ``keep`` -> the path saved."""
         path = self._free_path(epoch, global_step)
         save_checkpoint_atomic(cell, path, {"epoch": epoch, "step_in_epoch": step_in_epoch,
@@ -168,7 +170,7 @@ class CheckpointKeeper:
         self.written = self.written[-self.keep:]
         return path
 
-    def existing(self):
+    def existing(self) -> List[str]:
         """Checkpoints in the folder, of any run, by global step then modification time."""
         found = []
         for path in glob.glob(os.path.join(glob.escape(self.folder), "fcos-*.ckpt")):
@@ -177,12 +179,12 @@ class CheckpointKeeper:
                 found.append((int(match.group(2)), os.path.getmtime(path), path))
         return [p for _, _, p in sorted(found)]
 
-    def latest(self):
+    def latest(self) -> Optional[str]:
         """This run's newest checkpoint, else None."""
         return self.written[-1] if self.written else None
 
 
-def newest_checkpoint(folder):
+def newest_checkpoint(folder: str) -> Optional[str]:
     """The most recently written fcos-*.ckpt of folder (any run), else None: what a script that has
     just trained into folder evaluates next."""
     paths = glob.glob(os.path.join(glob.escape(folder), "fcos-*.ckpt"))
@@ -193,12 +195,12 @@ def newest_checkpoint(folder):
 BEST_AP_KEY = "best_ap_ppm"
 
 
-def save_best(network, path, ap, meta):
+def save_best(network, path: str, ap: float, meta: Dict[str, int]) -> str:
     """Write the network to path (best.ckpt) with its AP recorded (read_best_ap reads it back)."""
     return save_checkpoint_atomic(network, path, {**meta, BEST_AP_KEY: int(round(ap * 1e6))})
 
 
-def read_best_ap(path):
+def read_best_ap(path: str) -> float:
     """The AP recorded in a best.ckpt, -1.0 when there is none or it holds no AP (written before it
     was recorded: any new evaluation replaces it)."""
     if not os.path.isfile(path):
