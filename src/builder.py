@@ -5,6 +5,7 @@ Deep modules take plain values; entry points call these builders with the parsed
 import contextlib
 import logging
 import math
+from typing import List, Optional
 import os
 
 import mindspore as ms
@@ -25,7 +26,7 @@ from src.inference.runtime import make_runtime
 from src.inference.tta import VIEW_SETS, view_pad_shapes
 from src.model.fcos import FCOS
 from src.model.loss import FCOSLoss
-from src.config import ConfigError, require_files
+from src.config import Config, ConfigError, require_files
 from src.ops.backend import accelerate, enable_native_ops
 from src.ops.build import OpsUnavailable
 from src.ops.global_norm import NativeSquaredNorm
@@ -41,7 +42,7 @@ def model_errors():
         raise ConfigError(f"model configuration: {err}") from None
 
 
-def build_model(cfg, portable=False):
+def build_model(cfg: Config, portable: bool = False) -> FCOS:
     """FCOS network from the configuration; where conv_impl selects the custom ops (src/ops/backend.py)
     its convolutions, GroupNorms, trained BatchNorms (each with the ReLU after it), stem max-pool
     and FPN merge run on them, with the activations between them in channels-last storage unless
@@ -59,7 +60,7 @@ def build_model(cfg, portable=False):
     return network
 
 
-def native_ops(cfg):
+def native_ops(cfg: Config) -> bool:
     """Whether this run's convolutions and norms run on the CPU native ops (conv_impl resolved,
     the library built and oneDNN's ISA cap lifted when so: src/ops/backend.py); ConfigError when
     onednn was asked for and cannot be had."""
@@ -69,7 +70,7 @@ def native_ops(cfg):
         raise ConfigError(f"--conv_impl=onednn: {err}") from None
 
 
-def load_network(cfg, portable=False):
+def load_network(cfg: Config, portable: bool = False) -> FCOS:
     """FCOS in inference mode with every parameter loaded from --ckpt_file (one-line ConfigError
     otherwise): what eval, export and predict run. portable (see build_model) for export, and for
     --runtime=onnxruntime, which exports it too."""
@@ -83,7 +84,7 @@ def load_network(cfg, portable=False):
     return network
 
 
-def build_loss(cfg, network, distributed=False):
+def build_loss(cfg: Config, network: FCOS, distributed: bool = False) -> FCOSLoss:
     """FCOSLoss on the network's points and box coding."""
     with model_errors():
         return FCOSLoss(network.point_coder, limit_range=cfg.limit_range,
@@ -93,14 +94,14 @@ def build_loss(cfg, network, distributed=False):
                         distributed=distributed)
 
 
-def build_inference(cfg, network):
+def build_inference(cfg: Config, network: FCOS) -> FCOSInference:
     """FCOSInference: the network and its decoder (the network's points and box coding)."""
     decoder = FCOSDecoder(network.point_coder, add_centerness=cfg.add_centerness,
                           max_detection_boxes_num=cfg.max_detection_boxes_num)
     return FCOSInference(network, decoder)
 
 
-def eval_geometry(cfg):
+def eval_geometry(cfg: Config) -> EvalGeometry:
     """The EvalGeometry of evaluation and inference (src.geometry); ConfigError for unusable pad_buckets."""
     try:
         return EvalGeometry.from_config(cfg)
@@ -108,19 +109,19 @@ def eval_geometry(cfg):
         raise ConfigError(f"--pad_buckets: {err}") from None
 
 
-def selection_kwargs(cfg):
+def selection_kwargs(cfg: Config) -> dict:
     """Keyword arguments of the NumPy detection selection (threshold, NMS, max detections)."""
     return {"score_threshold": cfg.score_threshold, "nms_iou_threshold": cfg.nms_iou_threshold,
             "detections_per_img": cfg.detections_per_img}
 
 
-def tta_views(cfg):
+def tta_views(cfg: Config) -> tuple:
     """The test-time views of --tta (src.inference.tta)."""
     return VIEW_SETS[cfg.tta]
 
 
 @contextlib.contextmanager
-def dataset_errors(ann_key):
+def dataset_errors(ann_key: str):
     """Turn the errors of an unusable dataset into a ConfigError naming the key to fix: ann_key
     for the data (the message names the file), --pad_buckets for images that fit no pad shape."""
     try:
@@ -131,7 +132,7 @@ def dataset_errors(ann_key):
         raise ConfigError(f"--{ann_key}: {err}") from None
 
 
-def train_transform(cfg):
+def train_transform(cfg: Config) -> TrainTransform:
     """The TrainTransform (augmentation) of the configuration's training keys."""
     return TrainTransform(
         cfg.min_size, cfg.max_size, flip_prob=cfg.flip_prob, vflip_prob=cfg.vflip_prob, rot90_prob=cfg.rot90_prob,
@@ -141,7 +142,7 @@ def train_transform(cfg):
         window_scale=cfg.window_scale)
 
 
-def crown_stands(cfg, transform):
+def crown_stands(cfg: Config, transform: TrainTransform) -> Optional[CrownStands]:
     """The procedural tree-crown stands of --synthetic_crowns (the pipeline's generated-samples
     plug-in), big enough for the widest zoom of the training windows; None when off."""
     if not cfg.synthetic_crowns:
@@ -153,7 +154,7 @@ def crown_stands(cfg, transform):
     return CrownStands(cfg.synthetic_crowns, math.ceil(transform.window / min(transform.window_scale)))
 
 
-def build_train_dataset(cfg, rank=0, group_size=1, start_epoch=0):
+def build_train_dataset(cfg: Config, rank: int = 0, group_size: int = 1, start_epoch: int = 0):
     """create_train_dataset from the configuration; ConfigError for an unusable dataset."""
     transform = train_transform(cfg)
     generated = crown_stands(cfg, transform)
@@ -166,7 +167,7 @@ def build_train_dataset(cfg, rank=0, group_size=1, start_epoch=0):
             start_epoch=start_epoch, generated=generated)
 
 
-def build_eval_dataset(cfg, batch_size=1, rank=0, group_size=1):
+def build_eval_dataset(cfg: Config, batch_size: int = 1, rank: int = 0, group_size: int = 1):
     """create_eval_dataset from the configuration; ConfigError for an unusable dataset."""
     geometry = eval_geometry(cfg)
     with dataset_errors("val_ann_file"):
@@ -174,7 +175,7 @@ def build_eval_dataset(cfg, batch_size=1, rank=0, group_size=1):
                                    num_parallel_workers=cfg.num_parallel_workers, rank=rank, group_size=group_size)
 
 
-def build_train_step(cfg, network, steps_per_epoch, group_size):
+def build_train_step(cfg: Config, network: FCOS, steps_per_epoch: int, group_size: int):
     """-> (TrainStep in training mode, per-step lr schedule): the optimiser with the lr scaled to
     the global batch, mixed precision (amp_level) with a dynamic loss scale, the loss, gradient
     clipping and reduction across group_size devices. Used by train.py and the benchmark."""
@@ -198,7 +199,7 @@ def build_train_step(cfg, network, steps_per_epoch, group_size):
     return step, schedule
 
 
-def train_graphs(cfg, train_step, pad_shapes):
+def train_graphs(cfg: Config, train_step, pad_shapes) -> List[PlannedGraph]:
     """The training-step graphs of a run: one per (H, W) pad shape, inputs as the training
     dataset gives them (images, gt_boxes, gt_labels, gt_mask)."""
     b, m = cfg.batch_size, cfg.max_gt_boxes
@@ -206,21 +207,21 @@ def train_graphs(cfg, train_step, pad_shapes):
                                       ((b, m), np.bool_)], training=True) for h, w in pad_shapes]
 
 
-def eval_graphs(infer_cell, pad_shapes, batch_size, views):
+def eval_graphs(infer_cell, pad_shapes, batch_size: int, views) -> List[PlannedGraph]:
     """The inference graphs of an evaluation: one per (H, W) input of its batches' ``views``
     (src.inference.tta) at their pad shapes."""
     return [PlannedGraph(infer_cell, [((batch_size, 3, h, w), np.float32)], training=False)
             for h, w in view_pad_shapes(pad_shapes, views)]
 
 
-def precompile_graphs(cfg, graphs, distributed=False):
+def precompile_graphs(cfg: Config, graphs, distributed: bool = False):
     """precompile with the configured cache folder (<output_dir>/compile_cache; none for
     --compile_cache=False or data-parallel runs)."""
     use_cache = cfg.compile_cache and not distributed
     return precompile(graphs, cfg, os.path.join(cfg.output_dir, "compile_cache") if use_cache else None)
 
 
-def build_runtime(cfg, infer_cell, pad_shapes=(), batch_size=1):
+def build_runtime(cfg: Config, infer_cell, pad_shapes=(), batch_size: int = 1):
     """--runtime: what runs infer_cell in eval.py and predict.py (src.inference.runtime), with the
     inputs (batch_size, 3, H, W) of pad_shapes made ready: compiled (or loaded from the compile
     cache) in MindSpore, exported and loaded in onnxruntime. Other shapes get ready on first use."""
