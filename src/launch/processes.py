@@ -7,6 +7,7 @@ import subprocess
 import time
 
 from src.launch.arguments import DEFAULT_CHECK_SECONDS, LaunchError
+from src.utils.io import pid_alive
 
 
 def cpu_shares(cpus, count):
@@ -68,23 +69,13 @@ def write_env_log(path, env):
                      for k, v in sorted(kept.items()))
 
 
-def _pid_alive(pid):
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 PID_FILE = "launch.pid"  # in each rank folder: the rank's process, while it may be running
 
 
 def _runs_in(pid, folder):
     """Whether process pid is alive (not a zombie) and, where /proc tells, works in folder (a rank's
     folder is its working directory; a recycled pid's is not)."""
-    if not _pid_alive(pid):
+    if not pid_alive(pid):
         return False
     try:
         with open(f"/proc/{pid}/stat", encoding="utf-8") as f:

@@ -57,7 +57,8 @@ def write_json_atomic(path: str, obj) -> None:
         json.dump(obj, f)
 
 
-def _alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
+    """Whether a process pid exists on this machine (another user's counts; a zombie does too)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -74,7 +75,7 @@ def remove_stale_temporaries(folder: str, pattern: str = "*") -> List[str]:
     removed = []
     for path in glob.glob(os.path.join(glob.escape(folder), pattern)):
         match = _TEMP_PATTERN.search(os.path.basename(path))
-        if match and os.path.isfile(path) and not _alive(int(match.group(1))):
+        if match and os.path.isfile(path) and not pid_alive(int(match.group(1))):
             os.remove(path)
             removed.append(path)
     return removed
