@@ -199,9 +199,10 @@ def test_accelerate_keeps_the_networks_outputs_and_gradients(ops_library, freeze
     assert sum(isinstance(cell, nn.Identity) for _, cell in network.cells_and_names()) == len(fused)
     assert [p.name for p in network.get_parameters()] == names  # checkpoints unchanged
     assert all(norm.folded for _, norm in pairs)
-    # one GroupNorm per tower; no trained BatchNorm with freeze_bn (without, 1 + 2 x 8 + 3 of them)
-    assert replace_portable(network, plan) == {"convolution": 0, "batch_norm": 0 if freeze_bn else 20,
-                                               "group_norm": 2, "stem_pool": 1, "fpn_merge": 1}
+    # one GroupNorm per tower; trained BatchNorm stays (its gradients are taken in training mode, in
+    # tests/test_native_batch_norm.py; here they are taken out of training)
+    assert replace_portable(network, plan, only=["group_norm", "stem_pool", "fpn_merge"]) == {
+        "group_norm": 2, "stem_pool": 1, "fpn_merge": 1}
     if freeze_bn:  # (trained BatchNorm would normalise by the batch in training mode)
         network.set_train(True)
         for trained, expected in zip(network(Tensor(x)), outputs):
