@@ -51,7 +51,7 @@ class Trainer:
         self.epoch, self.step_in_epoch, self.global_step = 0, 0, 0
         # best.ckpt is the folder's best over runs: a new or resumed run replaces it only with a better AP
         self.best_path = os.path.join(self.ckpt_dir, "best.ckpt")
-        self.best_ap = read_best_ap(self.best_path)
+        self.best_ap = read_best_ap(self.best_path) if save_checkpoints else -1.0  # only rank 0 writes it
         self.bad_in_row = 0
         self.bad_total = 0
         self.resumed_from = None
