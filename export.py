@@ -17,7 +17,7 @@ import src  # noqa: F401  (sets the oneDNN ISA before mindspore loads)
 import numpy as np
 from mindspore import Tensor
 
-from src.builder import build_inference, eval_geometry, load_network, selection_kwargs
+from src.builder import build_inference, eval_geometry, load_network, pixel_format, selection_kwargs
 from src.deploy.contract import check_export_shape, export_info, write_export_info
 from src.inference.export import EXTENSIONS, export_model
 from src.utils.context import init_context
@@ -38,7 +38,9 @@ def model_export_info(cfg, infer_cell, model_file):
     shape = (cfg.export_batch_size, 3, cfg.export_height, cfg.export_width)
     k = infer_cell.decoder.num_candidates(cfg.export_height, cfg.export_width, cfg.class_num)
     geometry = eval_geometry(cfg)
-    preprocess = {"min_size": geometry.min_size, "max_size": geometry.max_size, "height": cfg.export_height, "width": cfg.export_width}
+    preprocess = {"min_size": geometry.min_size, "max_size": geometry.max_size, "height": cfg.export_height,
+                  "width": cfg.export_width, "resize_rule": geometry.resize_rule,
+                  **pixel_format(cfg).as_dict()}
     model = {"backbone": cfg.backbone, "class_num": cfg.class_num, "strides": cfg.strides,
              "point_strides": cfg.point_strides, "max_detection_boxes_num": cfg.max_detection_boxes_num}
     return export_info(model_file, cfg.file_format, cfg.ckpt_file, shape, k, preprocess, selection_kwargs(cfg),

@@ -49,7 +49,8 @@ def detect_from_results(result_dir, images, num_candidates, selection, label_to_
             raise ConfigError(f"--result_dir: {err}") from None
         boxes, scores, labels = select_detections(boxes, scores, labels, entry["resized_hw"], **selection,
                                                   original_size=entry["orig_hw"])
-        results += to_coco_results(entry["image_id"], boxes, scores, labels, label_to_cat_id)
+        results += to_coco_results(entry["image_id"], boxes, scores, labels, label_to_cat_id,
+                                   selection.get("plus_one", False))
     return results
 
 

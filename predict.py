@@ -16,7 +16,7 @@ import logging
 import os
 
 import src  # noqa: F401  (sets the oneDNN ISA before mindspore loads)
-from src.builder import (build_inference, build_runtime, eval_geometry, load_network, selection_kwargs,
+from src.builder import (build_inference, build_runtime, eval_geometry, load_network, pixel_format, selection_kwargs,
                          tta_views)
 from src.data.coco import DatasetError, label_maps, load_image_rgb, read_coco_json
 from src.utils.context import init_context
@@ -103,7 +103,7 @@ def main(argv=None):
     setup_logging(cfg.output_dir, 0, "predict")
     names, label_to_cat_id = class_info(cfg, names)
     runtime = build_runtime(cfg, build_inference(cfg, load_network(cfg)))
-    predictor = Predictor(runtime, eval_geometry(cfg), selection_kwargs(cfg), tta_views(cfg))
+    predictor = Predictor(runtime, eval_geometry(cfg), selection_kwargs(cfg), tta_views(cfg), pixel_format(cfg))
     images, skipped, used = [], [], set()
     for path in files:
         try:

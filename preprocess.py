@@ -15,8 +15,8 @@ import logging
 import os
 
 from src.data.coco import CocoDataset, DatasetError
-from src.geometry import EvalGeometry, PadBucketError, keep_ratio_size
-from src.data.transforms import preprocess_image
+from src.geometry import EvalGeometry, PadBucketError
+from src.data.transforms import PixelFormat, preprocess_image
 from src.deploy.contract import (IMAGES_DIR, bin_names, check_export_shape, read_export_info, write_input_bin,
                                  remove_preprocess_info, write_preprocess_info)
 from src.utils.logs import setup_logging
@@ -29,19 +29,23 @@ FLAGS = {"export_info": Flag("", "export.py's .json: sets the export shape, min_
 
 
 def resize_settings(cfg, export_info_path):
-    """-> (min_size, max_size, (H, W)) from the export info file, else from the configuration."""
+    """-> (EvalGeometry, PixelFormat, (H, W)) from the export info file, else from the configuration."""
     if not export_info_path:
         try:
             geometry = EvalGeometry.from_config(cfg)
         except PadBucketError as err:
             raise ConfigError(f"--pad_buckets: {err}") from None
-        min_size, max_size, pad_hw = geometry.min_size, geometry.max_size, (cfg.export_height, cfg.export_width)
+        pixels, pad_hw = PixelFormat.from_config(cfg), (cfg.export_height, cfg.export_width)
     else:
         require_files({"export_info": export_info_path}, "export_info")
         try:
             pre = read_export_info(export_info_path)["preprocess"]
-            min_size, max_size, pad_hw = pre["min_size"], pre["max_size"], (pre["height"], pre["width"])
-        except ValueError as err:
+            pad_hw = (pre["height"], pre["width"])
+            # one fixed shape: no per-image padding; export info of earlier versions has no rule
+            geometry = EvalGeometry.make(pre["min_size"], pre["max_size"], [list(pad_hw)],
+                                         resize_rule=pre.get("resize_rule", "torchvision"))
+            pixels = PixelFormat.from_dict(pre)
+        except (ValueError, PadBucketError) as err:
             raise ConfigError(f"--export_info: {err}") from None
         except KeyError as err:
             raise ConfigError(f"--export_info: {export_info_path} has no preprocess {err}") from None
@@ -49,10 +53,10 @@ def resize_settings(cfg, export_info_path):
         check_export_shape(*pad_hw, batch_size=1)
     except ValueError as err:
         raise ConfigError(str(err)) from None
-    return min_size, max_size, pad_hw
+    return geometry, pixels, pad_hw
 
 
-def preprocess_dataset(coco, out_dir, min_size, max_size, pad_hw):
+def preprocess_dataset(coco, out_dir, geometry, pixels, pad_hw):
     """Write every loadable image of ``coco`` as a bin -> the info dict (see the module docstring)."""
     img_dir = os.path.join(out_dir, IMAGES_DIR)
     os.makedirs(img_dir, exist_ok=True)
@@ -74,14 +78,14 @@ def preprocess_dataset(coco, out_dir, min_size, max_size, pad_hw):
                             "reason": str(err)})
             logger.warning("skipping image %d: %s", image_id, err)
             continue
-        chw, meta = preprocess_image(image, min_size, max_size, pad_hw)
-        shrunk += meta.resized_hw != keep_ratio_size(*meta.orig_hw, min_size, max_size)
+        chw, meta = preprocess_image(image, geometry, pad_hw, pixels)
+        shrunk += meta.resized_hw != geometry.resized_size(meta.orig_hw)
         name = next(names)
         write_input_bin(out_dir, name, chw)
         images.append({"name": name, "image_id": image_id, "file_name": coco.image_info(image_id)["file_name"],
                        "orig_hw": list(meta.orig_hw), "resized_hw": list(meta.resized_hw)})
     return {"ann_file": os.path.abspath(coco.ann_file), "img_dir": os.path.abspath(coco.img_dir),
-            "input_hw": list(pad_hw), "min_size": min_size, "max_size": max_size,
+            "input_hw": list(pad_hw), "min_size": geometry.min_size, "max_size": geometry.max_size,
             "num_images": len(images), "num_skipped": len(skipped), "num_shrunk_to_fit": shrunk,
             "images": images, "skipped": skipped}
 
@@ -91,15 +95,15 @@ def main(argv=None):
     cfg = load_config(argv, "Preprocess validation images into fixed-size .bin inputs of an exported FCOS.", FLAGS)
     export_info_path = cfg.export_info
     require_files(cfg, "val_img_dir", "val_ann_file")
-    min_size, max_size, pad_hw = resize_settings(cfg, export_info_path)
+    geometry, pixels, pad_hw = resize_settings(cfg, export_info_path)
     setup_logging()
-    logger.info("input %dx%d, min_size %d, max_size %d (from %s)", *pad_hw, min_size, max_size,
-                export_info_path or "the configuration")
+    logger.info("input %dx%d, min_size %d, max_size %d, resize %s, %s (from %s)", *pad_hw, geometry.min_size,
+                geometry.max_size, geometry.resize_rule, pixels.channel_order, export_info_path or "the configuration")
     try:
         coco = CocoDataset(cfg.val_img_dir, cfg.val_ann_file)
     except DatasetError as err:
         raise ConfigError(f"--val_ann_file: {err}") from None
-    info = preprocess_dataset(coco, cfg.output_dir, min_size, max_size, pad_hw)
+    info = preprocess_dataset(coco, cfg.output_dir, geometry, pixels, pad_hw)
     write_preprocess_info(cfg.output_dir, info)
     logger.info("wrote %d inputs of 3x%dx%d to %s (%d skipped, %d shrunk to fit the export shape)",
                 info["num_images"], pad_hw[0], pad_hw[1], os.path.join(cfg.output_dir, IMAGES_DIR),

@@ -15,7 +15,7 @@ from src.data.coco import DatasetError
 from src.geometry import EvalGeometry, PadBucketError
 from src.data.pipeline import create_eval_dataset, create_train_dataset
 from src.data.synthetic_crowns import CrownStands
-from src.data.transforms import TrainTransform
+from src.data.transforms import PixelFormat, TrainTransform
 from src.engine.checkpoint import load_weights
 from src.engine.compile_cache import PlannedGraph, precompile
 from src.engine.lr_schedule import build_lr_schedule, scaled_lr
@@ -54,7 +54,8 @@ def build_model(cfg: Config, portable: bool = False) -> FCOS:
                     prior=cfg.prior, add_centerness=cfg.add_centerness, cnt_on_reg=cfg.cnt_on_reg,
                     norm_reg_targets=cfg.norm_reg_targets, freeze_bn=cfg.freeze_bn,
                     freeze_stage_1=cfg.freeze_stage_1, strides=cfg.strides, point_offset=cfg.point_offset,
-                    point_strides=cfg.point_strides, backbone_norm=cfg.backbone_norm)
+                    point_strides=cfg.point_strides, backbone_norm=cfg.backbone_norm,
+                    stride_in_1x1=cfg.stride_in_1x1, frozen_bn_eps=cfg.frozen_bn_eps)
     if not portable and native_ops(cfg):
         accelerate(network, channels_last=cfg.channels_last)
     return network
@@ -96,8 +97,9 @@ def build_loss(cfg: Config, network: FCOS, distributed: bool = False) -> FCOSLos
 
 def build_inference(cfg: Config, network: FCOS) -> FCOSInference:
     """FCOSInference: the network and its decoder (the network's points and box coding)."""
+    class_threshold = cfg.score_threshold if cfg.threshold_on == "class_probability" else None
     decoder = FCOSDecoder(network.point_coder, add_centerness=cfg.add_centerness,
-                          max_detection_boxes_num=cfg.max_detection_boxes_num)
+                          max_detection_boxes_num=cfg.max_detection_boxes_num, class_threshold=class_threshold)
     return FCOSInference(network, decoder)
 
 
@@ -109,10 +111,21 @@ def eval_geometry(cfg: Config) -> EvalGeometry:
         raise ConfigError(f"--pad_buckets: {err}") from None
 
 
+def pixel_format(cfg: Config) -> PixelFormat:
+    """The network's PixelFormat (channel_order, pixel_mean, pixel_std); ConfigError when malformed."""
+    try:
+        return PixelFormat.from_config(cfg)
+    except ValueError as err:
+        raise ConfigError(f"--pixel_mean/--pixel_std: {err}") from None
+
+
 def selection_kwargs(cfg: Config) -> dict:
-    """Keyword arguments of the NumPy detection selection (threshold, NMS, max detections)."""
-    return {"score_threshold": cfg.score_threshold, "nms_iou_threshold": cfg.nms_iou_threshold,
-            "detections_per_img": cfg.detections_per_img}
+    """Keyword arguments of the NumPy detection selection (threshold, NMS, max detections, box
+    convention). With threshold_on class_probability the decoder applied the threshold (its
+    rejects score -1), so the selection keeps every score above 0."""
+    threshold = cfg.score_threshold if cfg.threshold_on == "score" else 0.0
+    return {"score_threshold": threshold, "nms_iou_threshold": cfg.nms_iou_threshold,
+            "detections_per_img": cfg.detections_per_img, "plus_one": cfg.box_plus_one}
 
 
 def tta_views(cfg: Config) -> tuple:
@@ -139,7 +152,7 @@ def train_transform(cfg: Config) -> TrainTransform:
         color_jitter=cfg.color_jitter, hue_jitter=cfg.hue_jitter, invert_lightness_prob=cfg.invert_lightness_prob,
         random_conv_prob=cfg.random_conv_prob, crop_prob=cfg.crop_prob,
         crop_min_scale=cfg.crop_min_scale, rotate_degrees=cfg.rotate_degrees, window=cfg.train_window,
-        window_scale=cfg.window_scale)
+        window_scale=cfg.window_scale, resize_rule=cfg.resize_rule, pixels=pixel_format(cfg))
 
 
 def crown_stands(cfg: Config, transform: TrainTransform) -> Optional[CrownStands]:
@@ -172,7 +185,8 @@ def build_eval_dataset(cfg: Config, batch_size: int = 1, rank: int = 0, group_si
     geometry = eval_geometry(cfg)
     with dataset_errors("val_ann_file"):
         return create_eval_dataset(cfg.val_img_dir, cfg.val_ann_file, batch_size=batch_size, geometry=geometry,
-                                   num_parallel_workers=cfg.num_parallel_workers, rank=rank, group_size=group_size)
+                                   num_parallel_workers=cfg.num_parallel_workers, rank=rank, group_size=group_size,
+                                   pixels=pixel_format(cfg))
 
 
 def build_train_step(cfg: Config, network: FCOS, steps_per_epoch: int, group_size: int):

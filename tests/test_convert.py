@@ -1,4 +1,4 @@
-"""tools.convert_torchvision on the parity fixture's torchvision weights, through real files on disk."""
+"""tools.convert_weights on the parity fixture's torchvision weights, through real files on disk."""
 import importlib.util
 import json
 import os
@@ -11,11 +11,11 @@ import pytest
 
 from conftest import ROOT, parity_dir
 from src.model.fcos import FCOS
-from tools import convert_torchvision as convert
+from tools import convert_weights as convert
 
 
 def run_cli(*args):
-    return subprocess.run([sys.executable, "-m", "tools.convert_torchvision", *args], cwd=ROOT, capture_output=True,
+    return subprocess.run([sys.executable, "-m", "tools.convert_weights", *args], cwd=ROOT, capture_output=True,
                           text=True, timeout=300, check=False)
 
 

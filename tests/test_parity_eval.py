@@ -1,4 +1,4 @@
-"""A torchvision FCOS, converted by tools/convert_torchvision.py and evaluated by eval.py, gives
+"""A torchvision FCOS, converted by tools/convert_weights.py and evaluated by eval.py, gives
 torchvision's detections.
 
 The parity fixture holds torchvision's detections (in original image pixels) of its two photos;
@@ -54,7 +54,7 @@ def converted_checkpoint(folder):
     npz, ckpt = str(folder / "tv_fcos.npz"), str(folder / "fcos.ckpt")
     subprocess.run([sys.executable, os.path.join(parity_dir(), "..", "weights.py"),
                     os.path.join(parity_dir(), "manifest.json"), npz], check=True, capture_output=True)
-    subprocess.run([sys.executable, "-m", "tools.convert_torchvision", "--input", npz, "--output", ckpt,
+    subprocess.run([sys.executable, "-m", "tools.convert_weights", "--input", npz, "--output", ckpt,
                     "--kind", "fcos"], cwd=ROOT, check=True, capture_output=True)
     return ckpt
 

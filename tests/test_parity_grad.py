@@ -42,7 +42,7 @@ from src.builder import build_loss, build_model
 from src.engine.train_step import FCOSWithLoss
 from src.config import load_config
 from tests.test_parity_loss_decode import padded_ground_truth
-from tools.convert_torchvision import torchvision_to_mindspore
+from tools.convert_weights import torchvision_to_mindspore
 
 GRAD_PREFIX = "grad:"
 GRAD_RTOL = 1e-3

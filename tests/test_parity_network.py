@@ -1,6 +1,6 @@
 """Our FCOS network against torchvision's, through the parity fixture.
 
-The fixture's weights.py rebuilds the reference weights (torchvision names), tools.convert_torchvision maps
+The fixture's weights.py rebuilds the reference weights (torchvision names), tools.convert_weights maps
 them, and our network must reproduce torchvision's FPN outputs and raw head outputs on the
 fixture's batch, in GRAPH_MODE and in PyNative mode. Every size comes from manifest.json.
 """
@@ -15,7 +15,7 @@ from mindspore import nn
 
 from conftest import parity_dir
 from src.model.fcos import FCOS
-from tools.convert_torchvision import torchvision_to_mindspore
+from tools.convert_weights import torchvision_to_mindspore
 
 FPN_NAMES = ("fpn_p3", "fpn_p4", "fpn_p5", "fpn_p6", "fpn_p7")
 HEAD_NAMES = ("cls_logits", "bbox_regression", "bbox_ctrness")

@@ -47,7 +47,7 @@ from conftest import VENDORED_PARITY, parity_dir
 from src.builder import build_model, build_train_step
 from src.engine.trainer import Trainer
 from test_parity_grad import fixture_config, load_parity_fixture, load_torchvision_weights, padded_ground_truth
-from tools.convert_torchvision import torchvision_to_mindspore
+from tools.convert_weights import torchvision_to_mindspore
 
 FINAL_PREFIX = "final:"
 DRIFT_FACTOR = 4.0      # tolerance / the torch float32-vs-float64 drift recorded in training.json

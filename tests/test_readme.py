@@ -126,7 +126,7 @@ def test_the_checker_refuses_what_does_not_exist():
         ["no script utils/hccl_tools/hccl_tools.py"]
     assert check_command("python train.py --no_such_key=1") == ["train.py has no --no_such_key"]
     assert check_command("bash scripts/run_eval.sh CPU 0 configs/missing.yaml") == ["no such file: configs/missing.yaml"]
-    assert check_command("python -m tools.convert_torchvision --inptu a.pth") == ["tools.convert_torchvision has no --inptu"]
+    assert check_command("python -m tools.convert_weights --inptu a.pth") == ["tools.convert_weights has no --inptu"]
 
 
 def _prose(text):

@@ -23,7 +23,7 @@ import numpy as np
 from .coco import CocoDataset, DatasetError
 from src.geometry import PadBucketError, box_area, pad_shape_for, resolve_pad_buckets, window_pad_shape
 
-from .transforms import preprocess_image
+from .transforms import IMAGENET_PIXELS, preprocess_image
 
 logger = logging.getLogger("fcos")
 
@@ -68,19 +68,26 @@ def pad_targets(boxes, labels, max_gt_boxes):
     return out_boxes, out_labels, mask
 
 
-def group_by_bucket(coco, image_ids, min_size, max_size, buckets):
-    """Image ids -> one list per bucket, from the sizes in the annotation file (no pixels read);
-    PadBucketError names the first image that fits none."""
-    members = [[] for _ in buckets]
+def group_by_bucket(coco, image_ids, pad_shape, buckets=None):
+    """Image ids -> (buckets, one list of ids per bucket), from the sizes in the annotation file
+    (no pixels read).
+
+    pad_shape: image (h, w) -> the (h, w) it is padded to (ValueError when it fits none);
+    buckets: the fixed pad shapes, or None for the shapes the images need (per-image padding),
+    sorted. PadBucketError names the first image that fits none.
+    """
+    shapes = {}
     for image_id in image_ids:
         info = coco.image_info(image_id)
         try:
-            bucket = pad_shape_for((info["height"], info["width"]), min_size, max_size, buckets)
-            members[buckets.index(bucket)].append(image_id)
+            shapes[image_id] = tuple(pad_shape((info["height"], info["width"])))
         except ValueError as err:
-            raise PadBucketError(f"{err} (min_size {min_size}, max_size {max_size}): "
-                                 f"{coco.image_path(image_id)}") from None
-    return members
+            raise PadBucketError(f"{err}: {coco.image_path(image_id)}") from None
+    buckets = sorted(set(shapes.values())) if buckets is None else [tuple(b) for b in buckets]
+    members = [[] for _ in buckets]
+    for image_id, shape in shapes.items():
+        members[buckets.index(shape)].append(image_id)
+    return buckets, members
 
 
 def used_pad_shapes(buckets, batches):
@@ -291,12 +298,12 @@ class EvalBatches:
     ``failed``), left as zeros.
     """
 
-    def __init__(self, coco, batches, buckets, min_size, max_size, failed):
+    def __init__(self, coco, batches, buckets, geometry, pixels, failed):
         self.coco = coco
         self.batches = batches
         self.buckets = buckets
-        self.min_size = min_size
-        self.max_size = max_size
+        self.geometry = geometry
+        self.pixels = pixels
         self.failed = failed
 
     def __len__(self):
@@ -325,7 +332,7 @@ class EvalBatches:
         except DatasetError as err:
             self.failed.mark(image_id, err)
             return None
-        return preprocess_image(image, self.min_size, self.max_size, pad_hw)
+        return preprocess_image(image, self.geometry, pad_hw, self.pixels)
 
 
 def plan_eval_batches(members, batch_size, rank=0, group_size=1):
@@ -430,8 +437,9 @@ def create_train_dataset(img_dir, ann_file, transform, *, batch_size, pad_bucket
         buckets = resolve_pad_buckets(pad_buckets, min_sizes, max_size, size_divisor)
         samples = [(image_id, 0) for image_id in present]
         index = {image_id: i for i, image_id in enumerate(present)}
-        members = [[index[i] for i in ids]
-                   for ids in group_by_bucket(coco, present, max(min_sizes), max_size, buckets)]
+        _, grouped = group_by_bucket(coco, present, lambda hw: pad_shape_for(
+            hw, max(min_sizes), max_size, buckets, transform.resize_rule), buckets)
+        members = [[index[i] for i in ids] for ids in grouped]
     failed = FailedImages(coco, present)
     source = TrainBatches(coco, samples, members, buckets, transform, batch_size=batch_size,
                           max_gt_boxes=max_gt_boxes, seed=seed, rank=rank, group_size=group_size,
@@ -449,11 +457,12 @@ def create_train_dataset(img_dir, ann_file, transform, *, batch_size, pad_bucket
     return dataset, info
 
 
-def create_eval_dataset(img_dir, ann_file, *, batch_size, geometry, num_parallel_workers, rank=0, group_size=1):
+def create_eval_dataset(img_dir, ann_file, *, batch_size, geometry, num_parallel_workers, rank=0, group_size=1,
+                        pixels=IMAGENET_PIXELS):
     """Evaluation dataset -> (dataset, info).
 
     Every image of the annotation file is kept (with or without boxes), resized and padded as
-    ``geometry`` (src.geometry.EvalGeometry) says. Columns: images (B,3,H,W) float32, image_ids (B,) int32 (PAD_IMAGE_ID = -1 marks a
+    ``geometry`` (src.geometry.EvalGeometry) says, normalised as ``pixels`` (PixelFormat). Columns: images (B,3,H,W) float32, image_ids (B,) int32 (PAD_IMAGE_ID = -1 marks a
     slot to ignore: a repeat that fills the batch, or an image that failed to load), image_sizes
     (B,2) int32 resized (h, w) before padding, orig_sizes (B,2) int32. Images whose file is
     missing are left out up front, undecodable ones while iterating; both are counted, and the
@@ -468,11 +477,10 @@ def create_eval_dataset(img_dir, ann_file, *, batch_size, geometry, num_parallel
     if not present:
         raise DatasetError(f"none of the {len(coco.image_ids)} image files of {ann_file} is in "
                            f"{img_dir}")
-    buckets = list(geometry.buckets)
-    members = group_by_bucket(coco, present, geometry.min_size, geometry.max_size, buckets)
+    buckets, members = group_by_bucket(coco, present, geometry.pad_shape, None if geometry.per_image else geometry.buckets)
     batches = plan_eval_batches(members, batch_size, rank, group_size)
     failed = FailedImages(coco, present)
-    source = EvalBatches(coco, batches, buckets, geometry.min_size, geometry.max_size, failed)
+    source = EvalBatches(coco, batches, buckets, geometry, pixels, failed)
     dataset = _generator_dataset(source, EVAL_COLUMNS, num_parallel_workers, shuffle=False)
     num_images = sum(sum(real) for _, _, real in batches)
     info = EvalDataInfo(num_images=num_images, skipped_missing=len(coco.image_ids) - len(present), buckets=buckets,

@@ -10,15 +10,53 @@ so that augmentation is reproducible from a seed.
 ``preprocess_image`` is the one inference preprocessing (evaluation, preprocess.py for the
 exported graph, prediction); ``TrainTransform`` is the training one built on the same pieces.
 """
-from typing import NamedTuple
+import dataclasses
+from typing import NamedTuple, Tuple
 
 import cv2
 import numpy as np
+from PIL import Image
 
-from src.geometry import box_area, clip_boxes, hflip_boxes, keep_ratio_size, rot90_boxes
+from src.geometry import EvalGeometry, box_area, clip_boxes, hflip_boxes, keep_ratio_size, rot90_boxes
 
 IMAGENET_MEAN = np.array([0.485, 0.456, 0.406], np.float32)
 IMAGENET_STD = np.array([0.229, 0.224, 0.225], np.float32)
+
+
+@dataclasses.dataclass(frozen=True)
+class PixelFormat:
+    """What the network reads from an RGB image: channel order ("RGB" or "BGR") and, per channel
+    of that order, the mean and standard deviation on the 0..255 scale; input = (x - mean) / std.
+    The default is torchvision's ImageNet normalisation; the FCOS authors' models read BGR minus
+    their PIXEL_MEAN with std 1."""
+    channel_order: str = "RGB"
+    mean: Tuple[float, float, float] = tuple(float(255.0 * m) for m in IMAGENET_MEAN)
+    std: Tuple[float, float, float] = tuple(float(255.0 * s) for s in IMAGENET_STD)
+
+    def __post_init__(self):
+        if self.channel_order not in ("RGB", "BGR"):
+            raise ValueError(f"channel order must be RGB or BGR, got {self.channel_order!r}")
+        if len(self.mean) != 3 or len(self.std) != 3 or min(self.std) <= 0:
+            raise ValueError(f"pixel mean and std need 3 values each, std > 0: {list(self.mean)}, {list(self.std)}")
+
+    @classmethod
+    def from_config(cls, cfg) -> "PixelFormat":
+        """The configuration's channel_order, pixel_mean and pixel_std."""
+        return cls(cfg.channel_order, tuple(cfg.pixel_mean), tuple(cfg.pixel_std))
+
+    def as_dict(self) -> dict:
+        """For the export info (src.deploy.contract), which preprocess.py reads back with from_dict."""
+        return {"channel_order": self.channel_order, "pixel_mean": list(self.mean), "pixel_std": list(self.std)}
+
+    @classmethod
+    def from_dict(cls, values: dict) -> "PixelFormat":
+        """as_dict's output; the defaults where keys are absent (export info of earlier versions)."""
+        default = cls()
+        return cls(values.get("channel_order", default.channel_order), tuple(values.get("pixel_mean", default.mean)),
+                   tuple(values.get("pixel_std", default.std)))
+
+
+IMAGENET_PIXELS = PixelFormat()
 # Rotation fills uncovered corners with the mean colour, which normalises to about zero,
 # the value of the padding.
 _MEAN_RGB = tuple(float(round(255 * m)) for m in IMAGENET_MEAN)
@@ -33,24 +71,29 @@ class ImageMeta(NamedTuple):
     resized_hw: tuple
 
 
-def resize_image(image, size_hw):
-    """Bilinear resize of (H,W,3) to size_hw (h, w); a resized image is float32 on the 0..255 scale.
+def resize_image(image, size_hw, rule="torchvision"):
+    """Bilinear resize of (H,W,3) to size_hw (h, w), on the 0..255 scale.
 
-    In float, as torchvision resizes its float tensor: on the parity fixture's photos the network
-    input then equals torchvision's within 6e-5, against 1.3e-2 (cv2's rounded uint8 path).
+    rule "torchvision": in float32, as torchvision resizes its float tensor (on the parity
+    fixture's photos the network input then equals torchvision's within 6e-5, against 1.3e-2 for
+    cv2's rounded uint8 path). rule "maskrcnn_benchmark": PIL's bilinear filter on the 8-bit image
+    (antialiased when shrinking), as the FCOS authors' transforms; the result stays uint8.
     """
     if tuple(size_hw) == image.shape[:2]:
         return image
+    if rule == "maskrcnn_benchmark":
+        pil = Image.fromarray(np.ascontiguousarray(image, np.uint8))
+        return np.asarray(pil.resize((int(size_hw[1]), int(size_hw[0])), Image.BILINEAR))
     return cv2.resize(image.astype(np.float32), (size_hw[1], size_hw[0]), interpolation=cv2.INTER_LINEAR)
 
 
-def resize(image, boxes, size_hw):
-    """Resize a sample to size_hw (h, w); boxes scale per axis."""
+def resize(image, boxes, size_hw, rule="torchvision"):
+    """Resize a sample to size_hw (h, w) (resize_image's rule); boxes scale per axis."""
     h, w = image.shape[:2]
     scale = np.array([size_hw[1] / w, size_hw[0] / h] * 2)
     # float64 then a clip, so that a box touching the border stays exactly on it
     scaled = np.minimum(boxes * scale, np.array([size_hw[1], size_hw[0]] * 2))
-    return resize_image(image, size_hw), scaled.astype(np.float32)
+    return resize_image(image, size_hw, rule), scaled.astype(np.float32)
 
 
 def hflip(image, boxes):
@@ -248,34 +291,36 @@ def rotate(image, boxes, labels, degrees, min_visible=0.5):
     return rotated, kept, labels[keep]
 
 
-def normalize_and_pad(image, pad_hw):
+def normalize_and_pad(image, pad_hw, pixels=IMAGENET_PIXELS):
     """(H,W,3) RGB on the 0..255 scale (uint8 or float32) -> (3,pad_h,pad_w) float32:
-    (x/255 - mean) / std with ImageNet statistics, zero-padded at the bottom and right."""
+    (x - mean) / std in the channel order of ``pixels`` (PixelFormat), zero-padded at the bottom
+    and right."""
     h, w = image.shape[:2]
     if h > pad_hw[0] or w > pad_hw[1]:
         raise ValueError(f"image of {h}x{w} does not fit the pad shape {pad_hw[0]}x{pad_hw[1]}")
     out = np.zeros((3, pad_hw[0], pad_hw[1]), np.float32)
+    order = (0, 1, 2) if pixels.channel_order == "RGB" else (2, 1, 0)
     # channel by channel straight into the padded buffer: about 2x faster than
     # transpose + normalise + copy at 800x1333
-    for c in range(3):
+    for c, source in enumerate(order):
         view = out[c, :h, :w]
-        np.multiply(image[:, :, c], 1.0 / (255.0 * IMAGENET_STD[c]), out=view, casting="unsafe")
-        view -= IMAGENET_MEAN[c] / IMAGENET_STD[c]
+        np.multiply(image[:, :, source], 1.0 / pixels.std[c], out=view, casting="unsafe")
+        view -= pixels.mean[c] / pixels.std[c]
     return out
 
 
-def preprocess_image(image, min_size, max_size, pad_hw):
-    """Inference preprocessing: keep-ratio resize, normalise, zero-pad.
+def preprocess_image(image, geometry: EvalGeometry, pad_hw, pixels=IMAGENET_PIXELS):
+    """Inference preprocessing: keep-ratio resize (geometry's sizes and rule), normalise, zero-pad.
 
     image (H,W,3) uint8 RGB -> (chw (3,pad_h,pad_w) float32, ImageMeta). If the keep-ratio size
     does not fit pad_hw (a fixed export shape and an image of the other orientation) the image is
     shrunk further to fit; ImageMeta always holds the scales actually applied.
     """
     h, w = image.shape[:2]
-    size = keep_ratio_size(h, w, min_size, max_size, fit_hw=pad_hw)
-    resized = resize_image(image, size)
+    size = geometry.resized_size((h, w), fit_hw=pad_hw)
+    resized = resize_image(image, size, geometry.resize_rule)
     meta = ImageMeta(orig_hw=(h, w), resized_hw=size)
-    return normalize_and_pad(resized, pad_hw), meta
+    return normalize_and_pad(resized, pad_hw, pixels), meta
 
 
 class TrainTransform:
@@ -298,11 +343,13 @@ class TrainTransform:
         rotate_degrees: rotation angle drawn from U(-rotate_degrees, rotate_degrees) (0 = off).
         window: > 0 replaces crop and resize by a random window that becomes window x window
             pixels at a zoom drawn from ``window_scale`` (random_window).
+        resize_rule: keep_ratio_size's and resize_image's rule; pixels: the PixelFormat.
     """
 
     def __init__(self, min_sizes, max_size, *, flip_prob=0.5, vflip_prob=0.0, rot90_prob=0.0,
                  color_jitter=0.0, hue_jitter=0.0, invert_lightness_prob=0.0, random_conv_prob=0.0,
-                 crop_prob=0.0, crop_min_scale=0.6, rotate_degrees=0.0, window=0, window_scale=(1.0, 1.0)):
+                 crop_prob=0.0, crop_min_scale=0.6, rotate_degrees=0.0, window=0, window_scale=(1.0, 1.0),
+                 resize_rule="torchvision", pixels=IMAGENET_PIXELS):
         if not min_sizes or min(min_sizes) <= 0 or max_size <= 0:
             raise ValueError(f"min_size {min_sizes} and max_size {max_size} must be positive")
         if not 0.0 < crop_min_scale <= 1.0:
@@ -323,6 +370,8 @@ class TrainTransform:
         self.rotate_degrees = float(rotate_degrees)
         self.window = int(window)
         self.window_scale = tuple(float(v) for v in window_scale)
+        self.resize_rule = resize_rule
+        self.pixels = pixels
 
     def __call__(self, image, boxes, labels, pad_hw, rng):
         """-> (chw (3,pad_h,pad_w) float32, boxes (K,4) float32, labels (K,) int32), K <= N."""
@@ -337,7 +386,7 @@ class TrainTransform:
             image, boxes, labels = self._crop_and_resize(image, boxes, labels, pad_hw, rng)
         if self.flip_prob > 0 and rng.random() < self.flip_prob:
             image, boxes = hflip(image, boxes)
-        return normalize_and_pad(image, pad_hw), boxes, labels
+        return normalize_and_pad(image, pad_hw, self.pixels), boxes, labels
 
     def _photometric(self, image, rng):
         image = hue_shift(color_jitter(image, self.color_jitter, rng), self.hue_jitter, rng)
@@ -364,6 +413,7 @@ class TrainTransform:
             angle = rng.uniform(-self.rotate_degrees, self.rotate_degrees)
             image, boxes, labels = rotate(image, boxes, labels, angle)
         min_size = self.min_sizes[int(rng.integers(len(self.min_sizes)))]
-        size = keep_ratio_size(image.shape[0], image.shape[1], min_size, self.max_size, fit_hw=pad_hw)
-        image, boxes = resize(image, boxes, size)
+        size = keep_ratio_size(image.shape[0], image.shape[1], min_size, self.max_size, fit_hw=pad_hw,
+                               rule=self.resize_rule)
+        image, boxes = resize(image, boxes, size, self.resize_rule)
         return image, boxes, labels

@@ -66,7 +66,8 @@ def export_info(model_file, file_format, ckpt_file, input_shape, num_candidates,
 
     Args:
         input_shape: (B, 3, H, W) of the exported graph; num_candidates: K per image.
-        preprocess: {'min_size', 'max_size', 'height', 'width'} of preprocess_image.
+        preprocess: {'min_size', 'max_size', 'height', 'width', 'resize_rule'} of preprocess_image and
+            its PixelFormat.as_dict().
         postprocess: select_detections keyword arguments.
         model: {'backbone', 'class_num', 'strides', ...} for the reader's checks.
     """

@@ -68,14 +68,16 @@ def check_category_count(num_categories, class_num, ann_file):
                        "never scored)", ann_file, num_categories, class_num, num_categories, class_num - 1)
 
 
-def to_coco_results(image_id, boxes, scores, labels, label_to_cat_id):
+def to_coco_results(image_id, boxes, scores, labels, label_to_cat_id, plus_one=False):
     """Detections of one image -> COCO results entries.
 
     boxes (N,4) x1,y1,x2,y2 in original image pixels; scores (N,); labels (N,) contiguous
     0-based; label_to_cat_id maps them back to the dataset's category ids. Labels it does not
     reach (a model with more classes than the file has categories) have no category to be
-    scored under and are left out.
+    scored under and are left out. plus_one: width x2 - x1 + 1 and height y2 - y1 + 1, as
+    maskrcnn-benchmark writes its json (the FCOS authors' evaluation).
     """
+    one = float(plus_one)
     results = []
     for (x1, y1, x2, y2), score, label in zip(np.asarray(boxes, np.float64), scores, labels):
         if label >= len(label_to_cat_id):
@@ -84,7 +86,7 @@ def to_coco_results(image_id, boxes, scores, labels, label_to_cat_id):
             "image_id": int(image_id),
             "category_id": int(label_to_cat_id[int(label)]),
             "bbox": [round(float(x1), 2), round(float(y1), 2),
-                     round(float(x2 - x1), 2), round(float(y2 - y1), 2)],
+                     round(float(x2 - x1) + one, 2), round(float(y2 - y1) + one, 2)],
             "score": round(float(score), 5),
         })
     return results

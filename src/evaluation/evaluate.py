@@ -29,7 +29,8 @@ def detect_dataset(runtime, dataset, num_batches, batch_size, selection, label_t
             if image_id == PAD_IMAGE_ID:
                 continue
             image_ids.append(int(image_id))
-            results += to_coco_results(image_id, det["boxes"], det["scores"], det["labels"], label_to_cat_id)
+            results += to_coco_results(image_id, det["boxes"], det["scores"], det["labels"], label_to_cat_id,
+                                       selection.get("plus_one", False))
         progress.step()
         progress.bar("eval")
         if progress.done % log_every == 0 or progress.done == num_batches:

@@ -5,7 +5,9 @@ topk/gather/concat/reshape-type ops, so it can sit at the end of an exported MIN
 Stage 2 is src.inference.select (NumPy threshold, clip, NMS, rescale).
 
 torchvision keeps the scores above the threshold and then the top-k per level; taking the
-top-k first and thresholding afterwards keeps the same set.
+top-k first and thresholding afterwards keeps the same set. The FCOS authors' code thresholds
+sigmoid(cls) before centreness and then takes the top-k of the score among those candidates:
+with class_threshold the decoder does that in the graph, and candidates that fail it get score -1.
 """
 import mindspore as ms
 from mindspore import nn, ops
@@ -19,21 +21,24 @@ class FCOSDecoder(nn.Cell):
         add_centerness (bool): score = sqrt(sigmoid(cls) * sigmoid(ctr)) if True, else sigmoid(cls).
         max_detection_boxes_num (int): candidates kept per level (fewer on levels with
             fewer than that many (point, class) pairs).
+        class_threshold (float | None): only (point, class) pairs with sigmoid(cls) above it are
+            candidates, the others score -1 (the FCOS authors' rule); None ranks every pair.
     Inputs:
         images: (B, 3, H, W), only its static shape is used.
         cls_logits: (B, P, C); bbox_reg: (B, P, 4); centerness: (B, P, 1).
     Outputs:
         boxes: (B, K, 4) float32 x1, y1, x2, y2 in the padded-image frame (not clipped).
-        scores: (B, K) float32, sorted descending within each level.
+        scores: (B, K) float32, sorted descending within each level (-1: no candidate).
         labels: (B, K) int32 0-based class indices.
         K = num_candidates(H, W, C).
     """
 
-    def __init__(self, coder, add_centerness=True, max_detection_boxes_num=1000):
+    def __init__(self, coder, add_centerness=True, max_detection_boxes_num=1000, class_threshold=None):
         super().__init__()
         self.coder = coder
         self.add_centerness = add_centerness
         self.max_detection_boxes_num = int(max_detection_boxes_num)
+        self.class_threshold = None if class_threshold is None else float(class_threshold)
 
     def level_candidates(self, level_points, num_classes):
         """Candidates kept on a level of level_points locations: at most max_detection_boxes_num."""
@@ -46,9 +51,10 @@ class FCOSDecoder(nn.Cell):
     def construct(self, images, cls_logits, bbox_reg, centerness):
         points, point_strides, sizes = self.coder.points(images.shape[2], images.shape[3])
         all_boxes = self.coder.decode(points, bbox_reg, point_strides)
-        scores = ops.sigmoid(cls_logits)
-        if self.add_centerness:
-            scores = ops.sqrt(scores * ops.sigmoid(centerness))
+        class_prob = ops.sigmoid(cls_logits)
+        scores = ops.sqrt(class_prob * ops.sigmoid(centerness)) if self.add_centerness else class_prob
+        if self.class_threshold is not None:
+            scores = ops.select(class_prob > self.class_threshold, scores, ops.full_like(scores, -1.0))
 
         batch, _, num_classes = cls_logits.shape
         boxes_out, scores_out, labels_out = (), (), ()

@@ -1,5 +1,5 @@
 """Detections on single images, exactly as eval.py computes them (predict.py's engine)."""
-from src.data.transforms import preprocess_image
+from src.data.transforms import IMAGENET_PIXELS, PixelFormat, preprocess_image
 from src.geometry import EvalGeometry
 from src.inference.select import select_detections
 from src.inference.tta import IDENTITY, view_candidates
@@ -11,12 +11,15 @@ class Predictor:
     Args:
         runtime: src.inference.runtime running FCOSInference;
         geometry: the evaluation size and pad shapes (src.builder.eval_geometry);
-        selection: select_detections kwargs; views: the test-time views (src.inference.tta).
+        selection: select_detections kwargs; views: the test-time views (src.inference.tta);
+        pixels: the network's PixelFormat.
     """
 
-    def __init__(self, runtime, geometry: EvalGeometry, selection: dict, views=IDENTITY):
+    def __init__(self, runtime, geometry: EvalGeometry, selection: dict, views=IDENTITY,
+                 pixels: PixelFormat = IMAGENET_PIXELS):
         self.runtime = runtime
         self.geometry = geometry
+        self.pixels = pixels
         self.selection = selection
         self.views = views
 
@@ -26,7 +29,7 @@ class Predictor:
 
     def __call__(self, image, pad_hw):
         """-> boxes (D, 4) x1, y1, x2, y2 in image pixels, scores (D,), labels (D,)."""
-        chw, meta = preprocess_image(image, self.geometry.min_size, self.geometry.max_size, pad_hw)
+        chw, meta = preprocess_image(image, self.geometry, pad_hw, self.pixels)
         boxes, scores, labels, view_ids = view_candidates(self.runtime, chw[None], [meta.resized_hw], self.views)
         return select_detections(boxes[0], scores[0], labels[0], meta.resized_hw, **self.selection,
                                  original_size=meta.orig_hw, view_ids=view_ids, num_views=len(self.views))

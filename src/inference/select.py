@@ -8,8 +8,9 @@ import numpy as np
 from src.geometry import clip_boxes, iou_one_to_many, rescale_boxes
 
 
-def batched_nms(boxes, scores, labels, iou_threshold, max_keep=None):
-    """Class-aware greedy NMS, equal to torchvision.ops.batched_nms.
+def batched_nms(boxes, scores, labels, iou_threshold, max_keep=None, plus_one=False):
+    """Class-aware greedy NMS, equal to torchvision.ops.batched_nms (with plus_one, box sides
+    x2 - x1 + 1: maskrcnn-benchmark's ml_nms, the FCOS authors').
 
     Boxes are visited by score, descending (stable for equal scores); a box is dropped when its
     IoU with an already kept box of the same label is above iou_threshold.
@@ -19,6 +20,7 @@ def batched_nms(boxes, scores, labels, iou_threshold, max_keep=None):
         iou_threshold (float).
         max_keep (int | None): stop once this many are kept (the greedy order makes the first
             max_keep the same as without the cap).
+        plus_one (bool): see above.
     Returns:
         (K,) int64 indices of kept boxes, by score descending.
     """
@@ -27,7 +29,7 @@ def batched_nms(boxes, scores, labels, iou_threshold, max_keep=None):
     while remaining.size and (max_keep is None or len(keep) < max_keep):
         best, rest = remaining[0], remaining[1:]
         keep.append(best)
-        overlap = iou_one_to_many(boxes[best], boxes[rest]) > iou_threshold
+        overlap = iou_one_to_many(boxes[best], boxes[rest], plus_one) > iou_threshold
         remaining = rest[~(overlap & (labels[rest] == labels[best]))]
     return np.asarray(keep, dtype=np.int64)
 
@@ -70,7 +72,7 @@ def fuse_views(boxes, scores, labels, view_ids, num_views, iou_threshold, max_ke
 
 
 def select_detections(boxes, scores, labels, image_size, score_threshold, nms_iou_threshold,
-                      detections_per_img, original_size=None, view_ids=None, num_views=1):
+                      detections_per_img, original_size=None, view_ids=None, num_views=1, plus_one=False):
     """Final detections of one image from its decoder candidates.
 
     Args:
@@ -83,17 +85,23 @@ def select_detections(boxes, scores, labels, image_size, score_threshold, nms_io
             None to keep them in the resized frame.
         view_ids: (K,) view of each candidate when they come from num_views > 1 views
             (src.inference.tta.view_candidates); they are fused (fuse_views) instead of NMS.
+        plus_one: maskrcnn-benchmark's box convention (the FCOS authors' models): clip to
+            (w - 1, h - 1), NMS with sides x2 - x1 + 1, and the detections_per_img best kept with
+            every detection that ties the last one's score.
     Returns:
         boxes (D, 4), scores (D,), labels (D,), sorted by score descending.
     """
     keep = scores > score_threshold
-    boxes = clip_boxes(boxes[keep], image_size)
+    boxes = clip_boxes(boxes[keep], image_size, plus_one)
     scores, labels = scores[keep], labels[keep]
     if num_views > 1:
         boxes, scores, labels = fuse_views(boxes, scores, labels, view_ids[keep], num_views, nms_iou_threshold,
                                            detections_per_img)
     else:
-        kept = batched_nms(boxes, scores, labels, nms_iou_threshold, detections_per_img)
+        kept = batched_nms(boxes, scores, labels, nms_iou_threshold, None if plus_one else detections_per_img,
+                           plus_one)
+        if plus_one and len(kept) > detections_per_img:  # their kthvalue cut keeps ties
+            kept = kept[scores[kept] >= scores[kept[detections_per_img - 1]]]
         boxes, scores, labels = boxes[kept], scores[kept], labels[kept]
     if original_size is not None:
         boxes = rescale_boxes(boxes, image_size, original_size)
@@ -101,14 +109,14 @@ def select_detections(boxes, scores, labels, image_size, score_threshold, nms_io
 
 
 def postprocess_batch(boxes, scores, labels, image_sizes, score_threshold, nms_iou_threshold,
-                      detections_per_img, original_sizes=None, view_ids=None, num_views=1):
+                      detections_per_img, original_sizes=None, view_ids=None, num_views=1, plus_one=False):
     """select_detections on every image of a decoder batch (and rescale when sizes are given).
 
     Args:
         boxes: (B, K, 4); scores: (B, K); labels: (B, K) NumPy arrays from FCOSDecoder.
         image_sizes: (B, 2) resized (h, w) of each image before padding.
         original_sizes: (B, 2) original (h, w), or None to stay in the resized frame.
-        view_ids, num_views: as select_detections (the same (K,) view ids for every image).
+        view_ids, num_views, plus_one: as select_detections (the same (K,) view ids for every image).
     Returns:
         list of B dicts with 'boxes' (D, 4), 'scores' (D,), 'labels' (D,).
     """
@@ -117,6 +125,6 @@ def postprocess_batch(boxes, scores, labels, image_sizes, score_threshold, nms_i
         det_boxes, det_scores, det_labels = select_detections(
             boxes[i], scores[i], labels[i], image_sizes[i], score_threshold, nms_iou_threshold, detections_per_img,
             original_size=None if original_sizes is None else original_sizes[i], view_ids=view_ids,
-            num_views=num_views)
+            num_views=num_views, plus_one=plus_one)
         results.append({"boxes": det_boxes, "scores": det_scores, "labels": det_labels})
     return results

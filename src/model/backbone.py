@@ -1,11 +1,14 @@
 """ResNet / ResNeXt backbones in torchvision's layout, returning C3, C4, C5 (strides 8, 16, 32).
 
 Layout as torchvision.models.resnet: 7x7/2 stem conv (no bias) + BN + ReLU + 3x3/2 max-pool,
-four stages of residual blocks, the stride on the 3x3 conv of a bottleneck, downsample =
-1x1 conv with stride + BN. Parameter names follow torchvision's module paths (conv1, bn1,
+four stages of residual blocks, the stride on the 3x3 conv of a bottleneck (or, with
+stride_in_1x1, on its first 1x1 conv: the MSRA/caffe ResNet of the FCOS authors' R-50/R-101),
+downsample = 1x1 conv with stride + BN. Parameter names follow torchvision's module paths (conv1, bn1,
 layer1.0.conv1, layer2.0.downsample.0, ...) with MindSpore's BatchNorm leaf names, so that
-tools/convert_torchvision.py maps torchvision checkpoints by renaming leaves only.
+tools/convert_weights.py maps torchvision checkpoints by renaming leaves only.
 """
+import functools
+
 from mindspore import nn, ops
 from mindspore.common.initializer import HeNormal
 
@@ -24,14 +27,14 @@ class BasicBlock(nn.Cell):
 
     expansion = 1
 
-    def __init__(self, in_channels, planes, stride, norm, groups=1, width_per_group=64):
+    def __init__(self, in_channels, planes, stride, norm, groups=1, width_per_group=64, stride_in_1x1=False):
         super().__init__()
         if groups != 1 or width_per_group != 64:
             raise ValueError("BasicBlock supports only groups=1 and width_per_group=64")
         self.conv1 = _conv(in_channels, planes, 3, stride)
-        self.bn1 = backbone_norm(planes, norm)
+        self.bn1 = norm(planes)
         self.conv2 = _conv(planes, planes, 3)
-        self.bn2 = backbone_norm(planes, norm)
+        self.bn2 = norm(planes)
         self.relu1 = nn.ReLU()
         self.relu = nn.ReLU()  # after the residual sum
         self.downsample = _downsample(in_channels, planes, stride, norm)
@@ -44,23 +47,25 @@ class BasicBlock(nn.Cell):
 
 
 class Bottleneck(nn.Cell):
-    """1x1 -> 3x3 (stride, groups) -> 1x1 expanding by 4 (ResNet-50+, ResNeXt).
+    """1x1 -> 3x3 (groups) -> 1x1 expanding by 4 (ResNet-50+, ResNeXt); the stride on the 3x3, or
+    on the first 1x1 with stride_in_1x1.
 
     (B, in, H, W) -> (B, 4 * planes, H/stride, W/stride).
     """
 
     expansion = 4
 
-    def __init__(self, in_channels, planes, stride, norm, groups=1, width_per_group=64):
+    def __init__(self, in_channels, planes, stride, norm, groups=1, width_per_group=64, stride_in_1x1=False):
         super().__init__()
         width = int(planes * (width_per_group / 64.0)) * groups
         out_channels = planes * self.expansion
-        self.conv1 = _conv(in_channels, width, 1)
-        self.bn1 = backbone_norm(width, norm)
-        self.conv2 = _conv(width, width, 3, stride, groups)
-        self.bn2 = backbone_norm(width, norm)
+        stride_1x1, stride_3x3 = (stride, 1) if stride_in_1x1 else (1, stride)
+        self.conv1 = _conv(in_channels, width, 1, stride_1x1)
+        self.bn1 = norm(width)
+        self.conv2 = _conv(width, width, 3, stride_3x3, groups)
+        self.bn2 = norm(width)
         self.conv3 = _conv(width, out_channels, 1)
-        self.bn3 = backbone_norm(out_channels, norm)
+        self.bn3 = norm(out_channels)
         self.relu1, self.relu2 = nn.ReLU(), nn.ReLU()
         self.relu = nn.ReLU()  # after the residual sum
         self.downsample = _downsample(in_channels, out_channels, stride, norm)
@@ -78,7 +83,7 @@ def _downsample(in_channels, out_channels, stride, norm):
     if stride == 1 and in_channels == out_channels:
         return None
     return nn.SequentialCell([_conv(in_channels, out_channels, 1, stride),
-                              backbone_norm(out_channels, norm)])
+                              norm(out_channels)])
 
 
 # name -> (block, blocks per stage, groups, width_per_group), as torchvision.models.
@@ -88,6 +93,7 @@ ARCHITECTURES = {
     "resnet50": (Bottleneck, (3, 4, 6, 3), 1, 64),
     "resnet101": (Bottleneck, (3, 4, 23, 3), 1, 64),
     "resnet152": (Bottleneck, (3, 8, 36, 3), 1, 64),
+    "resnext101_32x8d": (Bottleneck, (3, 4, 23, 3), 32, 8),
     "resnext101_64x4d": (Bottleneck, (3, 4, 23, 3), 64, 4),
 }
 
@@ -124,9 +130,12 @@ class ResNet(nn.Cell):
     freeze_bn: FrozenBatchNorm2d instead of nn.BatchNorm2d everywhere.
     norm: "BN" (BatchNorm, frozen with freeze_bn) or "GN" (trained GroupNorm, 32 groups).
     freeze_stage_1: the stem and layer1 get requires_grad=False (no gradient, no update).
+    stride_in_1x1: bottlenecks stride on their first 1x1 conv (MSRA/caffe ResNet) instead of the 3x3.
+    frozen_bn_eps: epsilon of the frozen BatchNorms (1e-5 torchvision; 0 maskrcnn-benchmark's).
     """
 
-    def __init__(self, name="resnet50", freeze_bn=True, freeze_stage_1=True, norm="BN"):
+    def __init__(self, name="resnet50", freeze_bn=True, freeze_stage_1=True, norm="BN", stride_in_1x1=False,
+                 frozen_bn_eps=1e-5):
         super().__init__()
         if name not in ARCHITECTURES:
             raise ValueError(f"unknown backbone '{name}'; choose one of {sorted(ARCHITECTURES)}")
@@ -134,9 +143,12 @@ class ResNet(nn.Cell):
             raise ValueError("freeze_bn freezes BatchNorm; a GroupNorm backbone needs freeze_bn False")
         norm = "frozen_BN" if norm == "BN" and freeze_bn else norm
         block, depths, groups, width_per_group = ARCHITECTURES[name]
+        if stride_in_1x1 and block is not Bottleneck:
+            raise ValueError(f"stride_in_1x1 concerns bottleneck blocks; {name} has basic blocks")
+        norm = functools.partial(backbone_norm, kind=norm, eps=frozen_bn_eps)
         self.conv1 = nn.Conv2d(3, 64, 7, stride=2, pad_mode="pad", padding=3, has_bias=False,
                                weight_init=HeNormal(mode="fan_out", nonlinearity="relu"))
-        self.bn1 = backbone_norm(64, norm)
+        self.bn1 = norm(64)
         self.relu1 = nn.ReLU()
         self.maxpool = StemMaxPool()
         in_channels = 64
@@ -146,7 +158,7 @@ class ResNet(nn.Cell):
             blocks = []
             for block_index in range(depth):
                 blocks.append(block(in_channels, planes, stride if block_index == 0 else 1, norm,
-                                    groups, width_per_group))
+                                    groups, width_per_group, stride_in_1x1))
                 in_channels = planes * block.expansion
             stages.append(nn.SequentialCell(blocks))
         self.layer1, self.layer2, self.layer3, self.layer4 = stages

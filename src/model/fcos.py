@@ -25,14 +25,16 @@ class FCOS(nn.Cell):
     def __init__(self, backbone="resnet50", class_num=80, fpn_out_channels=256, use_p5=True,
                  use_GN_head=True, num_head_convs=4, prior=0.01, add_centerness=True, cnt_on_reg=True,
                  norm_reg_targets=True, freeze_bn=True, freeze_stage_1=True, strides=DEFAULT_STRIDES,
-                 point_offset=0.0, point_strides="torchvision", backbone_norm="BN"):
+                 point_offset=0.0, point_strides="torchvision", backbone_norm="BN", stride_in_1x1=False,
+                 frozen_bn_eps=1e-5):
         super().__init__()
         strides = tuple(strides)
         if strides != DEFAULT_STRIDES[:len(strides)] or len(strides) < 3:
             raise ValueError(f"strides must be the first 3 to 5 of {list(DEFAULT_STRIDES)}, got {list(strides)}")
         self.strides = strides
         self.point_coder = PointCoder(strides, point_offset, norm_reg_targets, point_strides)
-        self.backbone = ResNet(backbone, freeze_bn=freeze_bn, freeze_stage_1=freeze_stage_1, norm=backbone_norm)
+        self.backbone = ResNet(backbone, freeze_bn=freeze_bn, freeze_stage_1=freeze_stage_1, norm=backbone_norm,
+                               stride_in_1x1=stride_in_1x1, frozen_bn_eps=frozen_bn_eps)
         self.fpn = FPN(self.backbone.out_channels, fpn_out_channels, use_p5=use_p5, num_levels=len(strides))
         self.head = FCOSHead(fpn_out_channels, class_num, num_levels=len(strides), num_convs=num_head_convs,
                              use_gn=use_GN_head, prior=prior, add_centerness=add_centerness,

@@ -21,7 +21,8 @@ class ChannelAffine(nn.Cell):
 
     def __init__(self, eps):
         super().__init__()
-        self.normalize = ops.BatchNorm(is_training=False, epsilon=eps)
+        # MindSpore's BatchNorm wants eps in (0, 1]; 1e-30 is lost next to any variance above 1e-23
+        self.normalize = ops.BatchNorm(is_training=False, epsilon=max(float(eps), 1e-30))
         self.zeros_like = ops.ZerosLike()
 
     def construct(self, x, mean, var, gamma, beta):
@@ -91,7 +92,8 @@ class GroupNormFunction(nn.Cell):
         self.eps = eps
         self.matmul = ops.MatMul()
         self.bmm = ops.BatchMatMul()
-        self.normalize = ops.BatchNorm(is_training=False, epsilon=eps)
+        # MindSpore's BatchNorm wants eps in (0, 1]; 1e-30 is lost next to any variance above 1e-23
+        self.normalize = ops.BatchNorm(is_training=False, epsilon=max(float(eps), 1e-30))
         self.tile = ops.Tile()
         self.zeros_like = ops.ZerosLike()
         self.ones_like = ops.OnesLike()
@@ -180,11 +182,11 @@ class GroupNorm(nn.Cell):
         return self.function(x, self.gamma, self.beta)
 
 
-def backbone_norm(num_features, kind):
-    """A backbone normalisation layer: kind "frozen_BN" (FrozenBatchNorm2d), "BN" (nn.BatchNorm2d
-    with torch's momentum 0.1) or "GN" (GroupNorm, 32 groups)."""
+def backbone_norm(num_features, kind, eps=1e-5):
+    """A backbone normalisation layer: kind "frozen_BN" (FrozenBatchNorm2d with epsilon eps), "BN"
+    (nn.BatchNorm2d with torch's momentum 0.1) or "GN" (GroupNorm, 32 groups)."""
     if kind == "frozen_BN":
-        return FrozenBatchNorm2d(num_features)
+        return FrozenBatchNorm2d(num_features, eps)
     if kind == "GN":
         return GroupNorm(32, num_features)
     if kind != "BN":

@@ -1,17 +1,23 @@
-"""torchvision checkpoints -> MindSpore checkpoints for this FCOS.
+"""PyTorch FCOS and ResNet checkpoints -> MindSpore checkpoints for this FCOS.
 
-Two kinds of input, told apart by their keys (or --kind):
-  fcos      a whole torchvision FCOS (backbone.body.*, backbone.fpn.*, head.classification_head.*,
-            head.regression_head.*); torchvision has no per-level Scale, so ours are set to 1.0.
-  backbone  an ImageNet torchvision ResNet/ResNeXt (conv1.*, bn1.*, layer1-4.*; fc.* is dropped),
-            giving a checkpoint with exactly our FCOS's backbone.* names, for --pretrained_backbone.
+Three kinds of input, told apart by their keys (or --kind):
+  fcos          a whole torchvision FCOS (backbone.body.*, backbone.fpn.*, head.classification_head.*,
+                head.regression_head.*); torchvision has no per-level Scale, so ours are set to 1.0.
+  fcos_authors  a model of the FCOS authors (tianzhi0549/FCOS, fcos_core: backbone.body.stem.*,
+                backbone.fpn.fpn_inner2..4, rpn.head.*; a released .pth holds them under "model"
+                with a "module." prefix). Evaluate it with its configs/fcos_authors/*.yaml: the
+                stride placement, BatchNorm epsilon, input format and selection rules are not in
+                the weights. Deformable-convolution (DCN) models are refused.
+  backbone      an ImageNet torchvision ResNet/ResNeXt (conv1.*, bn1.*, layer1-4.*; fc.* is dropped),
+                giving a checkpoint with exactly our FCOS's backbone.* names, for --pretrained_backbone.
 
-Input files: a .pth state dict (needs torch, imported only then) or an .npz of
-{torchvision_key: array}. The architecture is read off the weights, every name and shape is
-checked against our network, and the .ckpt is written atomically.
+Input files: a .pth state dict (needs torch, imported only then) or an .npz of {key: array}. The
+architecture is read off the weights, every name and shape is checked against our network, and
+the .ckpt is written atomically.
 
-    python -m tools.convert_torchvision --input resnet50-0676ba61.pth --output resnet50_backbone.ckpt
-    python -m tools.convert_torchvision --input fcos_resnet50_fpn_coco.pth --output fcos_r50.ckpt --kind fcos
+    python -m tools.convert_weights --input resnet50-0676ba61.pth --output resnet50_backbone.ckpt
+    python -m tools.convert_weights --input fcos_resnet50_fpn_coco.pth --output fcos_r50.ckpt --kind fcos
+    python -m tools.convert_weights --input FCOS_imprv_R_50_FPN_1x.pth --output fcos_imprv_r50.ckpt
 """
 import argparse
 import os
@@ -25,7 +31,7 @@ from src.engine.checkpoint import save_checkpoint_atomic
 from src.model.backbone import ARCHITECTURES, ResNet
 from src.model.fcos import DEFAULT_STRIDES, FCOS
 
-KINDS = ("fcos", "backbone")
+KINDS = ("fcos", "fcos_authors", "backbone")
 
 # (torchvision module path pattern, our module path); the leaf (weight, bias, ...) follows.
 _MODULE_RULES = {
@@ -41,12 +47,27 @@ _MODULE_RULES = {
         (r"head\.regression_head\.bbox_reg", "head.bbox_reg"),
         (r"head\.regression_head\.bbox_ctrness", "head.centerness"),
     ),
+    "fcos_authors": (
+        (r"backbone\.body\.stem\.(conv1|bn1)", r"backbone.\1"),
+        (r"backbone\.body\.(layer[1-4]\..+)", r"backbone.\1"),
+        (r"backbone\.fpn\.fpn_inner([2-4])", lambda m: f"fpn.lateral.{int(m.group(1)) - 2}"),
+        (r"backbone\.fpn\.fpn_layer([2-4])", lambda m: f"fpn.output.{int(m.group(1)) - 2}"),
+        (r"backbone\.fpn\.top_blocks\.p6", "fpn.extra.0"),
+        (r"backbone\.fpn\.top_blocks\.p7", "fpn.extra.1"),
+        (r"rpn\.head\.cls_tower\.(\d+)", r"head.cls_tower.\1"),
+        (r"rpn\.head\.bbox_tower\.(\d+)", r"head.reg_tower.\1"),
+        (r"rpn\.head\.cls_logits", "head.cls_logits"),
+        (r"rpn\.head\.bbox_pred", "head.bbox_reg"),
+        (r"rpn\.head\.centerness", "head.centerness"),
+        (r"rpn\.head\.scales\.(\d+)", r"head.scales.\1"),
+    ),
     "backbone": (
         (r"((?:conv1|bn1|layer[1-4])(?:\..+)?)", r"backbone.\1"),
     ),
 }
 # Keys without a counterpart here, dropped on purpose: BN's step counter, the ImageNet classifier.
-_DROPPED = {"fcos": (r".*num_batches_tracked",), "backbone": (r".*num_batches_tracked", r"fc\..+")}
+_DROPPED = {"fcos": (r".*num_batches_tracked",), "fcos_authors": (r".*num_batches_tracked",),
+            "backbone": (r".*num_batches_tracked", r"fc\..+")}
 # torch norm leaves -> MindSpore's (BatchNorm, FrozenBatchNorm2d and our GroupNorm share them).
 _NORM_LEAVES = {"weight": "gamma", "bias": "beta", "running_mean": "moving_mean",
                 "running_var": "moving_variance"}
@@ -92,6 +113,8 @@ def load_torchvision_state(path):
                 state = state[wrapper]
         state = {key: value.detach().cpu().numpy() for key, value in state.items()
                  if hasattr(value, "detach")}
+    if state and all(key.startswith("module.") for key in state):  # saved from DistributedDataParallel
+        state = {key[len("module."):]: value for key, value in state.items()}
     else:
         raise ConversionError(f"unsupported input {path}: expected a .pth or .npz state dict")
     if not state:
@@ -106,8 +129,11 @@ def _as_float32(value):
 
 
 def detect_kind(state):
-    """'fcos' for a torchvision FCOS state dict, 'backbone' for an ImageNet ResNet one."""
+    """'fcos' for a torchvision FCOS state dict, 'fcos_authors' for one of the FCOS authors' code,
+    'backbone' for an ImageNet ResNet one."""
     keys = set(state)
+    if any(key.startswith("rpn.head.") for key in keys) and any(key.startswith("backbone.body.stem.") for key in keys):
+        return "fcos_authors"
     if any(key.startswith("backbone.body.") for key in keys):
         return "fcos"
     if "conv1.weight" in keys and any(key.startswith("layer1.") for key in keys):
@@ -129,7 +155,7 @@ def _num_levels(params):
 
 
 def _our_module(module, kind):
-    """A torchvision module path -> ours, or None where no rule matches."""
+    """A PyTorch module path -> ours, or None where no rule matches."""
     for pattern, replacement in _MODULE_RULES[kind]:
         if re.fullmatch(pattern, module):
             return re.sub(pattern, replacement, module)
@@ -137,14 +163,19 @@ def _our_module(module, kind):
 
 
 def torchvision_to_mindspore(state, kind):
-    """{torchvision_key: array} -> {our parameter name: array}.
+    """{PyTorch key: array} -> {our parameter name: array}.
 
-    Norm layers are recognised by their 1-D 'weight' and get MindSpore's leaf names. For a whole
-    FCOS the per-level scales (absent in torchvision, where the regression is unscaled) are 1.0.
-    Raises ConversionError listing the keys no rule maps.
+    Norm layers are recognised by their 1-D 'weight' and get MindSpore's leaf names. For a
+    torchvision FCOS the per-level scales (absent there, where the regression is unscaled) are
+    1.0; the authors' (1,) scales become scalars. Raises ConversionError listing the keys no rule
+    maps, or naming the deformable convolutions of a DCN model.
     """
     if kind not in KINDS:
         raise ConversionError(f"unknown kind '{kind}'; choose one of {list(KINDS)}")
+    deformable = sorted(key for key in state if "offset" in key.rsplit(".", 2)[-2])
+    if deformable:
+        raise ConversionError(f"deformable convolutions (DCN) are not supported; the input has {len(deformable)} "
+                              f"offset layers: {_names(deformable)}")
     params, unmapped = {}, []
     for key, value in state.items():
         if any(re.fullmatch(pattern, key) for pattern in _DROPPED[kind]):
@@ -163,6 +194,8 @@ def torchvision_to_mindspore(state, kind):
     if kind == "fcos":
         for level in range(_num_levels(params)):
             params[f"head.scales.{level}.scale"] = np.array(1.0, np.float32)
+    for name in [name for name in params if name.startswith("head.scales.")]:
+        params[name] = np.asarray(params[name], np.float32).reshape(())
     return params
 
 
@@ -203,7 +236,7 @@ def infer_fcos_kwargs(params):
 
 def expected_shapes(params, kind):
     """{name: shape} of the MindSpore network that the converted params are meant for."""
-    if kind == "fcos":
+    if kind != "backbone":
         net = FCOS(**infer_fcos_kwargs(params))
         return {p.name: tuple(p.shape) for p in net.get_parameters()}
     net = ResNet(infer_backbone(params))
@@ -232,17 +265,19 @@ def convert(input_path, output_path, kind=None):
     kind = kind or detect_kind(state)
     params = torchvision_to_mindspore(state, kind)
     check_params(params, expected_shapes(params, kind))
-    architecture = infer_fcos_kwargs(params) if kind == "fcos" else {"backbone": infer_backbone(params)}
+    architecture = infer_fcos_kwargs(params) if kind != "backbone" else {"backbone": infer_backbone(params)}
     save_checkpoint_atomic([{"name": name, "data": ms.Tensor(value)} for name, value in params.items()], output_path)
     return kind, architecture, len(params)
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description="Convert a torchvision FCOS or ResNet checkpoint to MindSpore.")
-    parser.add_argument("--input", required=True, help="torchvision state dict: .pth (needs torch) or .npz")
+    parser = argparse.ArgumentParser(description="Convert a torchvision FCOS or ResNet checkpoint, or an FCOS "
+                                                 "authors' model, to MindSpore.")
+    parser.add_argument("--input", required=True, help="PyTorch state dict: .pth (needs torch) or .npz")
     parser.add_argument("--output", required=True, help="MindSpore checkpoint to write (.ckpt)")
     parser.add_argument("--kind", choices=KINDS, default=None,
-                        help="fcos (whole detector) or backbone (ImageNet ResNet); default: from the keys")
+                        help="fcos (torchvision detector), fcos_authors (the FCOS authors' detector) or "
+                             "backbone (ImageNet ResNet); default: from the keys")
     args = parser.parse_args(argv)
     if not args.output.endswith(".ckpt"):  # MindSpore's load_checkpoint reads no other name
         print(f"convert: error: --output must end with .ckpt (MindSpore loads only those): {args.output}",
@@ -255,6 +290,9 @@ def main(argv=None):
         return 1
     details = ", ".join(f"{key}={value}" for key, value in architecture.items())
     print(f"wrote {count} parameters ({kind}: {details}) to {args.output}")
+    if kind == "fcos_authors":
+        print("evaluate it with its configs/fcos_authors/*.yaml (stride placement, BatchNorm epsilon, input format "
+              "and selection are not in the weights)")
     return 0
 
 

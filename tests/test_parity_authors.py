@@ -1,0 +1,264 @@
+"""The FCOS authors' released models (tianzhi0549/FCOS) in our FCOS, against what their own code computed.
+
+A fixture folder (format: tests/fixtures/parity_authors/README.md; FCOS_AUTHORS_PARITY_DIR picks
+another, e.g. one made by ../shared/tools/fcos_authors_fixture.py for other seeds, photos, sizes or
+architectures) holds their network input, FPN maps, head outputs, points and detections for a photo,
+with seeded random weights in their naming. The weights go through tools.convert_weights, the
+network is built from the matching configs/fcos_authors/*.yaml (sizes and class count from the
+manifest), and everything must agree: preprocessing within one grey level, the network to float32
+round-off, detections (boxes, scores, labels) to round-off up to the order of equal scores, and
+eval.py's COCO json with their +1 box widths. models.json.gz holds the state-dict keys and shapes of
+all eight non-DCN models as their code builds them; the converter must map each onto our network.
+Run alone with ``pytest -k authors``.
+"""
+import gzip
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+
+import mindspore as ms
+import numpy as np
+import pytest
+from mindspore import nn
+
+from conftest import ROOT
+from src.builder import build_inference, build_model, selection_kwargs
+from src.config import load_config
+from src.data.coco import load_image_rgb
+from src.data.transforms import PixelFormat, preprocess_image
+from src.geometry import EvalGeometry
+from src.inference.select import select_detections
+from src.ops.backend import backend_of
+from tools.convert_weights import ConversionError, check_params, torchvision_to_mindspore
+
+FIXTURES = os.path.join(ROOT, "tests", "fixtures", "parity_authors")
+FPN_NAMES = ("fpn_p3", "fpn_p4", "fpn_p5", "fpn_p6", "fpn_p7")
+
+
+def authors_dir():
+    """FCOS_AUTHORS_PARITY_DIR, else the small fixture vendored in tests/fixtures/parity_authors."""
+    return os.environ.get("FCOS_AUTHORS_PARITY_DIR") or os.path.join(FIXTURES, "r50_imprv_small")
+
+
+def make_weights(manifest):
+    """The fixture's weights {their key: float32 array}, by the format's NumPy rule (weights.py)."""
+    spec = importlib.util.spec_from_file_location("authors_weights", os.path.join(FIXTURES, "weights.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.make_weights(manifest)
+
+
+def image_path(folder, manifest):
+    """The fixture's photo: in its folder, or beside it (../shared/parity_authors keeps one for all)."""
+    inside = os.path.join(folder, manifest["image"])
+    return inside if os.path.exists(inside) else os.path.join(os.path.dirname(os.path.normpath(folder)), manifest["image"])
+
+
+def config_path(model_name):
+    """configs/fcos_authors/<their config's base name>.yaml."""
+    return os.path.join(ROOT, "configs", "fcos_authors", f"{model_name}.yaml")
+
+
+def authors_config(manifest, *extra):
+    """The shipped config of the manifest's model, at the manifest's test sizes and class count."""
+    name = os.path.splitext(os.path.basename(manifest["config_file"]))[0]
+    return load_config(["--config_path", config_path(name), f"--min_size=[{manifest['min_size']}]",
+                        f"--max_size={manifest['max_size']}", f"--class_num={manifest['num_classes']}", *extra])
+
+
+class FeaturesAndOutputs(nn.Cell):
+    """(P3..P7, cls, reg, ctr) in one graph."""
+
+    def __init__(self, net):
+        super().__init__(auto_prefix=False)
+        self.net = net
+
+    def construct(self, images):
+        return self.net.features(images) + self.net(images)
+
+
+def close(actual, expected, rel):
+    """Largest difference relative to max|expected| (float32 round-off grows with depth)."""
+    scale = max(float(np.abs(expected).max()), 1e-6)
+    return float(np.abs(np.asarray(actual, np.float64) - expected).max()) / scale <= rel
+
+
+@pytest.fixture(scope="module")
+def authors():
+    folder = authors_dir()
+    with open(os.path.join(folder, "manifest.json")) as f:
+        manifest = json.load(f)
+    expected = dict(np.load(os.path.join(folder, "expected.npz")))
+    return folder, manifest, expected
+
+
+@pytest.fixture(scope="module")
+def converted(authors):
+    _, manifest, _ = authors
+    return torchvision_to_mindspore(make_weights(manifest), "fcos_authors")
+
+
+@pytest.fixture(scope="module")
+def network(authors, converted):
+    _, manifest, _ = authors
+    cfg = authors_config(manifest)
+    net = build_model(cfg)
+    not_loaded, unused = ms.load_param_into_net(
+        net, {name: ms.Parameter(ms.Tensor(value), name=name) for name, value in converted.items()})
+    assert not_loaded == [] and unused == []
+    net.set_train(False)
+    return cfg, net
+
+
+def nchw(array, net):
+    """A feature map as NCHW values: in channels-last storage (src/ops/backend.py) an (N, C, H, W)
+    tensor holds its values in N, H, W, C order."""
+    if backend_of(net).get("layout") != "channels_last":
+        return array
+    n, c, h, w = array.shape
+    return array.reshape(n, h, w, c).transpose(0, 3, 1, 2)
+
+
+@pytest.fixture(scope="module")
+def outputs(network, authors):
+    _, net = network
+    outs = [out.asnumpy() for out in FeaturesAndOutputs(net)(ms.Tensor(authors[2]["batch_input"]))]
+    return [nchw(out, net) for out in outs[:5]] + outs[5:]
+
+
+def test_authors_preprocessing_within_one_grey_level(authors):
+    """Their size rule, PIL's bilinear filter, BGR minus their mean, zero padding to 32."""
+    folder, manifest, expected = authors
+    cfg = authors_config(manifest)
+    image = load_image_rgb(image_path(folder, manifest))
+    geometry = EvalGeometry.from_config(cfg)
+    pad_hw = geometry.pad_shape(image.shape[:2])
+    chw, meta = preprocess_image(image, geometry, pad_hw, PixelFormat.from_config(cfg))
+    assert chw.shape == expected["batch_input"].shape[1:]
+    assert list(meta.resized_hw) == expected["image_sizes"][0].tolist()
+    assert list(meta.orig_hw) == expected["orig_sizes"][0].tolist()
+    assert np.abs(chw - expected["batch_input"][0]).max() <= 1.0
+
+
+def test_authors_points(network, authors):
+    cfg, net = network
+    expected = authors[2]
+    points, _, sizes = net.point_coder.points(*expected["batch_input"].shape[2:])
+    assert [h * w for h, w in sizes] == expected["num_points_per_level"].tolist()
+    np.testing.assert_array_equal(points.asnumpy(), expected["points"])
+
+
+def test_authors_network_outputs(network, outputs, authors):
+    """FPN maps and head outputs to float32 round-off; regression in pixels as theirs."""
+    cfg, net = network
+    expected = authors[2]
+    for name, actual in zip(FPN_NAMES, outputs[:5]):
+        assert close(actual, expected[name], 2e-4), name
+    cls, reg, ctr = outputs[5:]
+    _, scales, _ = net.point_coder.points(*expected["batch_input"].shape[2:])
+    pixels = reg * (scales.asnumpy()[None, :, None] if cfg.norm_reg_targets else 1.0)
+    assert close(cls, expected["cls_logits"], 2e-4)
+    assert close(pixels, expected["bbox_regression"], 2e-4)
+    assert close(ctr, expected["bbox_ctrness"], 2e-4)
+
+
+def match_detections(boxes, scores, labels, expected, suffix="_0"):
+    """Ours against theirs: the same number, labels and boxes/scores to round-off, compared in
+    score order (their NMS order differs only among equal scores)."""
+    exp_boxes, exp_scores = expected["det_boxes" + suffix], expected["det_scores_0"]
+    exp_labels = expected["det_labels_0"] - 1  # theirs are 1..80
+    assert len(scores) == len(exp_scores)
+    ours = np.lexsort((labels, -np.round(scores, 5)))
+    theirs = np.lexsort((exp_labels, -np.round(exp_scores, 5)))
+    np.testing.assert_array_equal(labels[ours], exp_labels[theirs])
+    np.testing.assert_allclose(scores[ours], exp_scores[theirs], atol=1e-5)
+    np.testing.assert_allclose(boxes[ours], exp_boxes[theirs], atol=2e-3 * float(np.abs(exp_boxes).max()))
+
+
+def test_authors_detections(network, authors):
+    """The exported decoding graph (their candidate rule) + the NumPy selection (+1 convention)."""
+    cfg, net = network
+    expected = authors[2]
+    infer = build_inference(cfg, net)
+    boxes, scores, labels = (x.asnumpy() for x in infer(ms.Tensor(expected["batch_input"])))
+    image_hw, orig_hw = expected["image_sizes"][0], expected["orig_sizes"][0]
+    selection = selection_kwargs(cfg)
+    det = select_detections(boxes[0], scores[0], labels[0], image_hw, **selection)
+    match_detections(*det, expected)
+    det = select_detections(boxes[0], scores[0], labels[0], image_hw, **selection, original_size=orig_hw)
+    match_detections(*det, expected, "_orig_0")
+
+
+def test_authors_eval_py_writes_their_detections(authors, converted, tmp_path):
+    """eval.py on a converted checkpoint (tools.convert_weights from an .npz in their naming, the
+    "module." prefix of a released checkpoint included) writes their detections as COCO json."""
+    folder, manifest, expected = authors
+    weights = {f"module.{key}": value for key, value in make_weights(manifest).items()}
+    np.savez(tmp_path / "authors.npz", **weights)
+    ckpt = tmp_path / "authors.ckpt"
+    subprocess.run([sys.executable, "-m", "tools.convert_weights", "--input", str(tmp_path / "authors.npz"),
+                    "--output", str(ckpt)], cwd=ROOT, check=True, capture_output=True)
+    h, w = expected["orig_sizes"][0].tolist()
+    ann = {"images": [{"id": 7, "file_name": manifest["image"], "height": h, "width": w}],
+           "annotations": [{"id": 1, "image_id": 7, "category_id": 1, "bbox": [10, 10, 50, 40], "area": 2000,
+                            "iscrowd": 0}],
+           "categories": [{"id": i + 1, "name": f"c{i + 1}"} for i in range(manifest["num_classes"])]}
+    (tmp_path / "ann.json").write_text(json.dumps(ann))
+    name = os.path.splitext(os.path.basename(manifest["config_file"]))[0]
+    out = tmp_path / "eval"
+    subprocess.run([sys.executable, "eval.py", "--config_path", config_path(name), f"--ckpt_file={ckpt}",
+                    f"--val_img_dir={os.path.dirname(image_path(folder, manifest))}", f"--val_ann_file={tmp_path / 'ann.json'}", f"--output_dir={out}",
+                    f"--min_size=[{manifest['min_size']}]", f"--max_size={manifest['max_size']}",
+                    f"--class_num={manifest['num_classes']}", "--compile_cache=False"],
+                   cwd=ROOT, check=True, capture_output=True)
+    detections = json.loads((out / "eval_result.json").read_text())["detections"]
+    assert {d["image_id"] for d in detections} == {7}
+    boxes = np.array([d["bbox"] for d in detections], np.float64)
+    boxes[:, 2:] += boxes[:, :2] - 1.0  # their json: w = x2 - x1 + 1
+    scores = np.array([d["score"] for d in detections])
+    labels = np.array([d["category_id"] - 1 for d in detections])
+    exp = dict(expected, det_scores_0=np.round(expected["det_scores_0"], 5))
+    match_detections(boxes, scores, labels, exp, "_orig_0")
+
+
+def _authors_state(entries):
+    """models.json.gz state-dict entries -> {key: zeros of the shape} (floating ones)."""
+    return {key: np.zeros(shape, np.float32) for key, shape, dtype in entries if dtype.startswith("float")}
+
+
+MODELS = json.load(gzip.open(os.path.join(FIXTURES, "models.json.gz")))["models"]
+
+
+@pytest.mark.parametrize("model_name", sorted(MODELS))
+def test_authors_key_map_of_every_released_architecture(model_name):
+    """Every key of the model as their code builds it maps onto our network built from its config,
+    shape for shape (a released checkpoint holds the same keys)."""
+    entries = MODELS[model_name]["state_dict"]
+    params = torchvision_to_mindspore(_authors_state(entries), "fcos_authors")
+    cfg = load_config(["--config_path", config_path(model_name)])
+    net = build_model(cfg, portable=True)
+    check_params(params, {p.name: tuple(p.shape) for p in net.get_parameters()})
+    config = MODELS[model_name]["config"]
+    assert cfg.stride_in_1x1 == config["MODEL.RESNETS.STRIDE_IN_1X1"]
+    assert cfg.norm_reg_targets == config["MODEL.FCOS.NORM_REG_TARGETS"]
+    assert cfg.cnt_on_reg == config["MODEL.FCOS.CENTERNESS_ON_REG"]
+    assert cfg.center_sampling_radius == config["MODEL.FCOS.CENTER_SAMPLING_RADIUS"]
+    assert cfg.reg_loss == config["MODEL.FCOS.IOU_LOSS_TYPE"]
+    assert cfg.min_size[0] == config["INPUT.MIN_SIZE_TEST"] and cfg.max_size == config["INPUT.MAX_SIZE_TEST"]
+    assert cfg.pixel_mean == config["INPUT.PIXEL_MEAN"] and cfg.pixel_std == config["INPUT.PIXEL_STD"]
+    assert cfg.score_threshold == config["MODEL.FCOS.INFERENCE_TH"]
+    assert cfg.nms_iou_threshold == config["MODEL.FCOS.NMS_TH"]
+    assert cfg.max_detection_boxes_num == config["MODEL.FCOS.PRE_NMS_TOP_N"]
+    assert cfg.detections_per_img == config["TEST.DETECTIONS_PER_IMG"]
+
+
+def test_authors_dcn_and_unknown_keys_refused_in_one_line():
+    state = _authors_state(MODELS["fcos_imprv_R_50_FPN_1x"]["state_dict"])
+    dcn = dict(state, **{"backbone.body.layer4.0.conv2.offset.weight": np.zeros((18, 512, 3, 3), np.float32)})
+    with pytest.raises(ConversionError, match="deformable convolutions"):
+        torchvision_to_mindspore(dcn, "fcos_authors")
+    extra = dict(state, **{"rpn.head.extra_conv.weight": np.zeros((4, 4), np.float32)})
+    with pytest.raises(ConversionError, match="rpn.head.extra_conv.weight"):
+        torchvision_to_mindspore(extra, "fcos_authors")
