@@ -13,6 +13,7 @@ import pytest
 
 from src.data.coco import CocoDataset
 from src.data.transforms import preprocess_image
+from src.geometry import EvalGeometry
 from src.deploy.contract import IMAGES_DIR, INFO_FILE, read_result, result_path
 from tools.synthetic import make_synthetic_coco
 
@@ -196,7 +197,7 @@ def test_preprocess_skips_bad_images_and_shrinks_other_orientation(tmp_path):
     coco = CocoDataset(str(img_dir), ann_file)
     for entry in info["images"]:
         assert entry["orig_hw"] == [96, 64] and entry["resized_hw"] == [64, 42]
-        expected, _ = preprocess_image(coco.load_image(entry["image_id"]), 64, 96, (64, 96))
+        expected, _ = preprocess_image(coco.load_image(entry["image_id"]), EvalGeometry.make(64, 96), (64, 96))
         got = np.fromfile(out / IMAGES_DIR / f"{entry['name']}.bin", np.float32).reshape(3, 64, 96)
         np.testing.assert_array_equal(got, expected)
 

@@ -16,7 +16,8 @@ from src.model.norm import FrozenBatchNorm2d, GroupNorm
 STRIDES = (8, 16, 32, 64, 128)
 # torchvision.models parameter counts, including the 1000-class fc layer.
 TORCHVISION_PARAMS = {"resnet18": 11689512, "resnet34": 21797672, "resnet50": 25557032,
-                      "resnet101": 44549160, "resnet152": 60192808, "resnext101_64x4d": 83455272}
+                      "resnet101": 44549160, "resnet152": 60192808, "resnext101_32x8d": 88791336,
+                      "resnext101_64x4d": 83455272}
 
 
 @pytest.fixture(autouse=True)

@@ -73,11 +73,21 @@ def test_buckets_group_by_orientation(mixed):
     coco = CocoDataset(img_dir, ann_file)
     buckets = resolve_pad_buckets([], [96, 128], 160)
     assert buckets == [(128, 160), (160, 128)]
-    members = group_by_bucket(coco, coco.image_ids, 128, 160, buckets)
+    geometry = EvalGeometry.make(128, 160, buckets)
+    _, members = group_by_bucket(coco, coco.image_ids, geometry.pad_shape, geometry.buckets)
     assert [len(m) for m in members] == [12, 7]
     assert all(coco.image_info(i)["height"] == 128 for i in members[1])
     with pytest.raises(ValueError, match="fits none of the pad buckets"):
-        group_by_bucket(coco, coco.image_ids, 128, 160, [(128, 160)])
+        group_by_bucket(coco, coco.image_ids, EvalGeometry.make(128, 160, [(128, 160)]).pad_shape, [(128, 160)])
+    # per-image padding: each image's own size rounded up to 32, the buckets those that occur
+    per_image = EvalGeometry.make(96, 160, per_image=True)
+    shapes, members = group_by_bucket(coco, coco.image_ids, per_image.pad_shape)
+    assert shapes == sorted(shapes) and sum(map(len, members)) == len(coco.image_ids)
+    for shape, ids in zip(shapes, members):
+        for image_id in ids:
+            info = coco.image_info(image_id)
+            resized = per_image.resized_size((info["height"], info["width"]))
+            assert shape == tuple(-(-side // 32) * 32 for side in resized)
     with pytest.raises(ValueError, match="multiple of 32"):
         resolve_pad_buckets([[100, 128]], [96], 160)
 

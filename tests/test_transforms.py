@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 
 from conftest import parity_dir
 from src.data.coco import load_image_rgb
-from src.geometry import choose_pad_shape, default_pad_buckets, keep_ratio_size
+from src.geometry import EvalGeometry, choose_pad_shape, default_pad_buckets, keep_ratio_size
 from src.data.transforms import (IMAGENET_MEAN, IMAGENET_STD, TrainTransform, color_jitter, hflip, hue_shift, invert_lightness, normalize_and_pad, preprocess_image, random_conv, random_crop, random_window, resize, rot90, rotate, vflip)
 
 PROPERTY = settings(max_examples=40, deadline=None)
@@ -322,8 +322,8 @@ def test_preprocess_matches_torchvision_input():
     if tuple(expected["orig_sizes"][0]) != image.shape[:2]:
         pytest.skip("this parity fixture's first image is not quokka.jpg")
     pad_hw = expected["batch_input"].shape[2:]
-    chw, meta = preprocess_image(image, manifest["config"]["min_size"],
-                                 manifest["config"]["max_size"], pad_hw)
+    chw, meta = preprocess_image(image, EvalGeometry.make(manifest["config"]["min_size"],
+                                                          manifest["config"]["max_size"]), pad_hw)
     assert meta.orig_hw == image.shape[:2]
     assert meta.resized_hw == tuple(expected["image_sizes"][0])
     # Both resize in float (torchvision the normalised image, we the 0..255 one): float32 round-off.
@@ -332,7 +332,7 @@ def test_preprocess_matches_torchvision_input():
 
 def test_preprocess_shrinks_to_a_fixed_pad_shape():
     image = np.full((600, 400, 3), 200, np.uint8)  # portrait into a landscape export shape
-    chw, meta = preprocess_image(image, 320, 512, (320, 512))
+    chw, meta = preprocess_image(image, EvalGeometry.make(320, 512), (320, 512))
     assert chw.shape == (3, 320, 512)
     assert meta.resized_hw == (320, 213)
     assert not chw[:, :, 213:].any() and chw[:, :, :213].all()

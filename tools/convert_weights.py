@@ -113,10 +113,10 @@ def load_torchvision_state(path):
                 state = state[wrapper]
         state = {key: value.detach().cpu().numpy() for key, value in state.items()
                  if hasattr(value, "detach")}
-    if state and all(key.startswith("module.") for key in state):  # saved from DistributedDataParallel
-        state = {key[len("module."):]: value for key, value in state.items()}
     else:
         raise ConversionError(f"unsupported input {path}: expected a .pth or .npz state dict")
+    if state and all(key.startswith("module.") for key in state):  # saved from DistributedDataParallel
+        state = {key[len("module."):]: value for key, value in state.items()}
     if not state:
         raise ConversionError(f"{path} holds no arrays")
     return {key: _as_float32(value) for key, value in state.items()}
