@@ -3,6 +3,8 @@
 Deep modules take plain values; entry points call these builders with the parsed config.
 """
 import contextlib
+import dataclasses
+import json
 import logging
 import math
 from typing import List, Optional
@@ -11,17 +13,18 @@ import os
 import mindspore as ms
 import numpy as np
 
-from src.data.coco import DatasetError
+from src.data.coco import CocoDataset, DatasetError, load_image_rgb
 from src.geometry import EvalGeometry, PadBucketError
-from src.data.pipeline import create_eval_dataset, create_train_dataset
+from src.data.pipeline import create_eval_dataset, create_train_dataset, present_images
 from src.data.synthetic_crowns import CrownStands
-from src.data.transforms import PixelFormat, TrainTransform
+from src.data.transforms import PixelFormat, TrainTransform, preprocess_image
 from src.engine.checkpoint import load_weights
 from src.engine.compile_cache import PlannedGraph, precompile
 from src.engine.lr_schedule import build_lr_schedule, scaled_lr
 from src.engine.train_step import FCOSWithLoss, TrainStep, build_optimizer
 from src.inference.decoder import FCOSDecoder
 from src.inference.detector import FCOSInference
+from src.inference.quantize import Calibration
 from src.inference.runtime import make_runtime
 from src.inference.tta import VIEW_SETS, view_pad_shapes
 from src.model.fcos import FCOS
@@ -235,12 +238,58 @@ def precompile_graphs(cfg: Config, graphs, distributed: bool = False):
     return precompile(graphs, cfg, os.path.join(cfg.output_dir, "compile_cache") if use_cache else None)
 
 
+def calibration_set(cfg: Config) -> Calibration:
+    """The calibration of --runtime=onnxruntime_int8: --calibration_images images evenly spaced over
+    the training set (the validation set where no training set is given), preprocessed as
+    evaluation preprocesses them."""
+    img_dir, ann_file, key = cfg.train_img_dir, cfg.train_ann_file, "train_ann_file"
+    if not ann_file:
+        img_dir, ann_file, key = cfg.val_img_dir, cfg.val_ann_file, "val_ann_file"
+    if not ann_file:
+        raise ConfigError("--runtime=onnxruntime_int8: calibration needs images; give --train_ann_file and "
+                          "--train_img_dir (or the validation set's)")
+    with dataset_errors(key):
+        coco = CocoDataset(img_dir, ann_file)
+        ids = present_images(coco, coco.image_ids, "calibration")
+    if not ids:
+        raise ConfigError(f"--{key}: none of the images of {ann_file} is in {img_dir}")
+    picks = sorted({ids[int(round(i))] for i in np.linspace(0, len(ids) - 1, min(cfg.calibration_images, len(ids)))})
+    paths = [coco.image_path(i) for i in picks]
+    geometry, pixels = eval_geometry(cfg), pixel_format(cfg)
+    identity = json.dumps({"images": [(os.path.abspath(p), os.path.getsize(p), int(os.path.getmtime(p))) for p in paths],
+                           "geometry": dataclasses.asdict(geometry), "pixels": pixels.as_dict()})
+
+    def batches(shape):
+        batch = []
+        for path in paths:
+            batch.append(preprocess_image(load_image_rgb(path), geometry, tuple(shape[2:]), pixels)[0])
+            if len(batch) == shape[0]:
+                yield np.stack(batch)
+                batch = []
+        if batch:  # the last batch filled up with its first image
+            yield np.stack(batch + batch[:1] * (shape[0] - len(batch)))
+
+    return Calibration(identity, batches)
+
+
+def int8_cache_dir(cfg: Config) -> str:
+    """Where the calibrated 8-bit models live: <checkpoint name>_int8/ beside --ckpt_file, or
+    <output_dir>/int8_models where that folder is not writable."""
+    beside = os.path.splitext(os.path.abspath(cfg.ckpt_file))[0] + "_int8"
+    if os.access(os.path.dirname(beside), os.W_OK):
+        return beside
+    return os.path.join(cfg.output_dir, "int8_models")
+
+
 def build_runtime(cfg: Config, infer_cell, pad_shapes=(), batch_size: int = 1):
     """--runtime: what runs infer_cell in eval.py and predict.py (src.inference.runtime), with the
     inputs (batch_size, 3, H, W) of pad_shapes made ready: compiled (or loaded from the compile
-    cache) in MindSpore, exported and loaded in onnxruntime. Other shapes get ready on first use."""
+    cache) in MindSpore, exported (and for onnxruntime_int8 calibrated, or loaded from its cache)
+    and loaded in onnxruntime. Other shapes get ready on first use."""
+    int8 = cfg.runtime == "onnxruntime_int8"
     try:
-        runtime = make_runtime(cfg.runtime, infer_cell)
+        runtime = make_runtime(cfg.runtime, infer_cell, calibration=calibration_set(cfg) if int8 else None,
+                               cache_dir=int8_cache_dir(cfg) if int8 else None)
     except ImportError as err:
         raise ConfigError(f"--runtime: {err}") from None
     if cfg.runtime == "mindspore":

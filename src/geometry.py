@@ -166,7 +166,10 @@ def choose_pad_shape(size_hw, buckets):
 def pad_shape_for(image_hw, min_size, max_size, buckets, rule="torchvision"):
     """The bucket (h, w) an image of image_hw goes to at a keep-ratio size of min_size/max_size;
     ValueError when none holds it."""
-    return buckets[choose_pad_shape(keep_ratio_size(*image_hw, min_size, max_size, rule=rule), buckets)]
+    try:
+        return buckets[choose_pad_shape(keep_ratio_size(*image_hw, min_size, max_size, rule=rule), buckets)]
+    except ValueError as err:
+        raise ValueError(f"{err} (min_size {min_size}, max_size {max_size})") from None
 
 
 @dataclasses.dataclass(frozen=True)

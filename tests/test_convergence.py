@@ -4,7 +4,9 @@ Measured with exactly these settings (64 training images of 128x128, 96 steps, R
 scratch, 32-channel FPN): validation AP50 0.20 (AP 0.07). A broken loss, target assignment or
 decoding leaves AP50 near 0, so the bar below keeps a wide margin both ways. The trained
 checkpoint is then evaluated in onnxruntime too (eval.py --runtime=onnxruntime): every COCO
-statistic within 1e-4 of the MindSpore path's.
+statistic within 1e-4 of the MindSpore path's; and through its 8-bit model
+(--runtime=onnxruntime_int8, calibrated on the training images): AP50 within INT8_AP50_LOSS of the
+float path's and most confident float detections found again (INT8_MATCHED at IoU 0.9).
 """
 import importlib.util
 import json
@@ -20,6 +22,29 @@ from tools.synthetic import make_synthetic_coco
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MIN_AP50 = 0.10
+# measured on this run: AP50 float 0.20, int8 -> see docs/int8.md; one AP50 point is the issue's bar on
+# real photos, this set of 16 images moves by a few points for one detection more or less
+INT8_AP50_LOSS = 0.03
+INT8_MATCHED = 0.8
+
+
+def matched_share(reference, candidate, min_score=0.3, min_iou=0.9):
+    """Share of reference detections (COCO json entries, score >= min_score) that a candidate detection
+    of the same image and category overlaps by IoU >= min_iou, and the largest score difference of
+    those matches."""
+    def iou(a, b):
+        ax2, ay2, bx2, by2 = a[0] + a[2], a[1] + a[3], b[0] + b[2], b[1] + b[3]
+        inter = max(0.0, min(ax2, bx2) - max(a[0], b[0])) * max(0.0, min(ay2, by2) - max(a[1], b[1]))
+        return inter / (a[2] * a[3] + b[2] * b[3] - inter)
+    confident = [d for d in reference if d["score"] >= min_score]
+    matched, score_error = 0, 0.0
+    for ref in confident:
+        best = max((c for c in candidate if (c["image_id"], c["category_id"]) == (ref["image_id"], ref["category_id"])),
+                   key=lambda c: iou(ref["bbox"], c["bbox"]), default=None)
+        if best is not None and iou(ref["bbox"], best["bbox"]) >= min_iou:
+            matched += 1
+            score_error = max(score_error, abs(best["score"] - ref["score"]))
+    return matched / max(len(confident), 1), score_error
 
 
 @pytest.mark.slow
@@ -35,9 +60,10 @@ def test_short_training_run_detects_synthetic_shapes(tmp_path):
                    cwd=ROOT, check=True, capture_output=True, timeout=900)
     ckpt = os.path.join(out, "checkpoints", "fcos-12_96.ckpt")
     metrics = {}
-    for runtime in [r for r in RUNTIMES if r != "onnxruntime" or importlib.util.find_spec("onnxruntime")]:
+    for runtime in [r for r in RUNTIMES if r == "mindspore" or importlib.util.find_spec("onnxruntime")]:
         subprocess.run([sys.executable, "eval.py", *common, f"--ckpt_file={ckpt}", f"--output_dir={out}/{runtime}",
-                        f"--runtime={runtime}"], cwd=ROOT, check=True, capture_output=True, timeout=600)
+                        f"--runtime={runtime}", f"--train_img_dir={tmp_path / 'train' / 'images'}",
+                        f"--train_ann_file={train_ann}"], cwd=ROOT, check=True, capture_output=True, timeout=600)
         with open(os.path.join(out, runtime, "eval_result.json")) as f:
             metrics[runtime] = json.load(f)
     ours = metrics["mindspore"]
@@ -49,3 +75,8 @@ def test_short_training_run_detects_synthetic_shapes(tmp_path):
     print({key: (ours[key], onnx[key]) for key in STAT_KEYS})
     for key in STAT_KEYS:
         assert onnx[key] == pytest.approx(ours[key], abs=1e-4), key
+    int8 = metrics["onnxruntime_int8"]
+    share, score_error = matched_share(ours["detections"], int8["detections"])
+    print("int8 AP50", int8["AP50"], "AP", int8["AP"], "matched", share, "score error", score_error)
+    assert int8["AP50"] >= ours["AP50"] - INT8_AP50_LOSS
+    assert share >= INT8_MATCHED

@@ -90,8 +90,10 @@ def test_mindir_export_computes_the_same(model, tmp_path):
     cfg = model["cfg"]
     assert info["postprocess"] == {"score_threshold": cfg.score_threshold,
                                    "nms_iou_threshold": cfg.nms_iou_threshold,
-                                   "detections_per_img": cfg.detections_per_img}
-    assert info["preprocess"] == {"min_size": 64, "max_size": 96, "height": SHAPE[2], "width": SHAPE[3]}
+                                   "detections_per_img": cfg.detections_per_img, "plus_one": cfg.box_plus_one}
+    assert info["preprocess"] == {"min_size": 64, "max_size": 96, "height": SHAPE[2], "width": SHAPE[3],
+                                  "resize_rule": "torchvision", "channel_order": "RGB",
+                                  "pixel_mean": [123.675, 116.28, 103.53], "pixel_std": [58.395, 57.12, 57.375]}
 
 
 def test_onnx_export_runs_in_onnxruntime(model, tmp_path):

@@ -57,7 +57,7 @@ def eval_detections(data, tmp_path_factory):
     return read_json(out / "eval_result.json")["detections"]
 
 
-@pytest.mark.parametrize("runtime", RUNTIMES)
+@pytest.mark.parametrize("runtime", [r for r in RUNTIMES if r != "onnxruntime_int8"])  # int8: tests/test_int8.py
 def test_predictions_equal_eval_detections(data, eval_detections, runtime, tmp_path):
     skip_without_runtime(runtime)
     result = command("predict.py", f"--ckpt_file={data['ckpt']}", "--input", str(data["img_dir"]),
@@ -75,7 +75,8 @@ def test_predictions_equal_eval_detections(data, eval_detections, runtime, tmp_p
         assert len(got) == len(expected) > 0
         for det, ref in zip(got, expected):
             assert det["category_id"] == ref["category_id"] and det["class_name"] == names[det["label"]]
-            assert det["score"] == pytest.approx(ref["score"], abs=1e-5)
+            # both rounded to 5 decimals: float round-off between runtimes may flip the last one
+            assert det["score"] == pytest.approx(ref["score"], abs=1.5e-5)
             x1, y1, x2, y2 = det["bbox"]
             assert [x1, y1, x2 - x1, y2 - y1] == pytest.approx(ref["bbox"], abs=0.02)
         drawn = cv2.imread(image["output"])
@@ -104,7 +105,8 @@ def test_test_time_augmentation_in_eval_and_predict(data, eval_detections, tmp_p
         assert len(image["detections"]) == len(expected) > 0
         assert [d["score"] for d in expected] != [d["score"] for d in single]
         for det, ref in zip(image["detections"], expected):
-            assert det["score"] == pytest.approx(ref["score"], abs=1e-5)
+            # both rounded to 5 decimals: float round-off between runtimes may flip the last one
+            assert det["score"] == pytest.approx(ref["score"], abs=1.5e-5)
             x1, y1, x2, y2 = det["bbox"]
             assert [x1, y1, x2 - x1, y2 - y1] == pytest.approx(ref["bbox"], abs=0.02)
             assert 0 <= x1 <= x2 <= 128 and 0 <= y1 <= y2 <= 96

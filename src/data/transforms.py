@@ -30,8 +30,8 @@ class PixelFormat:
     The default is torchvision's ImageNet normalisation; the FCOS authors' models read BGR minus
     their PIXEL_MEAN with std 1."""
     channel_order: str = "RGB"
-    mean: Tuple[float, float, float] = tuple(float(255.0 * m) for m in IMAGENET_MEAN)
-    std: Tuple[float, float, float] = tuple(float(255.0 * s) for s in IMAGENET_STD)
+    mean: Tuple[float, float, float] = (123.675, 116.28, 103.53)  # IMAGENET_MEAN x 255, as default_config.yaml
+    std: Tuple[float, float, float] = (58.395, 57.12, 57.375)
 
     def __post_init__(self):
         if self.channel_order not in ("RGB", "BGR"):

@@ -1,5 +1,6 @@
 """Where FCOSInference runs for eval.py and predict.py: in MindSpore, or in onnxruntime on its
-ONNX export (--runtime=onnxruntime, CPU).
+ONNX export (--runtime=onnxruntime, CPU), float or quantized to 8 bits (--runtime=onnxruntime_int8,
+src.inference.quantize).
 
 Both are callables images (B, 3, H, W) float32 NumPy -> boxes (B, K, 4), scores (B, K), labels
 (B, K) NumPy, the candidates that src.inference.select turns into detections, so the two runtimes
@@ -14,10 +15,11 @@ import numpy as np
 from mindspore import Tensor
 
 from src.inference.export import export_model
+from src.inference.quantize import Calibration, quantized_model
 
 logger = logging.getLogger("fcos")
 
-RUNTIMES = ("mindspore", "onnxruntime")
+RUNTIMES = ("mindspore", "onnxruntime", "onnxruntime_int8")
 
 
 class MindSporeRuntime:
@@ -65,11 +67,15 @@ class OnnxRuntime:
         export_model(self.infer_cell, Tensor(np.zeros(shape, np.float32)), path, "ONNX")
         options = self._ort.SessionOptions()
         options.intra_op_num_threads = self.threads
-        session = self._ort.InferenceSession(path, options, providers=["CPUExecutionProvider"])
+        session = self._ort.InferenceSession(self.model_for(path, shape), options, providers=["CPUExecutionProvider"])
         self._sessions[shape] = session
         logger.info("onnxruntime %s: exported and loaded the model for input %s in %.1f s",
                     self._ort.__version__, "x".join(map(str, shape)), time.perf_counter() - start)
         return session
+
+    def model_for(self, float_model, shape):
+        """The model file a session runs for the float export at float_model: that file."""
+        return float_model
 
     def __call__(self, images):
         images = np.ascontiguousarray(images, np.float32)
@@ -81,10 +87,30 @@ class OnnxRuntime:
         self._folder.cleanup()
 
 
-def make_runtime(name, infer_cell, threads=0):
-    """The runtime called ``name`` (one of RUNTIMES) running infer_cell."""
+class OnnxInt8Runtime(OnnxRuntime):
+    """OnnxRuntime on the 8-bit model of each export (src.inference.quantize), calibrated on
+    ``calibration`` and kept in cache_dir."""
+
+    name = "onnxruntime_int8"
+
+    def __init__(self, infer_cell, calibration: Calibration, cache_dir, threads=0):
+        super().__init__(infer_cell, threads)
+        # unstacked, the head's output convolutions keep their weights' names in ONNX (what stays float)
+        infer_cell.network.head.set_stacking(False)
+        self.calibration = calibration
+        self.cache_dir = cache_dir
+
+    def model_for(self, float_model, shape):
+        return quantized_model(float_model, self.calibration, shape, self.cache_dir)
+
+
+def make_runtime(name, infer_cell, threads=0, calibration=None, cache_dir=None):
+    """The runtime called ``name`` (one of RUNTIMES) running infer_cell; onnxruntime_int8 needs the
+    calibration (src.inference.quantize.Calibration) and the folder of its cached models."""
     if name == "onnxruntime":
         return OnnxRuntime(infer_cell, threads)
+    if name == "onnxruntime_int8":
+        return OnnxInt8Runtime(infer_cell, calibration, cache_dir, threads)
     if name == "mindspore":
         return MindSporeRuntime(infer_cell)
     raise ValueError(f"unknown runtime '{name}'; choose one of {', '.join(RUNTIMES)}")

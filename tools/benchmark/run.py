@@ -3,6 +3,7 @@ optionally side by side with torchvision's FCOS.
 
     python -m tools.benchmark --mode infer --height 800 --width 1216 --batch_size 1
     python -m tools.benchmark --mode infer --height 800 --width 1216 --batch_size 1 --runtime onnxruntime
+    python -m tools.benchmark --mode infer --height 800 --width 1216 --batch_size 1 --runtime onnxruntime_int8
     python -m tools.benchmark --mode train --config_path configs/synthetic_cpu.yaml
     python -m tools.benchmark --mode data --config_path configs/deepforest_cpu.yaml
     python -m tools.benchmark --mode train --compare_torchvision --torch_python /path/venv/bin/python
@@ -21,7 +22,8 @@ One step is:
   infer: FCOSInference (network + in-graph top-k decoding) on a fixed random batch, outputs copied
          to NumPy, then the NumPy selection (threshold, clip, class-aware NMS) of every image, as
          evaluation runs it. parts: ``graph`` and ``select``. With --runtime onnxruntime the same
-         cell is exported to ONNX first and onnxruntime runs it (a CPU deployment route).
+         cell is exported to ONNX first and onnxruntime runs it (a CPU deployment route);
+         onnxruntime_int8 runs its 8-bit model (src.inference.quantize), calibrated on the batch.
   train: one TrainStep as train.py builds it (forward, loss, backward, non-finite guard, SGD
          momentum update) on a fixed random batch with fixed synthetic ground truth
          (--num_gt_boxes real boxes, padded to max_gt_boxes).
@@ -64,7 +66,8 @@ from src.builder import (build_inference, build_model, build_train_dataset, buil
                          precompile_graphs, selection_kwargs)
 from src.geometry import resolve_pad_buckets, window_pad_shape
 
-from src.inference.export import export_model
+from src.inference.quantize import Calibration
+from src.inference.runtime import RUNTIMES, make_runtime
 from src.engine.compile_cache import PlannedGraph
 from src.utils.context import init_context
 from src.engine.lr_schedule import scaled_lr
@@ -106,9 +109,10 @@ def parse_args(argv=None):
     parser.add_argument("--threads", type=int, default=0,
                         help="pin the benchmark (and the torchvision process) to this many CPUs and "
                              "use as many kernel threads in both frameworks (0: all CPUs, defaults)")
-    parser.add_argument("--runtime", choices=("mindspore", "onnxruntime"), default="mindspore",
+    parser.add_argument("--runtime", choices=RUNTIMES, default="mindspore",
                         help="infer: run the network in MindSpore, or export it to ONNX and run it in "
-                             "onnxruntime (CPU), the same NumPy selection after either")
+                             "onnxruntime (CPU), float or 8-bit (calibrated on the random input: speed "
+                             "only), the same NumPy selection after either")
     parser.add_argument("--execution_mode", choices=("GRAPH", "PYNATIVE"),
                         help="the configuration's mode key (default: the configuration's)")
     parser.add_argument("--compare_torchvision", action="store_true",
@@ -131,8 +135,8 @@ def parse_args(argv=None):
         raise ConfigError("--threads: must be 0 (default) or positive, and needs Linux CPU affinity")
     if args.steps < 1 or args.warmup < 0:
         raise ConfigError("--steps must be at least 1 and --warmup at least 0")
-    if args.runtime == "onnxruntime" and args.mode != "infer":
-        raise ConfigError("--runtime=onnxruntime: only for --mode infer")
+    if args.runtime != "mindspore" and args.mode != "infer":
+        raise ConfigError(f"--runtime={args.runtime}: only for --mode infer")
     if args.compare_torchvision and args.mode == "data":
         raise ConfigError("--compare_torchvision: only for --mode infer, train or convs")
     return args, cfg
@@ -158,20 +162,17 @@ def fixed_batch(args, cfg):
 
 def infer_step(args, cfg, workdir):
     """-> (compiled cell or None, step, PlannedGraph or None) for FCOSInference + the NumPy
-    selection; step returns its parts. --runtime onnxruntime exports the cell to ONNX in workdir
-    and runs that in onnxruntime instead (no MindSpore graph to compile)."""
+    selection; step returns its parts. --runtime onnxruntime(_int8) runs the cell's ONNX export in
+    onnxruntime instead (src.inference.runtime; no MindSpore graph to compile), the 8-bit model
+    calibrated on the timed batch and cached in workdir."""
     cell = build_inference(cfg, build_model(cfg, portable=args.runtime != "mindspore"))
     cell.set_train(False)
     images = fixed_batch(args, cfg)[0]
-    if args.runtime == "onnxruntime":
-        import onnxruntime
-
-        path = os.path.join(workdir, "fcos.onnx")
-        export_model(cell, ms.Tensor(images), path, "ONNX")
-        options = onnxruntime.SessionOptions()
-        options.intra_op_num_threads = args.threads
-        session = onnxruntime.InferenceSession(path, options, providers=["CPUExecutionProvider"])
-        return None, selecting_step(lambda: session.run(None, {"images": images}), args, cfg), None
+    if args.runtime != "mindspore":
+        calibration = Calibration(f"the benchmark's random batch, seed {cfg.seed}", lambda shape: iter([images]))
+        runtime = make_runtime(args.runtime, cell, args.threads, calibration, workdir)
+        runtime.prepare(images.shape)
+        return None, selecting_step(lambda: runtime(images), args, cfg), None
     tensor = ms.Tensor(images)
     step = selecting_step(lambda: [x.asnumpy() for x in cell(tensor)], args, cfg)
     return cell, step, PlannedGraph(cell, [(images.shape, np.float32)], training=False)
@@ -248,13 +249,13 @@ def init_mindspore(args, cfg):
 def describe_run(args, cfg):
     """The keys of our result that say what was timed."""
     versions = {"mindspore": ms.__version__}
-    if args.runtime == "onnxruntime":
+    if args.runtime != "mindspore":
         import onnxruntime
 
         versions["onnxruntime"] = onnxruntime.__version__
     convolutions = None  # data: no network
     if args.mode != "data":
-        convolutions = ("onednn" if native_ops(cfg) else "mindspore") if args.runtime == "mindspore" else "onnxruntime"
+        convolutions = ("onednn" if native_ops(cfg) else "mindspore") if args.runtime == "mindspore" else args.runtime
     return {"framework": args.runtime, "mode": args.mode, "batch_size": cfg.batch_size,
             "input": f"{args.height}x{args.width}", "steps": args.steps, "warmup": args.warmup,
             "conv_impl": convolutions, "channels_last": convolutions == "onednn" and cfg.channels_last,
