@@ -28,6 +28,7 @@ from src.builder import build_inference, build_model, selection_kwargs
 from src.config import load_config
 from src.data.coco import load_image_rgb
 from src.data.transforms import PixelFormat, preprocess_image
+from src.deploy.contract import input_bin_path, read_input_bin, read_preprocess_info
 from src.geometry import EvalGeometry, keep_ratio_size
 from src.inference.select import select_detections
 from src.ops.backend import backend_of
@@ -191,36 +192,73 @@ def test_authors_detections(network, authors):
     match_detections(*det, expected, "_orig_0")
 
 
-def test_authors_eval_py_writes_their_detections(authors, converted, tmp_path):
-    """eval.py on a converted checkpoint (tools.convert_weights from an .npz in their naming, the
-    "module." prefix of a released checkpoint included) writes their detections as COCO json."""
+@pytest.fixture(scope="module")
+def deployed(authors, tmp_path_factory):
+    """A converted checkpoint (tools.convert_weights from an .npz in their naming, with the "module."
+    prefix of a released checkpoint) and a COCO file naming the fixture's photo (categories 1..C)."""
     folder, manifest, expected = authors
+    root = tmp_path_factory.mktemp("authors")
     weights = {f"module.{key}": value for key, value in make_weights(manifest).items()}
-    np.savez(tmp_path / "authors.npz", **weights)
-    ckpt = tmp_path / "authors.ckpt"
-    subprocess.run([sys.executable, "-m", "tools.convert_weights", "--input", str(tmp_path / "authors.npz"),
-                    "--output", str(ckpt)], cwd=ROOT, check=True, capture_output=True)
+    np.savez(root / "authors.npz", **weights)
+    ckpt = root / "authors.ckpt"
+    run_ok([sys.executable, "-m", "tools.convert_weights", "--input", str(root / "authors.npz"), "--output", str(ckpt)])
     h, w = expected["orig_sizes"][0].tolist()
     ann = {"images": [{"id": 7, "file_name": manifest["image"], "height": h, "width": w}],
            "annotations": [{"id": 1, "image_id": 7, "category_id": 1, "bbox": [10, 10, 50, 40], "area": 2000,
                             "iscrowd": 0}],
            "categories": [{"id": i + 1, "name": f"c{i + 1}"} for i in range(manifest["num_classes"])]}
-    (tmp_path / "ann.json").write_text(json.dumps(ann))
+    (root / "ann.json").write_text(json.dumps(ann))
     name = os.path.splitext(os.path.basename(manifest["config_file"]))[0]
-    out = tmp_path / "eval"
-    subprocess.run([sys.executable, "eval.py", "--config_path", config_path(name), f"--ckpt_file={ckpt}",
-                    f"--val_img_dir={os.path.dirname(image_path(folder, manifest))}", f"--val_ann_file={tmp_path / 'ann.json'}", f"--output_dir={out}",
-                    f"--min_size=[{manifest['min_size']}]", f"--max_size={manifest['max_size']}",
-                    f"--class_num={manifest['num_classes']}", "--compile_cache=False"],
-                   cwd=ROOT, check=True, capture_output=True)
-    detections = json.loads((out / "eval_result.json").read_text())["detections"]
+    args = ["--config_path", config_path(name), f"--ckpt_file={ckpt}", f"--min_size=[{manifest['min_size']}]",
+            f"--max_size={manifest['max_size']}", f"--class_num={manifest['num_classes']}",
+            f"--val_img_dir={os.path.dirname(image_path(folder, manifest))}", f"--val_ann_file={root / 'ann.json'}"]
+    return root, args
+
+
+def run_ok(command):
+    result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, f"{command[:3]}:\n{result.stdout[-2000:]}\n{result.stderr[-2000:]}"
+
+
+def json_detections(path):
+    """An eval_result.json's detections -> boxes x1, y1, x2, y2 (their +1 widths undone), scores, labels."""
+    detections = json.loads(path.read_text())["detections"]
     assert {d["image_id"] for d in detections} == {7}
     boxes = np.array([d["bbox"] for d in detections], np.float64)
     boxes[:, 2:] += boxes[:, :2] - 1.0  # their json: w = x2 - x1 + 1
-    scores = np.array([d["score"] for d in detections])
-    labels = np.array([d["category_id"] - 1 for d in detections])
-    exp = dict(expected, det_scores_0=np.round(expected["det_scores_0"], 5))
-    match_detections(boxes, scores, labels, exp, "_orig_0")
+    return boxes, np.array([d["score"] for d in detections]), np.array([d["category_id"] - 1 for d in detections])
+
+
+def test_authors_eval_py_writes_their_detections(authors, deployed):
+    """eval.py on the converted checkpoint writes their detections as COCO json."""
+    root, args = deployed
+    run_ok([sys.executable, "eval.py", *args, f"--output_dir={root / 'eval'}", "--compile_cache=False"])
+    expected = authors[2]
+    match_detections(*json_detections(root / "eval" / "eval_result.json"),
+                     dict(expected, det_scores_0=np.round(expected["det_scores_0"], 5)), "_orig_0")
+
+
+def test_authors_export_preprocess_runner_postprocess(authors, deployed):
+    """The 310 flow on the converted model, exported at the photo's padded shape: preprocess.py writes
+    their network input (from the export info's resize rule and pixel format) and postprocess.py
+    their detections."""
+    root, args = deployed
+    expected = authors[2]
+    h, w = expected["batch_input"].shape[2:]
+    run_ok([sys.executable, "export.py", *args, f"--file_name={root / 'fcos'}", f"--export_height={h}",
+            f"--export_width={w}"])
+    data = root / "data"
+    run_ok([sys.executable, "preprocess.py", *args, f"--export_info={root / 'fcos.json'}", f"--output_dir={data}"])
+    info = read_preprocess_info(str(data / "preprocess_info.json"))
+    image = read_input_bin(input_bin_path(str(data), info["images"][0]["name"]), (3, h, w))
+    assert np.abs(image - expected["batch_input"][0]).max() <= 0.01
+    run_ok([sys.executable, "-m", "src.deploy.runner", f"--mindir_path={root / 'fcos.mindir'}",
+            f"--input_path={data / 'images'}", f"--result_path={root / 'result'}"])
+    run_ok([sys.executable, "postprocess.py", f"--result_dir={root / 'result'}",
+            f"--info_file={data / 'preprocess_info.json'}", f"--export_info={root / 'fcos.json'}",
+            f"--val_ann_file={args[-1].split('=', 1)[1]}", f"--output_dir={root / 'post'}"])
+    match_detections(*json_detections(root / "post" / "eval_result.json"),
+                     dict(expected, det_scores_0=np.round(expected["det_scores_0"], 5)), "_orig_0")
 
 
 def _authors_state(entries):
