@@ -1,7 +1,7 @@
 """The FCOS authors' released models (tianzhi0549/FCOS) in our FCOS, against what their own code computed.
 
-A fixture folder (format: tests/fixtures/parity_authors/README.md; FCOS_AUTHORS_PARITY_DIR picks
-another, e.g. one made by ../shared/tools/fcos_authors_fixture.py for other seeds, photos, sizes or
+Fixture folders (format: tests/fixtures/parity_authors/README.md: three vendored ones, the improved and
+original R-50 and the improved X-101-64x4d; FCOS_AUTHORS_PARITY_DIR picks another, e.g. one made by ../shared/tools/fcos_authors_fixture.py for other seeds, photos, sizes or
 architectures) holds their network input, FPN maps, head outputs, points and detections for a photo,
 with seeded random weights in their naming. The weights go through tools.convert_weights, the
 network is built from the matching configs/fcos_authors/*.yaml (sizes and class count from the
@@ -38,9 +38,14 @@ FIXTURES = os.path.join(ROOT, "tests", "fixtures", "parity_authors")
 FPN_NAMES = ("fpn_p3", "fpn_p4", "fpn_p5", "fpn_p6", "fpn_p7")
 
 
-def authors_dir():
-    """FCOS_AUTHORS_PARITY_DIR, else the small fixture vendored in tests/fixtures/parity_authors."""
-    return os.environ.get("FCOS_AUTHORS_PARITY_DIR") or os.path.join(FIXTURES, "r50_imprv_small")
+VENDORED = ("r50_imprv_small", "r50_orig_small", "x101_64x4d_small")
+
+
+def authors_dirs():
+    """[FCOS_AUTHORS_PARITY_DIR], else the small fixtures vendored in tests/fixtures/parity_authors: the
+    improved and the original R-50 head, and the ResNeXt-101 64x4d backbone."""
+    env = os.environ.get("FCOS_AUTHORS_PARITY_DIR")
+    return [env] if env else [os.path.join(FIXTURES, name) for name in VENDORED]
 
 
 def make_weights(manifest):
@@ -86,13 +91,22 @@ def close(actual, expected, rel):
     return float(np.abs(np.asarray(actual, np.float64) - expected).max()) / scale <= rel
 
 
-@pytest.fixture(scope="module")
-def authors():
-    folder = authors_dir()
+def load_fixture(folder):
+    """-> (folder, manifest, expected arrays)."""
     with open(os.path.join(folder, "manifest.json")) as f:
         manifest = json.load(f)
-    expected = dict(np.load(os.path.join(folder, "expected.npz")))
-    return folder, manifest, expected
+    return folder, manifest, dict(np.load(os.path.join(folder, "expected.npz")))
+
+
+@pytest.fixture(scope="module", params=authors_dirs(), ids=os.path.basename)
+def authors(request):
+    return load_fixture(request.param)
+
+
+@pytest.fixture(scope="module")
+def authors_flow():
+    """The first fixture: the entry-point flows (processes, slower) run on it alone."""
+    return load_fixture(authors_dirs()[0])
 
 
 @pytest.fixture(scope="module")
@@ -193,10 +207,10 @@ def test_authors_detections(network, authors):
 
 
 @pytest.fixture(scope="module")
-def deployed(authors, tmp_path_factory):
+def deployed(authors_flow, tmp_path_factory):
     """A converted checkpoint (tools.convert_weights from an .npz in their naming, with the "module."
     prefix of a released checkpoint) and a COCO file naming the fixture's photo (categories 1..C)."""
-    folder, manifest, expected = authors
+    folder, manifest, expected = authors_flow
     root = tmp_path_factory.mktemp("authors")
     weights = {f"module.{key}": value for key, value in make_weights(manifest).items()}
     np.savez(root / "authors.npz", **weights)
@@ -229,21 +243,21 @@ def json_detections(path):
     return boxes, np.array([d["score"] for d in detections]), np.array([d["category_id"] - 1 for d in detections])
 
 
-def test_authors_eval_py_writes_their_detections(authors, deployed):
+def test_authors_eval_py_writes_their_detections(authors_flow, deployed):
     """eval.py on the converted checkpoint writes their detections as COCO json."""
     root, args = deployed
     run_ok([sys.executable, "eval.py", *args, f"--output_dir={root / 'eval'}", "--compile_cache=False"])
-    expected = authors[2]
+    expected = authors_flow[2]
     match_detections(*json_detections(root / "eval" / "eval_result.json"),
                      dict(expected, det_scores_0=np.round(expected["det_scores_0"], 5)), "_orig_0")
 
 
-def test_authors_export_preprocess_runner_postprocess(authors, deployed):
+def test_authors_export_preprocess_runner_postprocess(authors_flow, deployed):
     """The 310 flow on the converted model, exported at the photo's padded shape: preprocess.py writes
     their network input (from the export info's resize rule and pixel format) and postprocess.py
     their detections."""
     root, args = deployed
-    expected = authors[2]
+    expected = authors_flow[2]
     h, w = expected["batch_input"].shape[2:]
     run_ok([sys.executable, "export.py", *args, f"--file_name={root / 'fcos'}", f"--export_height={h}",
             f"--export_width={w}"])
