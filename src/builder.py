@@ -256,8 +256,8 @@ def calibration_set(cfg: Config) -> Calibration:
     picks = sorted({ids[int(round(i))] for i in np.linspace(0, len(ids) - 1, min(cfg.calibration_images, len(ids)))})
     paths = [coco.image_path(i) for i in picks]
     geometry, pixels = eval_geometry(cfg), pixel_format(cfg)
-    identity = json.dumps({"images": [(os.path.abspath(p), os.path.getsize(p), int(os.path.getmtime(p))) for p in paths],
-                           "geometry": dataclasses.asdict(geometry), "pixels": pixels.as_dict()})
+    images = [(os.path.abspath(p), os.path.getsize(p), int(os.path.getmtime(p))) for p in paths]
+    identity = json.dumps({"images": images, "geometry": dataclasses.asdict(geometry), "pixels": pixels.as_dict()})
 
     def batches(shape):
         batch = []

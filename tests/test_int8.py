@@ -71,8 +71,9 @@ def test_int8_model_quantizes_the_convolutions_keeps_the_head_outputs_float_and_
     types = [node.op_type for node in model.graph.node]
     assert types.count("QuantizeLinear") > 10 and types.count("DequantizeLinear") > 10
     initializers = {init.name for init in model.graph.initializer}
-    float_weights = [name for name in FLOAT_CONVS if any(
-        node.op_type == "Conv" and name in node.input[1] and node.input[1] in initializers for node in model.graph.node)]
+    convs = [node for node in model.graph.node if node.op_type == "Conv"]
+    float_weights = [name for name in FLOAT_CONVS
+                     if any(name in node.input[1] and node.input[1] in initializers for node in convs)]
     assert float_weights == list(FLOAT_CONVS)  # these convolutions read float initializers directly
     # another run (a new cell with the same weights: MindSpore exports a cell once per shape and
     # process) loads the cached model: same file, same outputs

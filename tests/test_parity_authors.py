@@ -1,15 +1,16 @@
 """The FCOS authors' released models (tianzhi0549/FCOS) in our FCOS, against what their own code computed.
 
-Fixture folders (format: tests/fixtures/parity_authors/README.md: three vendored ones, the improved and
-original R-50 and the improved X-101-64x4d; FCOS_AUTHORS_PARITY_DIR picks another, e.g. one made by ../shared/tools/fcos_authors_fixture.py for other seeds, photos, sizes or
-architectures) holds their network input, FPN maps, head outputs, points and detections for a photo,
-with seeded random weights in their naming. The weights go through tools.convert_weights, the
-network is built from the matching configs/fcos_authors/*.yaml (sizes and class count from the
-manifest), and everything must agree: preprocessing within one grey level, the network to float32
-round-off, detections (boxes, scores, labels) to round-off up to the order of equal scores, and
-eval.py's COCO json with their +1 box widths. models.json.gz holds the state-dict keys and shapes of
-all eight non-DCN models as their code builds them; the converter must map each onto our network.
-Run alone with ``pytest -k authors``.
+Fixture folders (tests/fixtures/parity_authors/README.md: three vendored ones, the improved and the
+original R-50 and the improved X-101-64x4d; FCOS_AUTHORS_PARITY_DIR picks another, e.g. one made by
+../shared/tools/fcos_authors_fixture.py for other seeds, photos, sizes or architectures) hold their
+network input, FPN maps, head outputs, points and detections for a photo, with seeded random weights
+in their naming. The weights go through tools.convert_weights, the network is built from the
+matching configs/fcos_authors/*.yaml (sizes and class count from the manifest), and everything must
+agree: preprocessing within one grey level, the network to float32 round-off, detections (boxes,
+scores, labels) to round-off up to the order of equal scores, eval.py's COCO json with their +1 box
+widths, and the export -> preprocess.py -> runner -> postprocess.py flow. models.json.gz holds the
+state-dict keys and shapes of all eight non-DCN models as their code builds them; the converter must
+map each onto our network. Run alone with ``pytest -k authors``.
 """
 import gzip
 import importlib.util
@@ -59,7 +60,8 @@ def make_weights(manifest):
 def image_path(folder, manifest):
     """The fixture's photo: in its folder, or beside it (../shared/parity_authors keeps one for all)."""
     inside = os.path.join(folder, manifest["image"])
-    return inside if os.path.exists(inside) else os.path.join(os.path.dirname(os.path.normpath(folder)), manifest["image"])
+    beside = os.path.join(os.path.dirname(os.path.normpath(folder)), manifest["image"])
+    return inside if os.path.exists(inside) else beside
 
 
 def config_path(model_name):

@@ -462,7 +462,8 @@ def create_eval_dataset(img_dir, ann_file, *, batch_size, geometry, num_parallel
     """Evaluation dataset -> (dataset, info).
 
     Every image of the annotation file is kept (with or without boxes), resized and padded as
-    ``geometry`` (src.geometry.EvalGeometry) says, normalised as ``pixels`` (PixelFormat). Columns: images (B,3,H,W) float32, image_ids (B,) int32 (PAD_IMAGE_ID = -1 marks a
+    ``geometry`` (src.geometry.EvalGeometry) says, normalised as ``pixels`` (PixelFormat). Columns:
+    images (B,3,H,W) float32, image_ids (B,) int32 (PAD_IMAGE_ID = -1 marks a
     slot to ignore: a repeat that fills the batch, or an image that failed to load), image_sizes
     (B,2) int32 resized (h, w) before padding, orig_sizes (B,2) int32. Images whose file is
     missing are left out up front, undecodable ones while iterating; both are counted, and the
@@ -477,7 +478,8 @@ def create_eval_dataset(img_dir, ann_file, *, batch_size, geometry, num_parallel
     if not present:
         raise DatasetError(f"none of the {len(coco.image_ids)} image files of {ann_file} is in "
                            f"{img_dir}")
-    buckets, members = group_by_bucket(coco, present, geometry.pad_shape, None if geometry.per_image else geometry.buckets)
+    buckets, members = group_by_bucket(coco, present, geometry.pad_shape,
+                                       None if geometry.per_image else geometry.buckets)
     batches = plan_eval_batches(members, batch_size, rank, group_size)
     failed = FailedImages(coco, present)
     source = EvalBatches(coco, batches, buckets, geometry, pixels, failed)

@@ -3,16 +3,17 @@
 
 The float ONNX export (src.inference.export; the head unstacked, so that its output convolutions
 keep their weights' names) is pre-processed by onnxruntime's quant_pre_process (shape inference and
-graph optimisation: BatchNorms folded into their convolutions), lifted to opset 13, then quantized in QDQ form: weights int8 per output channel,
-activations uint8 per tensor with ranges calibrated (min/max) on real images preprocessed exactly as
-for evaluation. What stays float, and why (docs/int8.md has the measurements):
+graph optimisation: BatchNorms folded into their convolutions), lifted to opset 13, then quantized
+in QDQ form: weights int8 per output channel, activations uint8 per tensor with ranges calibrated
+(min/max) on real images preprocessed exactly as for evaluation. What stays float, and why
+(docs/int8.md has the measurements):
 - the head's output convolutions (class logits, boxes, centreness): their outputs are the scores
   and distances themselves, where an 8-bit step shows directly in every detection;
 - the decoding after them (sigmoid, sqrt, top-k, gathers): no arithmetic worth quantizing.
 
 The calibrated model is kept in a cache folder (beside the checkpoint) under a digest of the float
-model's bytes (weights, graph and input shape), the calibration set and these settings, so a second
-run loads it in seconds; a run only ever adds files there.
+model's computation (model_digest: weights, graph and input shape, names ignored), the calibration
+set and these settings, so a second run loads it in seconds; a run only ever adds files there.
 """
 import dataclasses
 import hashlib
