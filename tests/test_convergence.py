@@ -14,9 +14,11 @@ import os
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 
 from src.evaluation.coco_eval import STAT_KEYS
+from src.geometry import iou_one_to_many
 from src.inference.runtime import RUNTIMES
 from tools.synthetic import make_synthetic_coco
 
@@ -32,10 +34,9 @@ def matched_share(reference, candidate, min_score=0.3, min_iou=0.9):
     """Share of reference detections (COCO json entries, score >= min_score) that a candidate detection
     of the same image and category overlaps by IoU >= min_iou, and the largest score difference of
     those matches."""
-    def iou(a, b):
-        ax2, ay2, bx2, by2 = a[0] + a[2], a[1] + a[3], b[0] + b[2], b[1] + b[3]
-        inter = max(0.0, min(ax2, bx2) - max(a[0], b[0])) * max(0.0, min(ay2, by2) - max(a[1], b[1]))
-        return inter / (a[2] * a[3] + b[2] * b[3] - inter)
+    def iou(a, b):  # COCO x, y, w, h boxes
+        xyxy = [np.array([[x, y, x + w, y + h]], np.float64) for x, y, w, h in (a, b)]
+        return float(iou_one_to_many(xyxy[0][0], xyxy[1])[0])
     confident = [d for d in reference if d["score"] >= min_score]
     matched, score_error = 0, 0.0
     for ref in confident:
