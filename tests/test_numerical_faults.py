@@ -27,18 +27,18 @@ STEPS = 16  # length of the learning-rate schedule of the in-process step
 
 
 def _batch(nan_pixel=False, boxes=None):
-    """(images (2,3,64,64), gt_boxes (2,4,4), gt_labels (2,4), gt_mask (2,4)) as Tensors: one
+    """(images (2,3,64,64), gt_boxes (2,5,4), gt_labels (2,5), gt_mask (2,5)) as Tensors: one
     32x32 box per image, optionally extra GT rows ``boxes`` on image 0 and a NaN pixel."""
     images = np.random.default_rng(0).standard_normal((2, 3, 64, 64)).astype(np.float32)
     if nan_pixel:
         images[0, 1, 20, 30] = np.nan
-    gt_boxes = np.zeros((2, 4, 4), np.float32)
+    gt_boxes = np.zeros((2, 5, 4), np.float32)
     gt_boxes[:, 0] = [8, 8, 40, 40]
-    gt_mask = np.zeros((2, 4), np.bool_)
+    gt_mask = np.zeros((2, 5), np.bool_)
     gt_mask[:, 0] = True
     for row, box in enumerate(boxes or [], start=1):
         gt_boxes[0, row], gt_mask[0, row] = box, True
-    return Tensor(images), Tensor(gt_boxes), Tensor(np.zeros((2, 4), np.int32)), Tensor(gt_mask)
+    return Tensor(images), Tensor(gt_boxes), Tensor(np.zeros((2, 5), np.int32)), Tensor(gt_mask)
 
 
 def _state(train_step):
@@ -74,9 +74,14 @@ def test_a_non_finite_step_changes_nothing(train_step, mode):
 
 
 def test_non_finite_gt_rows_get_no_location(train_step, mode):
-    """GT rows with inf/NaN/huge coordinates that reach the loss (the data pipeline drops them)
-    are assigned to no location: the step stays finite and the update is applied."""
-    rows = [[0, 0, np.inf, np.inf], [np.nan, 8, 40, 40], [-np.inf, 8, 40, 40]]
+    """GT rows with inf/NaN coordinates that reach the loss (the data pipeline drops them) are
+    assigned to no location: the loss terms equal those of the batch without them (a rule that
+    let an infinite box match the last level's unbounded range, or a NaN comparison pass,
+    changes them), and the step stays finite and is applied."""
+    rows = [[0, 0, np.inf, np.inf], [np.nan, 8, 40, 40], [-np.inf, 8, 40, 40], [8, 8, 40, np.nan]]
+    clean = [x.asnumpy() for x in train_step.net_with_loss(*_batch())]
+    with_rows = [x.asnumpy() for x in train_step.net_with_loss(*_batch(boxes=rows))]
+    np.testing.assert_allclose(with_rows, clean, rtol=1e-6, atol=0)
     step_before = int(_state(train_step)["global_step"][0])
     *losses, finite = train_step(*_batch(boxes=rows))
     assert bool(finite.asnumpy()) and all(np.isfinite(x.asnumpy()) for x in losses)

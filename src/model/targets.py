@@ -3,8 +3,8 @@
 A point is positive for a GT box when it lies strictly inside the box, (optionally) within
 center_sampling_radius * stride of the box centre in both x and y, and the largest of its four
 side distances falls in the open range of its level. Among several matching boxes the one of
-smallest area wins. Padded GT rows (gt_mask False) never match. Rules as torchvision's
-FCOS.compute_loss, but the tie break is a true argmin over areas, so boxes of any size work.
+smallest area wins. Padded GT rows (gt_mask False) and rows with a non-finite coordinate never
+match. Rules as torchvision's FCOS.compute_loss, but the tie break is a true argmin over areas, so boxes of any size work.
 """
 import mindspore as ms
 from mindspore import ops
@@ -84,7 +84,9 @@ def assign_targets(coder, points, point_strides, point_limits, gt_boxes, gt_labe
     lower = point_limits[:, 0].reshape(1, -1, 1)
     upper = point_limits[:, 1].reshape(1, -1, 1)
     match = (min_side > 0) & (max_side > lower) & (max_side < upper)
-    match = match & ops.expand_dims(gt_mask, 1)
+    # a NaN coordinate would otherwise drop out of minimum/maximum and let the row match
+    usable = gt_mask & ops.isfinite(gt_boxes).all(axis=-1)
+    match = match & ops.expand_dims(usable, 1)
     if center_sampling_radius > 0:
         match = match & _centre_window(points, point_strides, gt_boxes, center_sampling_radius)
 
