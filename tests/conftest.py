@@ -103,3 +103,24 @@ def deepforest_voc():
 
 def pytest_configure(config):
     config.addinivalue_line("markers", "slow: longer end-to-end checks (CI runs them too)")
+
+
+def pycocotools_stats(ann_file, detections):
+    """{AP, AP50, ...} of COCO ``detections`` scored by pycocotools itself over every image of
+    ``ann_file``: an independent reference for what eval_result.json reports."""
+    import contextlib
+    import io
+
+    from pycocotools.coco import COCO
+    from pycocotools.cocoeval import COCOeval
+
+    keys = ["AP", "AP50", "AP75", "APs", "APm", "APl", "AR1", "AR10", "AR100", "ARs", "ARm", "ARl"]
+    if not detections:
+        return dict.fromkeys(keys, 0.0)
+    with contextlib.redirect_stdout(io.StringIO()):
+        gt = COCO(ann_file)
+        evaluator = COCOeval(gt, gt.loadRes([dict(d) for d in detections]), "bbox")
+        evaluator.evaluate()
+        evaluator.accumulate()
+        evaluator.summarize()
+    return dict(zip(keys, (float(s) for s in evaluator.stats)))

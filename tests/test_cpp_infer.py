@@ -15,6 +15,7 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
@@ -31,7 +32,7 @@ RUNTIME_ENV = ("MINDSPORE_PATH", "LITE_HOME", "MS_LITE_HOME")
 MODEL_ARGS = ["--config_path=configs/synthetic_cpu.yaml", "--fpn_out_channels=32", "--num_head_convs=1",
               "--min_size=[64]", "--max_size=64"]
 EXPORT_SHAPE = (2, 3, 64, 64)
-FAKE = {"batch": 2, "height": 8, "width": 8, "candidates": 4}
+FAKE = {"batch": 2, "height": 8, "width": 8, "candidates": 4, "sleep_ms": 20}
 IMAGE_VALUES = 3 * FAKE["height"] * FAKE["width"]
 
 
@@ -117,7 +118,9 @@ def read_calls(log):
 
 
 def test_fake_model_batches_in_name_order_and_writes_every_image(programs, fake_setup):
+    start = time.perf_counter()
     result = run_fake(programs, fake_setup)
+    wall_ms = 1e3 * (time.perf_counter() - start)
     assert result.returncode == 0, result.stderr
     batch, k = FAKE["batch"], FAKE["candidates"]
     names = sorted(fake_setup["images"])
@@ -141,7 +144,8 @@ def test_fake_model_batches_in_name_order_and_writes_every_image(programs, fake_
     timing = json.loads((fake_setup["results"] / TIME_FILE).read_text())
     assert sorted(timing) == ["batch_size", "images", "mean_ms_per_batch", "mean_ms_per_image"]
     assert timing["images"] == 5 and timing["batch_size"] == batch
-    assert timing["mean_ms_per_image"] >= 0
+    # each model call sleeps sleep_ms: the time of the 3 timed calls (milliseconds, the warm-up left out)
+    assert FAKE["sleep_ms"] <= timing["mean_ms_per_batch"] and 4 * timing["mean_ms_per_batch"] <= wall_ms
     assert timing["mean_ms_per_batch"] == pytest.approx(timing["mean_ms_per_image"] * 5 / 3, rel=1e-3, abs=2e-6)
     assert result.stdout.splitlines()[0] == "runtime: fake model (test double), device CPU 0"
     assert result.stdout.splitlines()[-1] == (f"NN inference cost average time: {timing['mean_ms_per_image']:.3f} "

@@ -25,7 +25,7 @@ import time
 import numpy as np
 import pytest
 
-from conftest import ROOT
+from conftest import ROOT, pycocotools_stats
 from src.engine.checkpoint import load_checkpoint_file, split_meta
 from tools.synthetic import make_synthetic_coco
 
@@ -351,7 +351,10 @@ def test_run_eval_scores_the_one_process_checkpoint(runs, tmp_path):
     assert code == 0, output[-3000:]
     with open(eval_dir / "eval_result.json", encoding="utf-8") as f:
         result = json.load(f)
-    assert result["num_images"] == NUM_IMAGES and 0.0 <= result["AP"] <= 1.0
+    # the statistics are those pycocotools gives the detections written beside them
+    assert result["num_images"] == NUM_IMAGES and result["num_detections"] == len(result["detections"]) > 0
+    reference = pycocotools_stats(ann, result["detections"])
+    assert {k: result[k] for k in reference} == pytest.approx(reference, abs=1e-9)
     with open(eval_dir / "log.txt", encoding="utf-8") as log:
         console = log.read()
     assert "Average Precision" in console and console in output  # the console, also on the screen

@@ -6,17 +6,20 @@
  *   batch, height, width, candidates  the input (batch, 3, height, width) and K (default 2 3 8 8 4 here)
  *   fail_at_call=N    Predict fails on call N (call 0 is the warm-up)
  *   labels_dtype=float32   the third output gets the wrong dtype
+ *   sleep_ms=N        each call takes at least N ms (a known time for the program's timing)
  *   log=PATH          one line per call and slot: "call C slot S nonzero N"
  *
  * Outputs of call C for slot S, whose image x has n = 3*H*W values (k = 0..K-1):
  *   boxes[k]  = {x[0], x[n-1], x[k % n], C}   scores[k] = S   labels[k] = 1000*C + 100*S + k
  */
+#include <chrono>
 #include <cstring>
 #include <exception>
 #include <fstream>
 #include <map>
 #include <sstream>
 #include <string>
+#include <thread>
 #include <vector>
 
 #include "inc/infer_model.h"
@@ -33,7 +36,8 @@ class FakeModel : public InferenceModel {
       return path + " is not a fake model spec (expected 'fcos-fake-model key=value ...')";
     }
     std::map<std::string, std::string> keys = {{"batch", "2"}, {"height", "8"}, {"width", "8"}, {"candidates", "4"},
-                                               {"fail_at_call", "-1"}, {"labels_dtype", "int32"}, {"log", ""}};
+                                               {"fail_at_call", "-1"}, {"labels_dtype", "int32"}, {"log", ""},
+                                               {"sleep_ms", "0"}};
     std::string item;
     while (in >> item) {
       const size_t eq = item.find('=');
@@ -47,6 +51,7 @@ class FakeModel : public InferenceModel {
     fail_at_call_ = std::stoll(keys["fail_at_call"]);
     labels_int32_ = keys["labels_dtype"] == "int32";
     log_path_ = keys["log"];
+    sleep_ms_ = std::stoll(keys["sleep_ms"]);
     return "";
   }
 
@@ -54,6 +59,7 @@ class FakeModel : public InferenceModel {
 
   std::string Predict(const std::vector<char> &batch, std::vector<HostTensor> *outputs) override {
     const int64_t call = calls_++;
+    std::this_thread::sleep_for(std::chrono::milliseconds(sleep_ms_));
     if (call == fail_at_call_) {
       return "fake failure at call " + std::to_string(call);
     }
@@ -117,6 +123,7 @@ class FakeModel : public InferenceModel {
   bool labels_int32_ = true;
   std::string log_path_;
   int64_t calls_ = 0;
+  int64_t sleep_ms_ = 0;
 };
 
 }  // namespace
