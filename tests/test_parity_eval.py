@@ -59,40 +59,68 @@ def converted_checkpoint(folder):
     return ckpt
 
 
+def fixture_settings(manifest, pad_hw):
+    """The fixture's model and selection settings as entry-point flags."""
+    config = manifest["config"]
+    return [f"--backbone=resnet{manifest['depth']}", f"--fpn_out_channels={manifest['fpn_out_channels']}",
+            f"--class_num={config['num_classes']}", f"--strides={manifest['strides']}",
+            f"--point_offset={manifest['point_offset']}", "--point_strides=torchvision",
+            f"--min_size=[{config['min_size']}]", f"--max_size={config['max_size']}",
+            f"--pad_buckets=[[{pad_hw[0]},{pad_hw[1]}]]",
+            f"--score_threshold={config['score_thresh']}", f"--nms_iou_threshold={config['nms_thresh']}",
+            f"--detections_per_img={config['detections_per_img']}",
+            f"--max_detection_boxes_num={config['topk_candidates']}", "--compile_cache=False"]
+
+
 @pytest.fixture(scope="module")
-def eval_result(fixture, tmp_path_factory):
-    """runtime -> eval_result.json of eval.py run with it on the fixture's photos (run once each)."""
+def prepared(fixture, tmp_path_factory):
+    """(folder, img_dir, ann_file, checkpoint, settings flags) for the fixture's photos."""
     manifest, arrays = fixture
     if any(f"images_uint8_{i}" not in arrays for i in range(len(arrays["orig_sizes"]))):
         pytest.skip("this parity fixture holds no raw images (images_uint8_<i>) to evaluate")
-    config = manifest["config"]
     folder = tmp_path_factory.mktemp("parity_eval")
-    img_dir, ann = write_validation_set(folder, arrays, config["num_classes"])
-    ckpt = converted_checkpoint(folder)
-    pad_h, pad_w = arrays["batch_input"].shape[2:]
+    img_dir, ann = write_validation_set(folder, arrays, manifest["config"]["num_classes"])
+    settings = fixture_settings(manifest, arrays["batch_input"].shape[2:])
+    return folder, img_dir, ann, converted_checkpoint(folder), settings
+
+
+@pytest.fixture(scope="module")
+def eval_result(prepared):
+    """runtime -> eval_result.json of eval.py run with it on the fixture's photos (run once each)."""
+    folder, img_dir, ann, ckpt, settings = prepared
     results = {}
 
     def run(runtime):
         if runtime not in results:
             out = folder / f"eval_{runtime}"
-            done = subprocess.run([sys.executable, "eval.py",
-                f"--backbone=resnet{manifest['depth']}", f"--fpn_out_channels={manifest['fpn_out_channels']}",
-                f"--class_num={config['num_classes']}", f"--strides={manifest['strides']}",
-                f"--point_offset={manifest['point_offset']}", "--point_strides=torchvision",
-                f"--min_size=[{config['min_size']}]", f"--max_size={config['max_size']}",
-                f"--pad_buckets=[[{pad_h},{pad_w}]]",
-                f"--score_threshold={config['score_thresh']}", f"--nms_iou_threshold={config['nms_thresh']}",
-                f"--detections_per_img={config['detections_per_img']}",
-                f"--max_detection_boxes_num={config['topk_candidates']}", "--batch_size=1", "--num_parallel_workers=1",
-                f"--ckpt_file={ckpt}", f"--val_img_dir={img_dir}", f"--val_ann_file={ann}",
-                f"--output_dir={out}", "--compile_cache=False", f"--runtime={runtime}"], cwd=ROOT,
-                capture_output=True, text=True, timeout=900)
+            done = subprocess.run([sys.executable, "eval.py", *settings, "--batch_size=1", "--num_parallel_workers=1",
+                                   f"--ckpt_file={ckpt}", f"--val_img_dir={img_dir}", f"--val_ann_file={ann}",
+                                   f"--output_dir={out}", f"--runtime={runtime}"], cwd=ROOT,
+                                  capture_output=True, text=True, timeout=900)
             assert done.returncode == 0, done.stderr[-2000:]
             with open(out / "eval_result.json", encoding="utf-8") as f:
                 results[runtime] = json.load(f)
         return results[runtime]
 
     return run
+
+
+def assert_torchvision_detections(arrays, i, boxes, scores, labels):
+    """Image i's detections (boxes (D, 4) x1, y1, x2, y2 in its pixels, scores (D,), 0-based labels
+    (D,)) are torchvision's, row by row: the same label, score within the 5 decimals the JSON files
+    keep plus the round-off of a 6e-5 input difference, box within their 2 decimals plus that
+    round-off (measured on the shared fixture: 5.1e-6 and 0.0097 px at most over 200 detections)."""
+    want_boxes, want_scores = arrays[f"det_boxes_orig_{i}"], arrays[f"det_scores_{i}"]
+    want_labels = arrays[f"det_labels_{i}"]
+    assert len(boxes) == len(want_boxes)
+    boxes, scores, labels = np.asarray(boxes), np.asarray(scores), np.asarray(labels)
+    used = np.zeros(len(boxes), bool)
+    for box, score, label in zip(want_boxes, want_scores, want_labels):
+        close = ~used & (labels == label) & (np.abs(scores - score) <= 2e-5)
+        assert close.any(), f"image {i}: no detection of label {label}, score {score:.5f}, box {box}"
+        best = np.flatnonzero(close)[np.argmin(np.abs(boxes[close] - box).max(axis=1))]
+        np.testing.assert_allclose(boxes[best], box, atol=0.02, rtol=0)
+        used[best] = True
 
 
 @pytest.mark.parametrize("runtime", [r for r in RUNTIMES if r != "onnxruntime_int8"])  # 8 bits: tests/test_int8.py
@@ -102,20 +130,22 @@ def test_eval_of_converted_weights_gives_torchvision_detections(fixture, eval_re
     detections = eval_result(runtime)["detections"]
     for i in range(len(arrays["orig_sizes"])):
         ours = [d for d in detections if d["image_id"] == i + 1]
-        want_boxes, want_scores = arrays[f"det_boxes_orig_{i}"], arrays[f"det_scores_{i}"]
-        want_labels = arrays[f"det_labels_{i}"] + 1
-        assert len(ours) == len(want_boxes)
-        got_boxes = np.array([[x, y, x + w, y + h] for x, y, w, h in (d["bbox"] for d in ours)])
-        got_scores = np.array([d["score"] for d in ours])
-        got_labels = np.array([d["category_id"] for d in ours])
-        # Row by row: the same label, score within the 5 decimals eval_result.json keeps plus the
-        # round-off of a 6e-5 input difference, box within its 2 decimals plus that round-off
-        # (measured on the shared fixture: 5.1e-6 and 0.0097 px at most over 200 detections).
-        used = np.zeros(len(ours), bool)
-        for box, score, label in zip(want_boxes, want_scores, want_labels):
-            close = ~used & (got_labels == label) & (np.abs(got_scores - score) <= 2e-5)
-            assert close.any(), f"image {i}: no detection of category {label}, score {score:.5f}, box {box}"
-            best = np.flatnonzero(close)[np.argmin(np.abs(got_boxes[close] - box).max(axis=1))]
-            np.testing.assert_allclose(got_boxes[best], box, atol=0.02, rtol=0)
-            used[best] = True
+        assert_torchvision_detections(arrays, i, [[x, y, x + w, y + h] for x, y, w, h in (d["bbox"] for d in ours)],
+                                      [d["score"] for d in ours], [d["category_id"] - 1 for d in ours])
 
+
+def test_predict_of_converted_weights_gives_torchvision_detections(fixture, prepared):
+    """predict.py (its own engine, src.inference.predictor) on the same photos: torchvision's
+    detections, an external reference rather than eval.py's."""
+    _, arrays = fixture
+    folder, img_dir, _, ckpt, settings = prepared
+    out = folder / "predict"
+    done = subprocess.run([sys.executable, "predict.py", *settings, f"--ckpt_file={ckpt}", "--input", img_dir,
+                           f"--output_dir={out}"], cwd=ROOT, capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stderr[-2000:]
+    with open(out / "predictions.json", encoding="utf-8") as f:
+        images = {os.path.basename(image["file"]): image for image in json.load(f)["images"]}
+    for i in range(len(arrays["orig_sizes"])):
+        ours = images[f"photo_{i}.png"]["detections"]
+        assert_torchvision_detections(arrays, i, [d["bbox"] for d in ours], [d["score"] for d in ours],
+                                      [d["label"] for d in ours])

@@ -1,6 +1,7 @@
 """predict.py (detections as eval.py computes them, drawn and listed, in MindSpore and in onnxruntime)
 and src/utils/visualize.py."""
 import json
+import logging
 import os
 import subprocess
 import sys
@@ -15,7 +16,7 @@ from conftest import skip_without_runtime
 import predict
 from src.builder import build_model
 from src.inference.runtime import RUNTIMES
-from src.config import load_config
+from src.config import ConfigError, load_config
 from src.utils.visualize import caption, draw_detections, label_colour, save_image
 from tools.synthetic import make_synthetic_coco
 
@@ -84,32 +85,75 @@ def test_predictions_equal_eval_detections(data, eval_detections, runtime, tmp_p
 
 
 
-def test_test_time_augmentation_in_eval_and_predict(data, eval_detections, tmp_path):
-    """--tta=dihedral: eval.py and predict.py fuse the same 8 views (landscape images, so the turned
-    views run at the transposed pad shape) into the same detections, inside each image."""
-    tta = ["--tta=dihedral"]
-    result = command("eval.py", f"--ckpt_file={data['ckpt']}", f"--val_img_dir={data['img_dir']}",
-                     f"--val_ann_file={data['ann_file']}", f"--output_dir={tmp_path / 'eval'}", "--batch_size=2", *tta)
+def mirrored_set(data, folder):
+    """The three images and their left-right mirrors (100 wide in a 128-wide pad, so a flip of the
+    padded canvas instead of the image would show) -> (img_dir, ann_file, {mirror id: original id})."""
+    img_dir = folder / "images"
+    img_dir.mkdir(parents=True)
+    coco = read_json(data["ann_file"])
+    images, pairs = [], {}
+    for entry in coco["images"]:
+        image = cv2.imread(str(data["img_dir"] / entry["file_name"]))[:, :100]
+        for mirrored in (False, True):
+            name = ("mirror_" if mirrored else "") + os.path.splitext(entry["file_name"])[0] + ".png"  # lossless
+            cv2.imwrite(str(img_dir / name), image[:, ::-1] if mirrored else image)
+            images.append({"id": len(images) + 1, "file_name": name, "height": 96, "width": 100})
+        pairs[len(images)] = len(images) - 1
+    ann = folder / "val.json"
+    ann.write_text(json.dumps({"images": images, "annotations": [], "categories": coco["categories"]}))
+    return img_dir, ann, pairs
+
+
+def assert_mirror_invariant(detections, pairs, width):
+    """Test-time views closed under the left-right flip (hflip, dihedral) see an image and its
+    mirror through the same forward passes: the mirror's detections are the image's, mirrored
+    (a view mapped back with the wrong width, or about the pad, breaks this)."""
+    for mirror, original in pairs.items():
+        ours = [d for d in detections if d["image_id"] == original]
+        theirs = [d for d in detections if d["image_id"] == mirror]
+        assert len(ours) == len(theirs) > 0
+        mirrored = np.array([[width - x - w, y, w, h] for x, y, w, h in (d["bbox"] for d in theirs)])
+        scores = np.array([d["score"] for d in theirs])
+        categories = np.array([d["category_id"] for d in theirs])
+        used = np.zeros(len(theirs), bool)
+        for det in ours:
+            close = ~used & (categories == det["category_id"]) & (np.abs(scores - det["score"]) <= 2e-5)
+            assert close.any(), f"no mirrored detection of {det}"
+            best = np.flatnonzero(close)[np.argmin(np.abs(mirrored[close] - det["bbox"]).max(axis=1))]
+            np.testing.assert_allclose(mirrored[best], det["bbox"], atol=0.02, rtol=0)
+            used[best] = True
+
+
+@pytest.mark.parametrize("tta", ["hflip", "dihedral"])
+def test_test_time_augmentation_in_eval_and_predict(data, tta, tmp_path):
+    """--tta: the fused detections of an image's mirror are its own, mirrored; with dihedral
+    (landscape images, so the turned views run at the transposed pad shape) predict.py fuses the
+    same 8 views into the same detections as eval.py, inside each image."""
+    img_dir, ann, pairs = mirrored_set(data, tmp_path / "set")
+    result = command("eval.py", f"--ckpt_file={data['ckpt']}", f"--val_img_dir={img_dir}",
+                     f"--val_ann_file={ann}", f"--output_dir={tmp_path / 'eval'}", "--batch_size=2", f"--tta={tta}")
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    assert "2 graphs ready" in result.stdout + result.stderr  # 96x128 and its transpose
     fused = read_json(tmp_path / "eval" / "eval_result.json")["detections"]
-    result = command("predict.py", f"--ckpt_file={data['ckpt']}", "--input", str(data["img_dir"]),
-                     f"--val_ann_file={data['ann_file']}", f"--output_dir={tmp_path / 'pred'}", *tta)
+    assert_mirror_invariant(fused, pairs, width=100)
+    if tta == "hflip":
+        return
+    assert "2 graphs ready" in result.stdout + result.stderr  # 96x128 and its transpose
+    result = command("predict.py", f"--ckpt_file={data['ckpt']}", "--input", str(img_dir),
+                     f"--val_ann_file={ann}", f"--output_dir={tmp_path / 'pred'}", f"--tta={tta}")
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     predictions = read_json(tmp_path / "pred" / "predictions.json")
-    assert predictions["tta"] == "dihedral"
-    ids = {img["file_name"]: img["id"] for img in read_json(data["ann_file"])["images"]}
+    assert predictions["tta"] == tta
+    ids = {img["file_name"]: img["id"] for img in read_json(ann)["images"]}
     for image in predictions["images"]:
         expected = [d for d in fused if d["image_id"] == ids[os.path.basename(image["file"])]]
-        single = [d for d in eval_detections if d["image_id"] == ids[os.path.basename(image["file"])]]
         assert len(image["detections"]) == len(expected) > 0
-        assert [d["score"] for d in expected] != [d["score"] for d in single]
         for det, ref in zip(image["detections"], expected):
             # both rounded to 5 decimals: float round-off between runtimes may flip the last one
             assert det["score"] == pytest.approx(ref["score"], abs=1.5e-5)
             x1, y1, x2, y2 = det["bbox"]
             assert [x1, y1, x2 - x1, y2 - y1] == pytest.approx(ref["bbox"], abs=0.02)
-            assert 0 <= x1 <= x2 <= 128 and 0 <= y1 <= y2 <= 96
+            assert 0 <= x1 <= x2 <= 100 and 0 <= y1 <= y2 <= 96
+
 
 def test_predict_outputs_skips_and_class_names(data, tmp_path):
     other = tmp_path / "other"
@@ -141,12 +185,36 @@ def test_predict_outputs_skips_and_class_names(data, tmp_path):
 
 
 def test_predict_fails_when_no_image_is_readable(data, tmp_path):
+    """An undecodable file and an image no pad bucket holds (a portrait with landscape buckets only)
+    are each skipped with the reason; with nothing left, one line and exit code 2."""
     bad = tmp_path / "bad.jpg"
     bad.write_bytes(b"junk")
-    result = command("predict.py", f"--ckpt_file={data['ckpt']}", "--input", str(bad),
-                     f"--output_dir={tmp_path / 'pred'}")
+    portrait = tmp_path / "portrait.png"
+    first = sorted(os.listdir(data["img_dir"]))[0]
+    cv2.imwrite(str(portrait), cv2.imread(str(data["img_dir"] / first)).transpose(1, 0, 2))
+    result = command("predict.py", f"--ckpt_file={data['ckpt']}", "--input", str(bad), str(portrait),
+                     "--pad_buckets=[[96,128]]", f"--output_dir={tmp_path / 'pred'}")
     assert result.returncode == 2
-    assert result.stderr.strip().splitlines()[-1] == "error: --input: none of the 1 images could be read"
+    assert result.stderr.strip().splitlines()[-1] == "error: --input: none of the 2 images could be read"
+    skipped = read_json(tmp_path / "pred" / "predictions.json")["skipped"]
+    assert [os.path.basename(s["file"]) for s in skipped] == ["bad.jpg", "portrait.png"]
+    assert "cannot decode image file" in skipped[0]["reason"]
+    assert "a resized image of 128x96 fits none of the pad buckets [[96, 128]]" in skipped[1]["reason"]
+
+
+def test_class_names_come_from_the_annotations_and_a_count_mismatch_warns(data, tmp_path, caplog):
+    cfg = load_config(MODEL_ARGS + [f"--val_ann_file={data['ann_file']}"])
+    names, label_to_cat_id = predict.class_info(cfg, None)
+    categories = read_json(data["ann_file"])["categories"]
+    assert names == [c["name"] for c in categories] and label_to_cat_id == [c["id"] for c in categories]
+    assert not caplog.records
+    with caplog.at_level(logging.WARNING, logger="fcos"):
+        assert predict.class_info(cfg, ["a", "b"])[0] == ["a", "b"]
+    assert "2 class names for --class_num=3" in caplog.text
+    broken = tmp_path / "broken.json"
+    broken.write_text("{not json")
+    with pytest.raises(ConfigError, match="^--val_ann_file: "):
+        predict.class_info(load_config(MODEL_ARGS + [f"--val_ann_file={broken}"]), None)
 
 
 @pytest.mark.parametrize("args, message", [
