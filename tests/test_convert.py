@@ -8,7 +8,9 @@ import mindspore as ms
 import numpy as np
 import pytest
 
+import train
 from conftest import ROOT, parity_dir
+from src.config import Config, ConfigError
 from src.model.fcos import FCOS
 from tools import convert_weights as convert
 
@@ -101,6 +103,20 @@ def test_backbone_checkpoint_loads_into_fcos(tmp_path, state, manifest):
     assert unused == []
     assert not_loaded and all(not name.startswith("backbone.") for name in not_loaded)
     np.testing.assert_array_equal(net.backbone.layer3[1].conv2.weight.asnumpy(), body["layer3.1.conv2.weight"])
+
+    # train.py --pretrained=True: every backbone parameter from the file, the rest as initialised
+    fresh = build_fcos(manifest)
+    before = {p.name: p.asnumpy().copy() for p in fresh.get_parameters()}
+    train.load_initial_weights(Config({"pretrained": True, "pretrained_backbone": output}), fresh)
+    for param in fresh.get_parameters():
+        want = loaded[param.name].asnumpy() if param.name.startswith("backbone.") else before[param.name]
+        np.testing.assert_array_equal(param.asnumpy(), want, err_msg=param.name)
+    # a backbone file that lacks a parameter is one line naming the flag, not a half-loaded network
+    ms.save_checkpoint([{"name": k, "data": v} for k, v in loaded.items() if "layer4.1" not in k],
+                       str(tmp_path / "partial.ckpt"))
+    with pytest.raises(ConfigError, match=r"^--pretrained_backbone: .*layer4\.1"):
+        train.load_initial_weights(Config({"pretrained": True, "pretrained_backbone": str(tmp_path / "partial.ckpt")}),
+                                   build_fcos(manifest))
 
 
 def test_backbone_kind_can_be_forced(state):
