@@ -394,3 +394,30 @@ def test_symmetries_are_drawn_uniformly():
         key = int(np.argmax(chw[0]))
         seen[key] = seen.get(key, 0) + 1
     assert len(seen) == 8 and min(seen.values()) > 60, seen
+
+
+def test_the_configuration_wires_hue_inversion_and_random_conv_into_training():
+    """--hue_jitter, --invert_lightness_prob and --random_conv_prob reach the transform train.py
+    builds, in the documented order (hue turn, lightness inversion, random convolution, then the
+    resize): a key dropped by the builder or a step skipped gives other pixels."""
+    from src.builder import train_transform
+    from src.config import load_config
+
+    image = np.random.default_rng(0).integers(0, 256, (60, 80, 3), dtype=np.uint8)
+    boxes, labels = np.array([[10, 10, 40, 30]], np.float32), np.array([0], np.int32)
+    cfg = load_config(["--config_path=configs/synthetic_cpu.yaml", "--min_size=[48]", "--max_size=64",
+                       "--flip_prob=0", "--color_jitter=0", "--hue_jitter=0.2", "--invert_lightness_prob=1",
+                       "--random_conv_prob=1", "--crop_prob=0", "--rotate_degrees=0"])
+    chw, out_boxes, _ = train_transform(cfg)(image, boxes, labels, (64, 64), np.random.default_rng(7))
+
+    rng = np.random.default_rng(7)
+    expected = hue_shift(image, 0.2, rng)
+    rng.random()  # the inversion's draw (probability 1)
+    expected = invert_lightness(expected)
+    rng.random()  # the random convolution's draw (probability 1)
+    expected = random_conv(expected, rng)
+    expected, expected_boxes = resize(expected, boxes, keep_ratio_size(60, 80, 48, 64), "torchvision")
+    np.testing.assert_array_equal(chw, normalize_and_pad(expected, (64, 64)))
+    np.testing.assert_array_equal(out_boxes, expected_boxes)
+    plain, _, _ = TrainTransform([48], 64, flip_prob=0)(image, boxes, labels, (64, 64), np.random.default_rng(7))
+    assert np.abs(plain - chw).mean() > 0.1
