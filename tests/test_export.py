@@ -46,9 +46,11 @@ def export_command(*args):
                           text=True, timeout=300)
 
 
-def run_export(model, out_dir, file_format):
+def run_export(model, out_dir, file_format, file_name="fcos"):
+    """export.py --file_name=<out_dir>/<file_name> -> <out_dir>/fcos, the base of what it wrote."""
     base = str(out_dir / "fcos")
-    result = export_command(f"--ckpt_file={model['ckpt']}", f"--file_name={base}", f"--file_format={file_format}",
+    result = export_command(f"--ckpt_file={model['ckpt']}", f"--file_name={out_dir / file_name}",
+                            f"--file_format={file_format}",
                             f"--export_height={SHAPE[2]}", f"--export_width={SHAPE[3]}",
                             f"--export_batch_size={SHAPE[0]}")
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
@@ -75,7 +77,8 @@ def assert_same_candidates(expected, got, score_tol=1e-5, box_tol=1e-3):
 
 
 def test_mindir_export_computes_the_same(model, tmp_path):
-    base = run_export(model, tmp_path, "MINDIR")
+    # the format's extension in --file_name, in any case, is not doubled (nor is the .json's)
+    base = run_export(model, tmp_path, "MINDIR", file_name="fcos.MINDIR")
     assert sorted(os.listdir(tmp_path)) == ["fcos.json", "fcos.mindir"], "no temporary file may be left"
     assert mindir_input_shape(base + ".mindir") == SHAPE
     graph = nn.GraphCell(ms.load(base + ".mindir"))
@@ -98,7 +101,8 @@ def test_mindir_export_computes_the_same(model, tmp_path):
 
 def test_onnx_export_runs_in_onnxruntime(model, tmp_path):
     ort = pytest.importorskip("onnxruntime", reason="onnxruntime is not installed (pip install onnxruntime)")
-    base = run_export(model, tmp_path, "ONNX")
+    base = run_export(model, tmp_path, "ONNX", file_name="fcos.onnx")
+    assert sorted(os.listdir(tmp_path)) == ["fcos.json", "fcos.onnx"]
     session = ort.InferenceSession(base + ".onnx", providers=["CPUExecutionProvider"])
     assert [i.name for i in session.get_inputs()] == ["images"]
     assert [o.name for o in session.get_outputs()] == ["boxes", "scores", "labels"]
@@ -139,3 +143,11 @@ def test_export_rejects_what_it_cannot_export(model, tmp_path, capsys, args, mes
     err = capsys.readouterr().err
     assert message in err and len(err.strip().splitlines()) == 1
     assert os.listdir(tmp_path) == []
+
+
+@pytest.mark.parametrize("file_name, file_format, base", [
+    ("out/fcos", "MINDIR", "out/fcos"), ("out/fcos.mindir", "MINDIR", "out/fcos"),
+    ("out/fcos.Onnx", "ONNX", "out/fcos"), ("out/fcos.onnx", "MINDIR", "out/fcos.onnx"),
+    ("out/v1.2", "AIR", "out/v1.2")])
+def test_output_base_drops_only_the_chosen_formats_extension(file_name, file_format, base):
+    assert export.output_base(file_name, file_format) == base
