@@ -14,7 +14,8 @@ import pytest
 from src.data.coco import CocoDataset
 from src.data.transforms import preprocess_image
 from src.geometry import EvalGeometry
-from src.deploy.contract import IMAGES_DIR, INFO_FILE, read_result, result_path
+from src.deploy.contract import (IMAGES_DIR, INFO_FILE, read_result, result_path, write_export_info,
+                                 write_preprocess_info)
 from tools.synthetic import make_synthetic_coco
 
 import postprocess
@@ -134,6 +135,59 @@ def test_postprocess_names_a_missing_result(flow, tmp_path, capsys):
     assert exit_info.value.code == 2
     assert "000004_1.bin" in capsys.readouterr().err
     assert not (tmp_path / "eval_result.json").exists()
+
+
+def _edited_info(flow, tmp_path, edit):
+    """A copy of the flow's preprocess_info.json changed by edit(info) -> its path."""
+    info = read_json(flow["infer"] / "preprocess_Result" / INFO_FILE)
+    edit(info)
+    write_preprocess_info(str(tmp_path), info)
+    return tmp_path / INFO_FILE
+
+
+def test_postprocess_refuses_images_the_annotations_lack(flow, tmp_path, capsys):
+    def add_unknown(info):
+        info["images"].append(dict(info["images"][0], image_id=987654))
+
+    info_file = _edited_info(flow, tmp_path, add_unknown)
+    args = [a if not a.startswith("--info_file=") else f"--info_file={info_file}"
+            for a in _postprocess_args(flow, flow["ann_file"], tmp_path / "post")]
+    with pytest.raises(SystemExit) as exit_info:
+        postprocess.main(args)
+    assert exit_info.value.code == 2
+    assert f"--info_file: 1 images (e.g. id 987654) are not in {flow['ann_file']}" in capsys.readouterr().err
+    assert not (tmp_path / "post" / "eval_result.json").exists()
+
+
+def test_postprocess_scores_only_the_images_preprocess_wrote_and_says_so(flow, tmp_path, capsys):
+    """Images preprocess.py skipped are counted in its info file: postprocess warns and scores the
+    others only (scoring a skipped image as 'nothing detected' would lower every metric)."""
+    dropped = []
+
+    def skip_last(info):
+        dropped.append(info["images"].pop())
+        info["num_skipped"] += 1
+
+    info_file = _edited_info(flow, tmp_path, skip_last)
+    args = [a if not a.startswith("--info_file=") else f"--info_file={info_file}"
+            for a in _postprocess_args(flow, flow["ann_file"], tmp_path / "post")]
+    postprocess.main(args)
+    assert "1 images were skipped by preprocess.py and are not scored" in capsys.readouterr().out
+    got = read_json(tmp_path / "post" / "eval_result.json")
+    assert got["num_images"] == len(read_json(flow["ann_file"])["images"]) - 1
+    assert all(d["image_id"] != dropped[0]["image_id"] for d in got["detections"])
+
+
+def test_preprocess_names_what_an_export_info_lacks(flow, tmp_path, capsys):
+    export = read_json(flow["export_info"])
+    del export["preprocess"]["max_size"]
+    write_export_info(str(tmp_path / "fcos.json"), export)
+    with pytest.raises(SystemExit) as exit_info:
+        preprocess.main([f"--val_img_dir={flow['img_dir']}", f"--val_ann_file={flow['ann_file']}",
+                         f"--output_dir={tmp_path / 'pre'}", f"--export_info={tmp_path / 'fcos.json'}"])
+    assert exit_info.value.code == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1].endswith(
+        f"--export_info: {tmp_path / 'fcos.json'} has no preprocess 'max_size'")
 
 
 def _annotations_with_categories(flow, tmp_path, num_categories):
