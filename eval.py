@@ -29,7 +29,8 @@ def main(argv=None):
     setup_logging(cfg.output_dir, 0, "eval")
     dataset, info = build_eval_dataset(cfg, batch_size=cfg.batch_size)
     check_category_count(len(info.label_to_cat_id), cfg.class_num, cfg.val_ann_file)
-    logger.info("evaluating %s on %d images in %s%s", cfg.ckpt_file, info.num_images, cfg.runtime,
+    logger.info("evaluating %s on %d images in %s%s%s", cfg.ckpt_file, info.num_images, cfg.runtime,
+                f" ({cfg.mode} mode)" if cfg.runtime == "mindspore" else "",
                 "" if cfg.tta == "none" else f", {len(tta_views(cfg))} views each (--tta={cfg.tta})")
     runtime = build_runtime(cfg, build_inference(cfg, load_network(cfg)), info.pad_shapes, cfg.batch_size)
     metrics = evaluate(runtime, dataset, info, cfg.val_ann_file, selection_kwargs(cfg), cfg.output_dir,

@@ -57,12 +57,16 @@ def run_ok(args, **kwargs):
 
 @pytest.fixture(scope="module")
 def flow(tmp_path_factory):
-    """Train briefly, evaluate with eval.py, export a MindIR and run scripts/run_infer_310.sh on CPU."""
+    """Train briefly (run_standalone_train.sh), evaluate with eval.py, export a MindIR and run
+    scripts/run_infer_310.sh on CPU."""
     root = tmp_path_factory.mktemp("flow")
     ann_file = make_synthetic_coco(str(root / "shapes"), 9, 128, 128, seed=3, min_objects=1, max_objects=2)
     img_dir = str(root / "shapes" / "images")
-    run_ok([sys.executable, "train.py", *MODEL_ARGS, *TRAIN_ARGS, f"--train_img_dir={img_dir}",
-            f"--train_ann_file={ann_file}", f"--output_dir={root / 'train'}"])
+    # trained by the users' script (DEVICE_TARGET IMG_DIR ANN_FILE OUTPUT_DIR CONFIG --key=value...)
+    config, model_flags = MODEL_ARGS[0].split("=", 1)[1], MODEL_ARGS[1:]
+    env = dict(os.environ, PATH=os.path.dirname(sys.executable) + os.pathsep + os.environ.get("PATH", ""))
+    run_ok(["bash", os.path.join(ROOT, "scripts", "run_standalone_train.sh"), "CPU", img_dir, ann_file,
+            str(root / "train"), config, *model_flags, *TRAIN_ARGS], env=env)
     ckpt = str(root / "train" / "checkpoints" / "fcos-20_40.ckpt")
     run_ok([sys.executable, "eval.py", *MODEL_ARGS, f"--ckpt_file={ckpt}", f"--val_img_dir={img_dir}",
             f"--val_ann_file={ann_file}", f"--output_dir={root / 'eval'}"])

@@ -85,6 +85,21 @@ def test_predictions_equal_eval_detections(data, eval_detections, runtime, tmp_p
 
 
 
+def test_eval_in_pynative_mode_gives_the_graph_modes_detections(data, eval_detections, tmp_path):
+    """eval.py --mode=PYNATIVE (eager, for debugging) runs the same network: the same detections."""
+    result = command("eval.py", f"--ckpt_file={data['ckpt']}", f"--val_img_dir={data['img_dir']}",
+                     f"--val_ann_file={data['ann_file']}", f"--output_dir={tmp_path}", "--batch_size=1",
+                     "--mode=PYNATIVE")
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert "on 3 images in mindspore (PYNATIVE mode)" in result.stdout + result.stderr
+    eager = read_json(tmp_path / "eval_result.json")["detections"]
+    assert len(eager) == len(eval_detections) > 0
+    for det, ref in zip(eager, eval_detections):
+        assert (det["image_id"], det["category_id"]) == (ref["image_id"], ref["category_id"])
+        assert det["score"] == pytest.approx(ref["score"], abs=2e-5)
+        assert det["bbox"] == pytest.approx(ref["bbox"], abs=0.02)
+
+
 def mirrored_set(data, folder):
     """The three images and their left-right mirrors (100 wide in a 128-wide pad, so a flip of the
     padded canvas instead of the image would show) -> (img_dir, ann_file, {mirror id: original id})."""
