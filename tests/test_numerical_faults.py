@@ -2,6 +2,7 @@
 momenta, optimiser step) and is logged with its step number; max_bad_steps such steps in a row
 stop the run with a non-zero exit, and the last checkpoint it names is intact and loadable."""
 import glob
+import json
 import logging
 import os
 import re
@@ -224,3 +225,40 @@ def test_mixed_precision_step_agrees_with_the_float32_step(level, float32_step):
         a, b = delta[name].ravel().astype(np.float64), want_delta[name].ravel().astype(np.float64)
         assert np.linalg.norm(a) == pytest.approx(np.linalg.norm(b), rel=0.1), name
         assert a @ b / (np.linalg.norm(a) * np.linalg.norm(b)) > 0.98, name
+
+
+def test_a_mixed_precision_run_trains_evaluates_and_exports(tmp_path):
+    """train.py --amp_level=O3 (float16 everywhere but GroupNorm) writes a float32 checkpoint under
+    the float network's names (not the mixed-precision wrapper's, not float16), which eval.py and
+    export.py load strictly; the exported MindIR computes what the float network on it computes."""
+    from src.builder import build_inference, load_network
+    from conftest import pycocotools_stats
+
+    ann = make_synthetic_coco(str(tmp_path / "set"), 4, 64, 64, seed=1)
+    images = str(tmp_path / "set" / "images")
+    flags = [*MODEL_ARGS, "--amp_level=O3"]
+    for script, args in (("train.py", ["--epochs=1", "--batch_size=2", f"--train_img_dir={images}",
+                                       f"--train_ann_file={ann}", f"--output_dir={tmp_path / 'train'}"]),
+                         ("eval.py", [f"--ckpt_file={tmp_path / 'train' / 'checkpoints' / 'fcos-1_2.ckpt'}",
+                                      f"--val_img_dir={images}", f"--val_ann_file={ann}",
+                                      f"--output_dir={tmp_path / 'eval'}"]),
+                         ("export.py", [f"--ckpt_file={tmp_path / 'train' / 'checkpoints' / 'fcos-1_2.ckpt'}",
+                                        f"--file_name={tmp_path / 'fcos'}", "--export_height=64", "--export_width=64",
+                                        "--export_batch_size=1"])):
+        done = subprocess.run([sys.executable, script, *flags, *args], cwd=ROOT, capture_output=True, text=True,
+                              timeout=600)
+        assert done.returncode == 0, f"{script}: {done.stdout[-2000:]}{done.stderr[-2000:]}"
+    saved = load_checkpoint_file(str(tmp_path / "train" / "checkpoints" / "fcos-1_2.ckpt"))
+    params, _ = split_meta(saved)
+    cfg = load_config(flags + [f"--ckpt_file={tmp_path / 'train' / 'checkpoints' / 'fcos-1_2.ckpt'}"])
+    network = load_network(cfg, portable=True)
+    for param in network.get_parameters():  # (load_network loads strictly: every name is there)
+        assert params[param.name].shape == param.shape and params[param.name].dtype == ms.float32, param.name
+    result = json.load(open(tmp_path / "eval" / "eval_result.json", encoding="utf-8"))
+    reference = pycocotools_stats(ann, result["detections"])
+    assert result["AP"] == pytest.approx(reference["AP"], abs=1e-9)
+    x = np.random.default_rng(0).standard_normal((1, 3, 64, 64)).astype(np.float32)
+    want = [t.asnumpy() for t in build_inference(cfg, network)(Tensor(x))]
+    got = [t.asnumpy() for t in ms.nn.GraphCell(ms.load(str(tmp_path / "fcos.mindir")))(Tensor(x))]
+    np.testing.assert_allclose(got[1], want[1], rtol=1e-5, atol=1e-6)  # scores
+    np.testing.assert_allclose(got[0], want[0], rtol=1e-5, atol=1e-3)  # boxes
