@@ -63,8 +63,11 @@ def ops_library(tmp_path_factory):
     from src.ops.build import OpsUnavailable, build
 
     previous = os.environ.get("FCOS_OPS_CACHE")
-    # a test session's subprocesses (the ISA-lifted runs) reuse the session's build
-    os.environ.setdefault("FCOS_TEST_OPS_CACHE", str(tmp_path_factory.mktemp("ops_cache")))
+    # a test session's subprocesses (the ISA-lifted runs) reuse the session's build, and so do the
+    # other pytest-xdist workers of the run (their base folders share a parent; the build is locked)
+    base = tmp_path_factory.getbasetemp()
+    shared = base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base
+    os.environ.setdefault("FCOS_TEST_OPS_CACHE", str(shared / "ops_cache"))
     os.environ["FCOS_OPS_CACHE"] = os.environ["FCOS_TEST_OPS_CACHE"]
     try:
         build()
@@ -102,7 +105,15 @@ def deepforest_voc():
 
 
 def pytest_configure(config):
-    config.addinivalue_line("markers", "slow: longer end-to-end checks (CI runs them too)")
+    config.addinivalue_line("markers", "slow: longer end-to-end checks (CI runs them too; their modules run first)")
+
+
+def pytest_collection_modifyitems(session, config, items):
+    """Modules with slow tests first, each module's tests kept together and in order: pytest-xdist
+    (pytest.ini: -n 2 --dist loadscope) hands out whole modules in this order, so the long ones start
+    early and the short ones fill the other worker, instead of one long module running alone last."""
+    slow_modules = {item.module.__name__ for item in items if item.get_closest_marker("slow")}
+    items.sort(key=lambda item: item.module.__name__ not in slow_modules)  # stable: order kept within
 
 
 def pycocotools_stats(ann_file, detections):

@@ -58,7 +58,7 @@ class Measured(NamedTuple):
         assert result["compile_s"] + steps * result["min_s"] <= self.wall_s
         assert result["median_s"] >= 1e-4
         assert result["images_per_s"] == pytest.approx(result["batch_size"] / result["median_s"], rel=1e-2)
-        assert self.peak_rss_mb * 0.8 <= result["peak_rss_mb"] <= self.peak_rss_mb
+        assert self.peak_rss_mb * 0.8 <= result["peak_rss_mb"] <= self.peak_rss_mb + 0.05  # reported to 0.1 MiB
 
 
 @pytest.mark.parametrize("mode, parts", [("infer", {"graph", "select"}), ("train", set()), ("data", set())])
@@ -77,7 +77,7 @@ def test_each_mode_prints_a_table_and_the_json_line_last(mode, parts):
     assert 0 <= result["min_s"] <= result["median_s"] <= result["max_s"] and result["compile_s"] >= 0
     if mode == "data":  # a batch already waiting in the prefetch queue can take ~0 s
         assert result["compile_s"] + 2 * result["min_s"] <= measured.wall_s
-        assert measured.peak_rss_mb * 0.8 <= result["peak_rss_mb"] <= measured.peak_rss_mb
+        assert measured.peak_rss_mb * 0.8 <= result["peak_rss_mb"] <= measured.peak_rss_mb + 0.05
     else:
         measured.check(result, steps=2)
     config = result["config"]
@@ -164,6 +164,7 @@ def test_compare_torchvision_reports_both_sides_and_the_ratio():
     assert result["ratio"]["median_s"] == pytest.approx(result["median_s"] / theirs["median_s"], rel=1e-2)
 
 
+@pytest.mark.slow
 def test_conv_impl_onednn_times_the_custom_ops_alone_and_in_the_network(tmp_path, monkeypatch):
     from src.ops.build import OpsUnavailable, build
 

@@ -116,6 +116,7 @@ def shapes_set(tmp_path_factory):
     return out
 
 
+@pytest.mark.slow
 def test_train_twice_loads_its_graphs_and_trains_the_same(tmp_path, shapes_set):
     images, ann = str(shapes_set / "images"), str(shapes_set / "annotations.json")
     cmd = [sys.executable, "train.py", "--config_path", "configs/synthetic_cpu.yaml", "--train_img_dir", images,

@@ -83,6 +83,7 @@ def read_json(path):
         return json.load(f)
 
 
+@pytest.mark.slow
 def test_exported_flow_matches_eval(flow):
     expected = read_json(flow["root"] / "eval" / "eval_result.json")
     got = read_json(flow["infer"] / "eval_result.json")

@@ -59,6 +59,7 @@ def test_calibration_images_are_evenly_spaced_and_preprocessed_as_evaluation(cfg
         calibration.identity.count(".jpg") == 4
 
 
+@pytest.mark.slow
 def test_int8_model_quantizes_the_convolutions_keeps_the_head_outputs_float_and_is_cached(cfg, infer_cell, caplog):
     cache = int8_cache_dir(cfg)
     assert cache == os.path.splitext(cfg.ckpt_file)[0] + "_int8"

@@ -109,7 +109,7 @@ def test_the_layers_again_with_the_isa_cap_lifted(ops_library):
     has it: oneDNN then picks other kernels (AVX-512, blocked layouts) and other reorders."""
     env = {k: v for k, v in os.environ.items() if k not in ("ONEDNN_MAX_CPU_ISA", "FCOS_ISA_CAP_DEFAULT")}
     env["FCOS_TEST_LIFT_ISA"] = "1"
-    done = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__,
+    done = subprocess.run([sys.executable, "-m", "pytest", "-q", "-n", "0", "-p", "no:cacheprovider", __file__,
                            "-k", "matches_numpy or with_and_without_bias"], cwd=ROOT, env=env, text=True,
                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT, timeout=600)
     assert done.returncode == 0, done.stdout[-3000:]

@@ -65,6 +65,7 @@ print(build())
 """
 
 
+@pytest.mark.slow
 def test_concurrent_builds_happen_once_and_the_compiler_version_keys_the_cache(tmp_path, monkeypatch):
     """Two processes (two ranks) start on an empty cache: one compiles, the other waits for it and
     loads the same file; a compiler reporting another version builds anew. Mutations caught: no

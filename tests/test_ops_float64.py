@@ -169,11 +169,13 @@ LIFTED_RUN = os.environ.get("FCOS_TEST_LIFT_ISA") == "1"
 needs_lifted = pytest.mark.skipif(not LIFTED_RUN, reason="run by test_every_op_with_the_isa_cap_lifted")
 
 
+@pytest.mark.slow
 def test_every_op_with_the_isa_cap_lifted(ops_library):
     """This module's checks in a process with the cap lifted, as a training run has it."""
     env = {k: v for k, v in os.environ.items() if k not in ("ONEDNN_MAX_CPU_ISA", "FCOS_ISA_CAP_DEFAULT")}
     env["FCOS_TEST_LIFT_ISA"] = "1"
-    done = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__, "-k", "budget"],
+    done = subprocess.run([sys.executable, "-m", "pytest", "-q", "-n", "0", "-p", "no:cacheprovider", __file__,
+                           "-k", "budget"],
                           cwd=ROOT, env=env, text=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                           timeout=1800)
     want = len(CONV_CASES) + 2 * (len(NORM_CASES) + len(BN_CASES) + len(SIZES))

@@ -197,6 +197,7 @@ def our_grads(request, computed):
     return request.param, computed(request.param)
 
 
+@pytest.mark.slow
 def test_parity_grad_matches_torchvision(our_grads, fixture):
     mode, (losses, ours, wanted) = our_grads
     arrays = fixture[2]

@@ -128,6 +128,7 @@ def our_run(reference, tmp_path_factory):
     return np.array(recorder.outputs), schedule, final, torchvision_to_mindspore(state, "fcos")
 
 
+@pytest.mark.slow
 def test_parity_training_learning_rates(our_run, reference):
     record, arrays, _ = reference
     _, schedule, _, _ = our_run

@@ -139,6 +139,7 @@ def assert_mirror_invariant(detections, pairs, width):
             used[best] = True
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("tta", ["hflip", "dihedral"])
 def test_test_time_augmentation_in_eval_and_predict(data, tta, tmp_path):
     """--tta: the fused detections of an image's mirror are its own, mirrored; with dihedral

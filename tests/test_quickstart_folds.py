@@ -18,6 +18,7 @@ def test_eval_sizes_keep_tiles_at_their_own_resolution(deepforest_voc, tmp_path)
     assert eval_size_overrides(str(tmp_path / "annotations" / "val.json")) == ["--min_size=[345]", "--max_size=417"]
 
 
+@pytest.mark.slow
 def test_one_fold_trains_on_the_other_images_and_scores_the_held_out_one(tmp_path):
     # 160-pixel windows: the configuration's split cuts 50 + 6 windows an epoch and adds as many
     # procedural stands (synthetic_crowns 0.5; 28 batches of 4), the SOAP fold's YELL + OSBS as

@@ -67,6 +67,7 @@ def test_boxes_bound_distinct_objects():
     assert total >= 5 and separated >= 0.7 * total
 
 
+@pytest.mark.slow
 def test_window_training_mixes_in_a_new_set_of_stands_every_epoch():
     transform = TrainTransform(**WINDOW)
     args = dict(batch_size=4, pad_buckets=[], max_gt_boxes=100, skip_empty_images=True, num_parallel_workers=2,
