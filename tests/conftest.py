@@ -10,6 +10,25 @@ import sys
 if os.environ.get("FCOS_TEST_LIFT_ISA") != "1":
     os.environ.setdefault("ONEDNN_MAX_CPU_ISA", "AVX2")
 
+
+def _pin_xdist_worker():
+    """Each pytest-xdist worker (and every process it starts) on its own share of the CPUs: on 2
+    cores, two workers whose multi-threaded kernels share both cores wait on each other's
+    descheduled threads (measured: the mixed-precision steps 12 s alone, 18 s on one core, ~50 s
+    beside another worker). FCOS_TEST_CPUS keeps the whole set for the tests of CPU placement."""
+    worker = os.environ.get("PYTEST_XDIST_WORKER", "")
+    count = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    if not worker.startswith("gw") or count < 2 or not hasattr(os, "sched_setaffinity"):
+        return
+    cpus = sorted(os.sched_getaffinity(0))
+    if len(cpus) >= count:
+        os.environ.setdefault("FCOS_TEST_CPUS", ",".join(map(str, cpus)))
+        os.sched_setaffinity(0, cpus[int(worker[2:]) % count::count])
+
+
+_pin_xdist_worker()
+
+import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -135,3 +154,26 @@ def pycocotools_stats(ann_file, detections):
         evaluator.accumulate()
         evaluator.summarize()
     return dict(zip(keys, (float(s) for s in evaluator.stats)))
+
+
+def assert_same_detections(want, got, score_tol=2e-5, box_tol=0.02, what=""):
+    """Two detection lists agree one to one, in any order of tied scores: ``want`` and ``got`` are
+    (boxes (N, 4), scores (N,), labels (N,)); each wanted detection takes its own got detection of the
+    same label with a score within score_tol, the nearest box among those, which must be within
+    box_tol (the 5 and 2 decimals of the JSON files, plus float round-off)."""
+    want_boxes, want_scores, want_labels = (np.asarray(a) for a in want)
+    boxes, scores, labels = (np.asarray(a) for a in got)
+    assert len(boxes) == len(want_boxes), what
+    used = np.zeros(len(boxes), bool)
+    for box, score, label in zip(want_boxes, want_scores, want_labels):
+        close = ~used & (labels == label) & (np.abs(scores - score) <= score_tol)
+        assert close.any(), f"{what}: no detection of label {label}, score {score:.5f}, box {box}"
+        best = np.flatnonzero(close)[np.argmin(np.abs(boxes[close] - box).max(axis=1))]
+        np.testing.assert_allclose(boxes[best], box, atol=box_tol, rtol=0, err_msg=what)
+        used[best] = True
+
+
+def session_cpus():
+    """The CPUs this test session may use (all of them, also in a worker pinned to its share)."""
+    listed = os.environ.get("FCOS_TEST_CPUS")
+    return [int(c) for c in listed.split(",")] if listed else sorted(os.sched_getaffinity(0))

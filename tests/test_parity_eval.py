@@ -17,7 +17,7 @@ import cv2
 import numpy as np
 import pytest
 
-from conftest import ROOT, parity_dir, skip_without_runtime
+from conftest import ROOT, assert_same_detections, parity_dir, skip_without_runtime
 from src.inference.runtime import RUNTIMES
 
 
@@ -105,22 +105,12 @@ def eval_result(prepared):
     return run
 
 
-def assert_torchvision_detections(arrays, i, boxes, scores, labels):
-    """Image i's detections (boxes (D, 4) x1, y1, x2, y2 in its pixels, scores (D,), 0-based labels
-    (D,)) are torchvision's, row by row: the same label, score within the 5 decimals the JSON files
-    keep plus the round-off of a 6e-5 input difference, box within their 2 decimals plus that
-    round-off (measured on the shared fixture: 5.1e-6 and 0.0097 px at most over 200 detections)."""
-    want_boxes, want_scores = arrays[f"det_boxes_orig_{i}"], arrays[f"det_scores_{i}"]
-    want_labels = arrays[f"det_labels_{i}"]
-    assert len(boxes) == len(want_boxes)
-    boxes, scores, labels = np.asarray(boxes), np.asarray(scores), np.asarray(labels)
-    used = np.zeros(len(boxes), bool)
-    for box, score, label in zip(want_boxes, want_scores, want_labels):
-        close = ~used & (labels == label) & (np.abs(scores - score) <= 2e-5)
-        assert close.any(), f"image {i}: no detection of label {label}, score {score:.5f}, box {box}"
-        best = np.flatnonzero(close)[np.argmin(np.abs(boxes[close] - box).max(axis=1))]
-        np.testing.assert_allclose(boxes[best], box, atol=0.02, rtol=0)
-        used[best] = True
+def torchvision_detections(arrays, i):
+    """Image i's detections by torchvision: boxes (D, 4) x1, y1, x2, y2 in its pixels, scores,
+    0-based labels. Ours must match them within the 5 and 2 decimals of the JSON files plus the
+    round-off of a 6e-5 input difference (measured on the shared fixture: 5.1e-6 and 0.0097 px at
+    most over 200 detections)."""
+    return arrays[f"det_boxes_orig_{i}"], arrays[f"det_scores_{i}"], arrays[f"det_labels_{i}"]
 
 
 @pytest.mark.parametrize("runtime", [r for r in RUNTIMES if r != "onnxruntime_int8"])  # 8 bits: tests/test_int8.py
@@ -130,8 +120,9 @@ def test_eval_of_converted_weights_gives_torchvision_detections(fixture, eval_re
     detections = eval_result(runtime)["detections"]
     for i in range(len(arrays["orig_sizes"])):
         ours = [d for d in detections if d["image_id"] == i + 1]
-        assert_torchvision_detections(arrays, i, [[x, y, x + w, y + h] for x, y, w, h in (d["bbox"] for d in ours)],
-                                      [d["score"] for d in ours], [d["category_id"] - 1 for d in ours])
+        got = ([[x, y, x + w, y + h] for x, y, w, h in (d["bbox"] for d in ours)], [d["score"] for d in ours],
+               [d["category_id"] - 1 for d in ours])
+        assert_same_detections(torchvision_detections(arrays, i), got, what=f"image {i}")
 
 
 def test_predict_of_converted_weights_gives_torchvision_detections(fixture, prepared):
@@ -147,5 +138,5 @@ def test_predict_of_converted_weights_gives_torchvision_detections(fixture, prep
         images = {os.path.basename(image["file"]): image for image in json.load(f)["images"]}
     for i in range(len(arrays["orig_sizes"])):
         ours = images[f"photo_{i}.png"]["detections"]
-        assert_torchvision_detections(arrays, i, [d["bbox"] for d in ours], [d["score"] for d in ours],
-                                      [d["label"] for d in ours])
+        assert_same_detections(torchvision_detections(arrays, i), ([d["bbox"] for d in ours],
+                               [d["score"] for d in ours], [d["label"] for d in ours]), what=f"image {i}")

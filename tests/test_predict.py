@@ -11,7 +11,7 @@ import mindspore as ms
 import numpy as np
 import pytest
 
-from conftest import skip_without_runtime
+from conftest import assert_same_detections, skip_without_runtime
 
 import predict
 from src.builder import build_model
@@ -123,20 +123,17 @@ def assert_mirror_invariant(detections, pairs, width):
     """Test-time views closed under the left-right flip (hflip, dihedral) see an image and its
     mirror through the same forward passes: the mirror's detections are the image's, mirrored
     (a view mapped back with the wrong width, or about the pad, breaks this)."""
+    def as_arrays(detections, mirrored):
+        boxes = [[width - x - w, y, w, h] if mirrored else [x, y, w, h] for x, y, w, h in
+                 (d["bbox"] for d in detections)]
+        return boxes, [d["score"] for d in detections], [d["category_id"] for d in detections]
+
     for mirror, original in pairs.items():
         ours = [d for d in detections if d["image_id"] == original]
-        theirs = [d for d in detections if d["image_id"] == mirror]
-        assert len(ours) == len(theirs) > 0
-        mirrored = np.array([[width - x - w, y, w, h] for x, y, w, h in (d["bbox"] for d in theirs)])
-        scores = np.array([d["score"] for d in theirs])
-        categories = np.array([d["category_id"] for d in theirs])
-        used = np.zeros(len(theirs), bool)
-        for det in ours:
-            close = ~used & (categories == det["category_id"]) & (np.abs(scores - det["score"]) <= 2e-5)
-            assert close.any(), f"no mirrored detection of {det}"
-            best = np.flatnonzero(close)[np.argmin(np.abs(mirrored[close] - det["bbox"]).max(axis=1))]
-            np.testing.assert_allclose(mirrored[best], det["bbox"], atol=0.02, rtol=0)
-            used[best] = True
+        assert ours, f"image {original} has no detections to compare"
+        assert_same_detections(as_arrays(ours, False),
+                               as_arrays([d for d in detections if d["image_id"] == mirror], True),
+                               what=f"image {original} and its mirror")
 
 
 @pytest.mark.slow
