@@ -8,6 +8,7 @@ results format.
 """
 import json
 import logging
+from typing import Optional, Sequence
 
 import src  # noqa: F401  (sets the oneDNN ISA before mindspore loads)
 from src.builder import (build_eval_dataset, build_inference, build_runtime, load_network, selection_kwargs,
@@ -22,7 +23,7 @@ logger = logging.getLogger("fcos")
 
 
 @guard_main
-def main(argv=None):
+def main(argv: Optional[Sequence[str]] = None) -> None:
     cfg = load_config(argv, description="Evaluate FCOS with COCO metrics.")
     require_files(cfg, "ckpt_file", "val_img_dir", "val_ann_file")
     init_context(cfg.device_target, cfg.mode, cfg.device_id, distributed=False)

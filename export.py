@@ -12,6 +12,7 @@ scores (B, K) float32 and labels (B, K) int32; threshold, clipping and NMS stay 
 import logging
 import os
 import time
+from typing import Optional, Sequence
 
 import src  # noqa: F401  (sets the oneDNN ISA before mindspore loads)
 import numpy as np
@@ -19,21 +20,22 @@ from mindspore import Tensor
 
 from src.builder import build_inference, eval_geometry, load_network, pixel_format, selection_kwargs
 from src.deploy.contract import check_export_shape, export_info, write_export_info
+from src.inference.detector import FCOSInference
 from src.inference.export import EXTENSIONS, export_model
 from src.utils.context import init_context
 from src.utils.logs import setup_logging
-from src.config import ConfigError, guard_main, load_config, require_files
+from src.config import Config, ConfigError, guard_main, load_config, require_files
 
 logger = logging.getLogger("fcos")
 
 
-def output_base(file_name, file_format):
+def output_base(file_name: str, file_format: str) -> str:
     """--file_name without a trailing extension of the chosen format."""
     ext = EXTENSIONS[file_format]
     return file_name[:-len(ext)] if file_name.lower().endswith(ext) else file_name
 
 
-def model_export_info(cfg, infer_cell, model_file):
+def model_export_info(cfg: Config, infer_cell: FCOSInference, model_file: str) -> dict:
     """The export info (src/deploy/contract.py) of this configuration's export."""
     shape = (cfg.export_batch_size, 3, cfg.export_height, cfg.export_width)
     k = infer_cell.decoder.num_candidates(cfg.export_height, cfg.export_width, cfg.class_num)
@@ -48,7 +50,7 @@ def model_export_info(cfg, infer_cell, model_file):
 
 
 @guard_main
-def main(argv=None):
+def main(argv: Optional[Sequence[str]] = None) -> None:
     cfg = load_config(argv, description="Export FCOS to MINDIR, AIR or ONNX at a fixed input shape.")
     require_files(cfg, "ckpt_file")
     try:

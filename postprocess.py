@@ -10,6 +10,7 @@ with the same keys as eval.py.
 """
 import json
 import logging
+from typing import List, Optional, Sequence
 
 import src  # noqa: F401  (sets the oneDNN ISA before mindspore loads)
 from src.data.coco import DatasetError, label_maps
@@ -17,7 +18,7 @@ from src.deploy.contract import export_candidates, read_export_info, read_infer_
 from src.evaluation.coco_eval import check_category_count, coco_evaluate, load_coco, to_coco_results
 from src.utils.logs import setup_logging
 from src.inference.select import select_detections
-from src.config import ConfigError, Flag, guard_main, load_config, require_files
+from src.config import Config, ConfigError, Flag, guard_main, load_config, require_files
 
 logger = logging.getLogger("fcos")
 
@@ -26,14 +27,15 @@ FLAGS = {"result_dir": Flag("", "Folder of the runner's output .bin files."),
          "export_info": Flag("", "export.py's .json: selection settings and output shapes.")}
 
 
-def parse_args(argv):
+def parse_args(argv: Optional[Sequence[str]]) -> Config:
     """-> Config with the flags; ConfigError when a file is missing."""
     cfg = load_config(argv, "Score the output .bin files of an exported FCOS with COCO metrics.", FLAGS)
     require_files(cfg, "result_dir", "info_file", "export_info", "val_ann_file")
     return cfg
 
 
-def detect_from_results(result_dir, images, num_candidates, selection, label_to_cat_id):
+def detect_from_results(result_dir: str, images: List[dict], num_candidates: int, selection: dict,
+                        label_to_cat_id: Sequence[int]) -> List[dict]:
     """COCO results of every preprocessed image from its output bins.
 
     Args:
@@ -55,7 +57,7 @@ def detect_from_results(result_dir, images, num_candidates, selection, label_to_
 
 
 @guard_main
-def main(argv=None):
+def main(argv: Optional[Sequence[str]] = None) -> None:
     cfg = parse_args(argv)
     setup_logging(cfg.output_dir, 0, "postprocess")
     try:

@@ -14,15 +14,17 @@ images are skipped, counted and named.
 """
 import logging
 import os
+from typing import Iterable, List, Optional, Sequence, Set, Tuple
 
 import src  # noqa: F401  (sets the oneDNN ISA before mindspore loads)
+import numpy as np
 from src.builder import (build_inference, build_runtime, eval_geometry, load_network, pixel_format, selection_kwargs,
                          tta_views)
 from src.data.coco import DatasetError, label_maps, load_image_rgb, read_coco_json
 from src.utils.context import init_context
 from src.utils.logs import setup_logging
 from src.inference.predictor import Predictor
-from src.config import ConfigError, Flag, guard_main, load_config
+from src.config import Config, ConfigError, Flag, guard_main, load_config
 from src.utils.io import write_json_atomic
 from src.utils.visualize import draw_detections, save_image
 
@@ -34,14 +36,14 @@ FLAGS = {"input": Flag([], "Image files and/or folders of images.", many=True, r
          "draw_score_threshold": Flag(0.3, "Detections at or above this score are drawn (all are listed).")}
 
 
-def parse_args(argv):
+def parse_args(argv: Optional[Sequence[str]]) -> Tuple[List[str], Optional[List[str]], float, Config]:
     """-> (input paths, class names or None, draw threshold, Config)."""
     cfg = load_config(argv, "Detect objects in images and draw them.", FLAGS)
     names = [n.strip() for n in cfg.class_names.split(",")] if cfg.class_names else None
     return cfg.input, names, cfg.draw_score_threshold, cfg
 
 
-def expand_inputs(paths):
+def expand_inputs(paths: Iterable[str]) -> List[str]:
     """Image files named, plus the image files (by extension, sorted) of folders named."""
     files = []
     for path in paths:
@@ -57,7 +59,7 @@ def expand_inputs(paths):
     return files
 
 
-def class_info(cfg, names):
+def class_info(cfg: Config, names: Optional[List[str]]) -> Tuple[Optional[List[str]], Optional[List[int]]]:
     """-> (class names or None, label_to_cat_id or None): names from --class_names, else from the
     categories of --val_ann_file, which also gives the category ids."""
     label_to_cat_id = None
@@ -72,7 +74,7 @@ def class_info(cfg, names):
     return names, label_to_cat_id
 
 
-def unique_output(output_dir, path, used):
+def unique_output(output_dir: str, path: str, used: Set[str]) -> str:
     """<output_dir>/<stem>_pred.png, with a counter when two inputs share a stem."""
     stem = os.path.splitext(os.path.basename(path))[0]
     name, count = f"{stem}_pred", 1
@@ -82,7 +84,8 @@ def unique_output(output_dir, path, used):
     return os.path.join(output_dir, f"{name}.png")
 
 
-def detection_records(boxes, scores, labels, names, label_to_cat_id):
+def detection_records(boxes: np.ndarray, scores: np.ndarray, labels: np.ndarray, names: Optional[Sequence[str]],
+                      label_to_cat_id: Optional[Sequence[int]]) -> List[dict]:
     """Detections -> JSON-ready dicts (bbox x1, y1, x2, y2 in original pixels)."""
     records = []
     for box, score, label in zip(boxes, scores, labels):
@@ -96,7 +99,7 @@ def detection_records(boxes, scores, labels, names, label_to_cat_id):
 
 
 @guard_main
-def main(argv=None):
+def main(argv: Optional[Sequence[str]] = None) -> None:
     inputs, names, draw_threshold, cfg = parse_args(argv)
     files = expand_inputs(inputs)
     init_context(cfg.device_target, cfg.mode, cfg.device_id, distributed=False)

@@ -13,6 +13,7 @@ skipped, counted and named.
 import glob
 import logging
 import os
+from typing import Optional, Sequence, Tuple
 
 from src.data.coco import CocoDataset, DatasetError
 from src.geometry import EvalGeometry, PadBucketError
@@ -20,7 +21,7 @@ from src.data.transforms import PixelFormat, preprocess_image
 from src.deploy.contract import (IMAGES_DIR, bin_names, check_export_shape, read_export_info, write_input_bin,
                                  remove_preprocess_info, write_preprocess_info)
 from src.utils.logs import setup_logging
-from src.config import ConfigError, Flag, guard_main, load_config, require_files
+from src.config import Config, ConfigError, Flag, guard_main, load_config, require_files
 
 logger = logging.getLogger("fcos")
 
@@ -28,7 +29,7 @@ FLAGS = {"export_info": Flag("", "export.py's .json: sets the export shape, min_
                                  "(else export_height/export_width and the configuration's sizes).")}
 
 
-def resize_settings(cfg, export_info_path):
+def resize_settings(cfg: Config, export_info_path: str) -> Tuple[EvalGeometry, PixelFormat, Tuple[int, int]]:
     """-> (EvalGeometry, PixelFormat, (H, W)) from the export info file, else from the configuration."""
     if not export_info_path:
         try:
@@ -56,7 +57,8 @@ def resize_settings(cfg, export_info_path):
     return geometry, pixels, pad_hw
 
 
-def preprocess_dataset(coco, out_dir, geometry, pixels, pad_hw):
+def preprocess_dataset(coco: CocoDataset, out_dir: str, geometry: EvalGeometry, pixels: PixelFormat,
+                       pad_hw: Tuple[int, int]) -> dict:
     """Write every loadable image of ``coco`` as a bin -> the info dict (see the module docstring)."""
     img_dir = os.path.join(out_dir, IMAGES_DIR)
     os.makedirs(img_dir, exist_ok=True)
@@ -91,7 +93,7 @@ def preprocess_dataset(coco, out_dir, geometry, pixels, pad_hw):
 
 
 @guard_main
-def main(argv=None):
+def main(argv: Optional[Sequence[str]] = None) -> None:
     cfg = load_config(argv, "Preprocess validation images into fixed-size .bin inputs of an exported FCOS.", FLAGS)
     export_info_path = cfg.export_info
     require_files(cfg, "val_img_dir", "val_ann_file")

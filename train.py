@@ -7,13 +7,16 @@ import json
 import logging
 import os
 import time
+from typing import Callable, Iterator, List, Optional, Sequence, Tuple
 
 import src  # noqa: F401  (sets the oneDNN ISA before mindspore loads)
 import mindspore as ms
+import mindspore.dataset as ds
 
 from src.builder import (build_eval_dataset, build_inference, build_model, build_train_dataset, build_train_step,
                          eval_graphs, precompile_graphs, selection_kwargs, train_graphs, tta_views)
-from src.data.pipeline import loader_error
+from src.data.pipeline import FailedImages, loader_error
+from src.engine.compile_cache import PlannedGraph
 from src.engine.checkpoint import load_weights, read_training_checkpoint
 from src.evaluation.coco_eval import check_category_count
 from src.utils.context import init_context
@@ -21,19 +24,22 @@ from src.utils.logs import setup_logging
 from src.evaluation.evaluate import evaluate
 from src.engine.trainer import Trainer, TrainingStopped
 from src.inference.runtime import MindSporeRuntime
-from src.config import ConfigError, guard_main, load_config, require_files
+from src.model.fcos import FCOS
+from src.config import Config, ConfigError, guard_main, load_config, require_files
 
 logger = logging.getLogger("fcos")
 
 
-def epoch_batches(dataset, first_epoch, epochs, on_epoch_start=None, on_epoch_end=None):
+def epoch_batches(dataset: ds.Dataset, first_epoch: int, epochs: int,
+                  on_epoch_start: Optional[Callable[[int], None]] = None,
+                  on_epoch_end: Optional[Callable[[int], None]] = None) -> Callable[[int, int], Iterator[list]]:
     """make_dataset for Trainer: one iterator over the remaining epochs; MindSpore's iterator
     ends each epoch with StopIteration and continues with the next one on the next loop.
     on_epoch_start(epoch) and on_epoch_end(epoch), when given, run as an epoch starts (or
     resumes) and after its last batch."""
     iterator = dataset.create_tuple_iterator(num_epochs=epochs - first_epoch)
 
-    def make(epoch, start_batch):
+    def make(epoch: int, start_batch: int) -> Iterator[list]:
         if on_epoch_start:
             on_epoch_start(epoch)
         for index, batch in enumerate(iterator):
@@ -45,10 +51,10 @@ def epoch_batches(dataset, first_epoch, epochs, on_epoch_start=None, on_epoch_en
     return make
 
 
-def failed_image_reporter(failed):
+def failed_image_reporter(failed: FailedImages) -> Callable[[int], None]:
     """on_epoch_end: log how many images failed to decode so far (FailedImages), when any did."""
 
-    def report(epoch):
+    def report(epoch: int) -> None:
         if len(failed):
             logger.warning("after epoch %d: %d images so far could not be decoded and were replaced in their "
                            "batches by other images, e.g. %s", epoch + 1, len(failed), failed.paths()[:3])
@@ -56,12 +62,12 @@ def failed_image_reporter(failed):
     return report
 
 
-def batch_id_logger(plan, rank):
+def batch_id_logger(plan: Callable[[int], Sequence[Tuple[int, Sequence[int]]]], rank: int) -> Callable[[int], None]:
     """on_epoch_start for --log_batch_ids: log the image ids of every batch of this rank's epoch
     (plan: epoch -> [(bucket, [image ids])]), to see which device trains on what and to find the
     images of a failing step."""
 
-    def log(epoch):
+    def log(epoch: int) -> None:
         ids = [[int(i) for i in image_ids] for _, image_ids in plan(epoch)]
         logger.info("epoch %d: image ids of the %d batches of rank %d: %s", epoch + 1, len(ids), rank,
                     json.dumps(ids))
@@ -69,7 +75,7 @@ def batch_id_logger(plan, rank):
     return log
 
 
-def build_evaluator(cfg, network):
+def build_evaluator(cfg: Config, network: FCOS) -> Tuple[Optional[Callable[[], Optional[dict]]], List[PlannedGraph]]:
     """Evaluation during training -> (evaluate function, its graphs); (None, []) when not configured."""
     if not cfg.eval_interval:
         return None, []
@@ -78,7 +84,7 @@ def build_evaluator(cfg, network):
     infer_cell = build_inference(cfg, network)
     count = [0]
 
-    def run():
+    def run() -> Optional[dict]:
         # each evaluation its own folder (run_eval.sh writes <output_dir>/eval): nothing overwritten
         count[0] += 1
         out_dir = os.path.join(cfg.output_dir, "train_eval", f"{time.strftime('%Y%m%d-%H%M%S')}-{count[0]}")
@@ -88,7 +94,7 @@ def build_evaluator(cfg, network):
     return run, eval_graphs(infer_cell, info.pad_shapes, cfg.batch_size, tta_views(cfg))
 
 
-def load_initial_weights(cfg, network):
+def load_initial_weights(cfg: Config, network: FCOS) -> None:
     if cfg.pretrained:
         require_files(cfg, "pretrained_backbone")
         try:
@@ -101,7 +107,7 @@ def load_initial_weights(cfg, network):
 
 
 @guard_main
-def main(argv=None):
+def main(argv: Optional[Sequence[str]] = None) -> None:
     cfg = load_config(argv, description="Train FCOS.")
     require_files(cfg, "train_img_dir", "train_ann_file")
     rank, group_size = init_context(cfg.device_target, cfg.mode, cfg.device_id)

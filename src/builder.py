@@ -7,7 +7,7 @@ import dataclasses
 import json
 import logging
 import math
-from typing import List, Optional
+from typing import Any, Iterable, Iterator, List, Optional, Sequence, Tuple, Union
 import os
 
 import mindspore as ms
@@ -15,7 +15,7 @@ import numpy as np
 
 from src.data.coco import CocoDataset, DatasetError, load_image_rgb
 from src.geometry import EvalGeometry, PadBucketError
-from src.data.pipeline import create_eval_dataset, create_train_dataset, present_images
+from src.data.pipeline import EvalDataInfo, TrainDataInfo, create_eval_dataset, create_train_dataset, present_images
 from src.data.synthetic_crowns import CrownStands
 from src.data.transforms import PixelFormat, TrainTransform, preprocess_image
 from src.engine.checkpoint import load_weights
@@ -25,7 +25,7 @@ from src.engine.train_step import FCOSWithLoss, TrainStep, build_optimizer
 from src.inference.decoder import FCOSDecoder
 from src.inference.detector import FCOSInference
 from src.inference.quantize import Calibration
-from src.inference.runtime import make_runtime
+from src.inference.runtime import MindSporeRuntime, OnnxRuntime, make_runtime
 from src.inference.tta import VIEW_SETS, view_pad_shapes
 from src.model.fcos import FCOS
 from src.model.loss import FCOSLoss
@@ -36,7 +36,7 @@ from src.ops.global_norm import NativeSquaredNorm
 
 
 @contextlib.contextmanager
-def model_errors():
+def model_errors() -> Iterator[None]:
     """The constructors' own checks of keys that do not fit together (strides and limit_range,
     channels and GroupNorm groups, ...) -> ConfigError."""
     try:
@@ -137,7 +137,7 @@ def tta_views(cfg: Config) -> tuple:
 
 
 @contextlib.contextmanager
-def dataset_errors(ann_key: str):
+def dataset_errors(ann_key: str) -> Iterator[None]:
     """Turn the errors of an unusable dataset into a ConfigError naming the key to fix: ann_key
     for the data (the message names the file), --pad_buckets for images that fit no pad shape."""
     try:
@@ -170,7 +170,8 @@ def crown_stands(cfg: Config, transform: TrainTransform) -> Optional[CrownStands
     return CrownStands(cfg.synthetic_crowns, math.ceil(transform.window / min(transform.window_scale)))
 
 
-def build_train_dataset(cfg: Config, rank: int = 0, group_size: int = 1, start_epoch: int = 0):
+def build_train_dataset(cfg: Config, rank: int = 0, group_size: int = 1,
+                        start_epoch: int = 0) -> Tuple[Any, TrainDataInfo]:
     """create_train_dataset from the configuration; ConfigError for an unusable dataset."""
     transform = train_transform(cfg)
     generated = crown_stands(cfg, transform)
@@ -183,7 +184,8 @@ def build_train_dataset(cfg: Config, rank: int = 0, group_size: int = 1, start_e
             start_epoch=start_epoch, generated=generated)
 
 
-def build_eval_dataset(cfg: Config, batch_size: int = 1, rank: int = 0, group_size: int = 1):
+def build_eval_dataset(cfg: Config, batch_size: int = 1, rank: int = 0,
+                       group_size: int = 1) -> Tuple[Any, EvalDataInfo]:
     """create_eval_dataset from the configuration; ConfigError for an unusable dataset."""
     geometry = eval_geometry(cfg)
     with dataset_errors("val_ann_file"):
@@ -192,7 +194,8 @@ def build_eval_dataset(cfg: Config, batch_size: int = 1, rank: int = 0, group_si
                                    pixels=pixel_format(cfg))
 
 
-def build_train_step(cfg: Config, network: FCOS, steps_per_epoch: int, group_size: int):
+def build_train_step(cfg: Config, network: FCOS, steps_per_epoch: int,
+                     group_size: int) -> Tuple[TrainStep, np.ndarray]:
     """-> (TrainStep in training mode, per-step lr schedule): the optimiser with the lr scaled to
     the global batch, mixed precision (amp_level) with a dynamic loss scale, the loss, gradient
     clipping and reduction across group_size devices. Used by train.py and the benchmark."""
@@ -216,7 +219,7 @@ def build_train_step(cfg: Config, network: FCOS, steps_per_epoch: int, group_siz
     return step, schedule
 
 
-def train_graphs(cfg: Config, train_step, pad_shapes) -> List[PlannedGraph]:
+def train_graphs(cfg: Config, train_step: ms.nn.Cell, pad_shapes: Iterable[Sequence[int]]) -> List[PlannedGraph]:
     """The training-step graphs of a run: one per (H, W) pad shape, inputs as the training
     dataset gives them (images, gt_boxes, gt_labels, gt_mask)."""
     b, m = cfg.batch_size, cfg.max_gt_boxes
@@ -224,14 +227,15 @@ def train_graphs(cfg: Config, train_step, pad_shapes) -> List[PlannedGraph]:
                                       ((b, m), np.bool_)], training=True) for h, w in pad_shapes]
 
 
-def eval_graphs(infer_cell, pad_shapes, batch_size: int, views) -> List[PlannedGraph]:
+def eval_graphs(infer_cell: ms.nn.Cell, pad_shapes: Iterable[Sequence[int]], batch_size: int,
+                views: Iterable[Tuple[int, bool]]) -> List[PlannedGraph]:
     """The inference graphs of an evaluation: one per (H, W) input of its batches' ``views``
     (src.inference.tta) at their pad shapes."""
     return [PlannedGraph(infer_cell, [((batch_size, 3, h, w), np.float32)], training=False)
             for h, w in view_pad_shapes(pad_shapes, views)]
 
 
-def precompile_graphs(cfg: Config, graphs, distributed: bool = False):
+def precompile_graphs(cfg: Config, graphs: Sequence[PlannedGraph], distributed: bool = False) -> str:
     """precompile with the configured cache folder (<output_dir>/compile_cache; none for
     --compile_cache=False or data-parallel runs)."""
     use_cache = cfg.compile_cache and not distributed
@@ -259,7 +263,7 @@ def calibration_set(cfg: Config) -> Calibration:
     images = [(os.path.abspath(p), os.path.getsize(p), int(os.path.getmtime(p))) for p in paths]
     identity = json.dumps({"images": images, "geometry": dataclasses.asdict(geometry), "pixels": pixels.as_dict()})
 
-    def batches(shape):
+    def batches(shape: Sequence[int]) -> Iterator[np.ndarray]:
         batch = []
         for path in paths:
             batch.append(preprocess_image(load_image_rgb(path), geometry, tuple(shape[2:]), pixels)[0])
@@ -281,7 +285,8 @@ def int8_cache_dir(cfg: Config) -> str:
     return os.path.join(cfg.output_dir, "int8_models")
 
 
-def build_runtime(cfg: Config, infer_cell, pad_shapes=(), batch_size: int = 1):
+def build_runtime(cfg: Config, infer_cell: ms.nn.Cell, pad_shapes: Iterable[Sequence[int]] = (),
+                  batch_size: int = 1) -> Union[MindSporeRuntime, OnnxRuntime]:
     """--runtime: what runs infer_cell in eval.py and predict.py (src.inference.runtime), with the
     inputs (batch_size, 3, H, W) of pad_shapes made ready: compiled (or loaded from the compile
     cache) in MindSpore, exported (and for onnxruntime_int8 calibrated, or loaded from its cache)

@@ -16,6 +16,7 @@ import functools
 import os
 import re
 import sys
+from typing import Any, Callable, Dict, NoReturn, Optional, Sequence, Tuple
 
 import yaml
 
@@ -63,7 +64,7 @@ _INTERVAL = re.compile(r"^([\[(])\s*(-?[\d.]+)\s*,\s*(-?[\d.]+)\s*([\])])$")
 _BOUND = re.compile(r"^(>=|>)\s*(-?[\d.]+)$")
 
 
-def range_test(text):
+def range_test(text: Any) -> Callable[[float], bool]:
     """A range of the schema ("> 0", ">= 0", "[0, 1)", ...) -> predicate on a number."""
     text = str(text).strip()
     bound = _BOUND.match(text)
@@ -86,13 +87,13 @@ class Schema:
     ranges: dict
     groups: dict
 
-    def group(self, name):
+    def group(self, name: str) -> Tuple[str, ...]:
         """The keys of a group (run_only, benchmark, ...) in file order."""
         return tuple(self.groups[name])
 
 
 @functools.lru_cache(maxsize=None)
-def schema():
+def schema() -> Schema:
     """The schema of default_config.yaml; ConfigError where its ranges or groups name unknown keys."""
     values, helps, choices, ranges, groups = _read_yaml(DEFAULT_CONFIG)
     named = list(ranges) + [key for keys in groups.values() for key in keys]
@@ -204,7 +205,7 @@ def _coerce_item(key, item, default):
 
 
 class _OneLineParser(argparse.ArgumentParser):
-    def error(self, message):
+    def error(self, message: str) -> NoReturn:
         raise ConfigError(message)
 
 
@@ -224,7 +225,8 @@ def _build_parser(values, helps, choices, description, flags):
     return parser
 
 
-def load_config(argv=None, description="FCOS", flags=None):
+def load_config(argv: Optional[Sequence[str]] = None, description: str = "FCOS",
+                flags: Optional[Dict[str, Flag]] = None) -> Config:
     """Parse ``argv`` (default ``sys.argv[1:]``) into a Config; raises ConfigError.
 
     flags: {name: Flag} of the entry point's own flags; they land in the Config under their names.
@@ -274,7 +276,7 @@ def load_config(argv=None, description="FCOS", flags=None):
     return cfg
 
 
-def require_files(cfg, *keys):
+def require_files(cfg: Config, *keys: str) -> None:
     """Raise ConfigError for the first key whose path is empty or missing."""
     for key in keys:
         path = cfg[key]
@@ -284,11 +286,11 @@ def require_files(cfg, *keys):
             raise ConfigError(f"--{key}: no such file or folder: {path}")
 
 
-def guard_main(main):
+def guard_main(main: Callable[..., Any]) -> Callable[..., Any]:
     """Run ``main`` so that a ConfigError ends the program with one line and exit code 2."""
 
     @functools.wraps(main)
-    def wrapper(*args, **kwargs):
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
         try:
             return main(*args, **kwargs)
         except ConfigError as err:

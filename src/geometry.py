@@ -5,7 +5,7 @@ only (no MindSpore): the lowest layer, usable by every other.
 """
 import dataclasses
 import math
-from typing import Sequence, Tuple
+from typing import Any, List, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -15,7 +15,7 @@ def ceil_div(value: int, divisor: int) -> int:
     return -(-int(value) // int(divisor))
 
 
-def ceil_to(value, divisor):
+def ceil_to(value: int, divisor: int) -> int:
     """Smallest multiple of ``divisor`` that is >= value."""
     return ceil_div(value, divisor) * int(divisor)
 
@@ -25,7 +25,7 @@ def box_area(boxes: np.ndarray) -> np.ndarray:
     return (boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])
 
 
-def clip_boxes(boxes, image_size, plus_one=False):
+def clip_boxes(boxes: np.ndarray, image_size: Sequence[int], plus_one: bool = False) -> np.ndarray:
     """Clip (N, 4) x1, y1, x2, y2 boxes to an image of size (h, w): to [0, w] x [0, h], or with
     plus_one (maskrcnn-benchmark's box convention, a box covers pixels x1..x2) to [0, w-1] x [0, h-1]."""
     h, w = image_size
@@ -35,7 +35,7 @@ def clip_boxes(boxes, image_size, plus_one=False):
     return clipped
 
 
-def iou_one_to_many(box, boxes, plus_one=False):
+def iou_one_to_many(box: np.ndarray, boxes: np.ndarray, plus_one: bool = False) -> np.ndarray:
     """IoU of one (4,) box with (N, 4) boxes, in the boxes' dtype, as torchvision's nms kernel; with
     plus_one widths and heights are x2 - x1 + 1 (maskrcnn-benchmark's nms, the FCOS authors')."""
     one = boxes.dtype.type(int(plus_one))
@@ -51,7 +51,7 @@ def iou_one_to_many(box, boxes, plus_one=False):
         return inter / (area + areas - inter)
 
 
-def hflip_boxes(boxes, width):
+def hflip_boxes(boxes: np.ndarray, width: float) -> np.ndarray:
     """(N, 4) x1, y1, x2, y2 boxes -> the same boxes in the image mirrored left-right (``width``
     wide): pixel column i goes to w-1-i, so coordinate x goes to w-x."""
     flipped = boxes.copy()
@@ -60,7 +60,7 @@ def hflip_boxes(boxes, width):
     return flipped
 
 
-def rot90_boxes(boxes, turns, size_hw):
+def rot90_boxes(boxes: np.ndarray, turns: int, size_hw: Sequence[int]) -> np.ndarray:
     """(N, 4) x1, y1, x2, y2 boxes of an image of size (h, w) -> the same boxes after turning the
     image counter-clockwise by turns x 90 degrees, as np.rot90: pixel (row r, column c) of a w-wide
     image goes to (w-1-c, r), so point (x, y) goes to (y, w-x)."""
@@ -71,7 +71,7 @@ def rot90_boxes(boxes, turns, size_hw):
     return boxes
 
 
-def rescale_boxes(boxes, resized_size, original_size):
+def rescale_boxes(boxes: np.ndarray, resized_size: Sequence[int], original_size: Sequence[int]) -> np.ndarray:
     """Map (N, 4) boxes from the resized image to the original one, per-axis ratios.
 
     Args:
@@ -87,7 +87,8 @@ def rescale_boxes(boxes, resized_size, original_size):
 RESIZE_RULES = ("torchvision", "maskrcnn_benchmark")
 
 
-def keep_ratio_size(height, width, min_size, max_size, fit_hw=None, rule="torchvision"):
+def keep_ratio_size(height: int, width: int, min_size: int, max_size: int, fit_hw: Optional[Sequence[int]] = None,
+                    rule: str = "torchvision") -> Tuple[int, int]:
     """Keep-ratio size -> (new_h, new_w).
 
     rule "torchvision": scale = min(min_size / short side, max_size / long side) and each side is
@@ -126,7 +127,7 @@ class PadBucketError(ValueError):
     """The pad buckets do not suit the images or the size divisor (a configuration problem)."""
 
 
-def default_pad_buckets(min_sizes, max_size, size_divisor=32):
+def default_pad_buckets(min_sizes: Sequence[int], max_size: int, size_divisor: int = 32) -> List[Tuple[int, int]]:
     """Pad shapes that hold every keep-ratio resized image: [(S, L), (L, S)] (landscape and
     portrait), S the largest short side rounded up to size_divisor, L the same for max_size;
     one (S, S) when they coincide."""
@@ -135,7 +136,8 @@ def default_pad_buckets(min_sizes, max_size, size_divisor=32):
     return [(short, long)] if short == long else [(short, long), (long, short)]
 
 
-def resolve_pad_buckets(pad_buckets, min_sizes, max_size, size_divisor=32):
+def resolve_pad_buckets(pad_buckets: Sequence[Sequence[int]], min_sizes: Sequence[int], max_size: int,
+                        size_divisor: int = 32) -> List[Tuple[int, ...]]:
     """Config pad_buckets ([[h, w], ...], empty = default) -> list of (h, w) tuples."""
     if not pad_buckets:
         return default_pad_buckets(min_sizes, max_size, size_divisor)
@@ -148,13 +150,13 @@ def resolve_pad_buckets(pad_buckets, min_sizes, max_size, size_divisor=32):
     return buckets
 
 
-def window_pad_shape(window, size_divisor=32):
+def window_pad_shape(window: int, size_divisor: int = 32) -> Tuple[int, int]:
     """Window mode's one training pad shape: (side, side), window rounded up to size_divisor."""
     side = ceil_to(window, size_divisor)
     return side, side
 
 
-def choose_pad_shape(size_hw, buckets):
+def choose_pad_shape(size_hw: Sequence[int], buckets: Sequence[Sequence[int]]) -> int:
     """Index of the smallest (by area) bucket (h, w) that holds an image of size_hw."""
     fits = [i for i, (bh, bw) in enumerate(buckets) if bh >= size_hw[0] and bw >= size_hw[1]]
     if not fits:
@@ -163,7 +165,8 @@ def choose_pad_shape(size_hw, buckets):
     return min(fits, key=lambda i: buckets[i][0] * buckets[i][1])
 
 
-def pad_shape_for(image_hw, min_size, max_size, buckets, rule="torchvision"):
+def pad_shape_for(image_hw: Sequence[int], min_size: int, max_size: int, buckets: Sequence[Tuple[int, int]],
+                  rule: str = "torchvision") -> Tuple[int, int]:
     """The bucket (h, w) an image of image_hw goes to at a keep-ratio size of min_size/max_size;
     ValueError when none holds it."""
     try:
@@ -202,13 +205,13 @@ class EvalGeometry:
         return cls(int(min_size), int(max_size), tuple(tuple(b) for b in buckets), resize_rule, int(size_divisor))
 
     @classmethod
-    def from_config(cls, cfg) -> "EvalGeometry":
+    def from_config(cls, cfg: Any) -> "EvalGeometry":
         """The configuration's: its first min_size, max_size, pad_buckets (or pad_per_image),
         size_divisor and resize_rule."""
         return cls.make(cfg.min_size[0], cfg.max_size, cfg.pad_buckets, cfg.size_divisor, cfg.resize_rule,
                         cfg.pad_per_image)
 
-    def resized_size(self, image_hw: Sequence[int], fit_hw=None) -> Tuple[int, int]:
+    def resized_size(self, image_hw: Sequence[int], fit_hw: Optional[Sequence[int]] = None) -> Tuple[int, int]:
         """(h, w) of an image after the keep-ratio resize (made to fit fit_hw where given)."""
         return keep_ratio_size(*image_hw, self.min_size, self.max_size, fit_hw=fit_hw, rule=self.resize_rule)
 

@@ -10,24 +10,6 @@ import sys
 if os.environ.get("FCOS_TEST_LIFT_ISA") != "1":
     os.environ.setdefault("ONEDNN_MAX_CPU_ISA", "AVX2")
 
-
-def _pin_xdist_worker():
-    """Each pytest-xdist worker (and every process it starts) on its own share of the CPUs: on 2
-    cores, two workers whose multi-threaded kernels share both cores wait on each other's
-    descheduled threads (measured: the mixed-precision steps 12 s alone, 18 s on one core, ~50 s
-    beside another worker). FCOS_TEST_CPUS keeps the whole set for the tests of CPU placement."""
-    worker = os.environ.get("PYTEST_XDIST_WORKER", "")
-    count = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
-    if not worker.startswith("gw") or count < 2 or not hasattr(os, "sched_setaffinity"):
-        return
-    cpus = sorted(os.sched_getaffinity(0))
-    if len(cpus) >= count:
-        os.environ.setdefault("FCOS_TEST_CPUS", ",".join(map(str, cpus)))
-        os.sched_setaffinity(0, cpus[int(worker[2:]) % count::count])
-
-
-_pin_xdist_worker()
-
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 
@@ -171,9 +153,3 @@ def assert_same_detections(want, got, score_tol=2e-5, box_tol=0.02, what=""):
         best = np.flatnonzero(close)[np.argmin(np.abs(boxes[close] - box).max(axis=1))]
         np.testing.assert_allclose(boxes[best], box, atol=box_tol, rtol=0, err_msg=what)
         used[best] = True
-
-
-def session_cpus():
-    """The CPUs this test session may use (all of them, also in a worker pinned to its share)."""
-    listed = os.environ.get("FCOS_TEST_CPUS")
-    return [int(c) for c in listed.split(",")] if listed else sorted(os.sched_getaffinity(0))

@@ -139,18 +139,18 @@ def assert_mirror_invariant(detections, pairs, width):
 @pytest.mark.slow
 @pytest.mark.parametrize("tta", ["hflip", "dihedral"])
 def test_test_time_augmentation_in_eval_and_predict(data, tta, tmp_path):
-    """--tta: the fused detections of an image's mirror are its own, mirrored; with dihedral
-    (landscape images, so the turned views run at the transposed pad shape) predict.py fuses the
-    same 8 views into the same detections as eval.py, inside each image."""
+    """--tta: the fused detections of an image's mirror are its own, mirrored (eval.py); with dihedral
+    the landscape images' turned views run at the transposed pad shape; with hflip predict.py fuses
+    the same views into the same detections as eval.py, inside each image."""
     img_dir, ann, pairs = mirrored_set(data, tmp_path / "set")
     result = command("eval.py", f"--ckpt_file={data['ckpt']}", f"--val_img_dir={img_dir}",
                      f"--val_ann_file={ann}", f"--output_dir={tmp_path / 'eval'}", "--batch_size=2", f"--tta={tta}")
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     fused = read_json(tmp_path / "eval" / "eval_result.json")["detections"]
     assert_mirror_invariant(fused, pairs, width=100)
-    if tta == "hflip":
+    if tta == "dihedral":
+        assert "2 graphs ready" in result.stdout + result.stderr  # 96x128 and its transpose
         return
-    assert "2 graphs ready" in result.stdout + result.stderr  # 96x128 and its transpose
     result = command("predict.py", f"--ckpt_file={data['ckpt']}", "--input", str(img_dir),
                      f"--val_ann_file={ann}", f"--output_dir={tmp_path / 'pred'}", f"--tta={tta}")
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]

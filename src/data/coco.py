@@ -28,6 +28,7 @@ import io
 import json
 import logging
 import os
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import cv2
 import numpy as np
@@ -55,7 +56,7 @@ class DatasetError(ValueError):
     """A problem with a dataset file that a user must fix; the message is one line naming it."""
 
 
-def load_image_rgb(path):
+def load_image_rgb(path: str) -> np.ndarray:
     """Decode an image file -> (H,W,3) uint8 RGB.
 
     Grayscale is replicated to three channels, alpha is dropped, 16-bit is rescaled to 8 bits.
@@ -90,7 +91,7 @@ def load_image_rgb(path):
     raise DatasetError(f"unsupported channel count {image.shape[2]} in image file: {path}")
 
 
-def label_maps(categories):
+def label_maps(categories: Sequence[Dict[str, Any]]) -> Tuple[List[int], Dict[int, int], List[str]]:
     """COCO categories -> (label_to_cat_id list, cat_id_to_label dict, class names list).
 
     Labels are 0..C-1 over the category ids in ascending order, so COCO's 80 ids scattered over
@@ -103,7 +104,7 @@ def label_maps(categories):
     return label_to_cat_id, cat_id_to_label, names
 
 
-def read_coco_json(ann_file):
+def read_coco_json(ann_file: str) -> Dict[str, Any]:
     """Load and validate a COCO annotation file -> its dict; DatasetError names the file."""
     if not os.path.isfile(ann_file):
         raise DatasetError(f"annotation file not found: {ann_file}")
@@ -141,7 +142,7 @@ def read_coco_json(ann_file):
     return data
 
 
-def coco_index(data, ann_file):
+def coco_index(data: Dict[str, Any], ann_file: str) -> COCO:
     """pycocotools COCO over ``data`` (a read_coco_json dict), built without its chatter.
 
     Annotation ids that are missing, repeated or below 1 are renumbered 1..N first (logged):
@@ -162,7 +163,8 @@ def coco_index(data, ann_file):
     return coco
 
 
-def clean_box(ann, width, height):
+def clean_box(ann: Dict[str, Any], width: float,
+              height: float) -> Tuple[Optional[Tuple[float, float, float, float]], Optional[str], bool]:
     """One annotation of an image of ``width`` x ``height`` -> (box, drop_kind, was_clipped).
 
     box is (x1,y1,x2,y2) clipped to the image, or None with drop_kind naming the first rule of the
@@ -196,7 +198,7 @@ class CocoDataset:
     Holds only plain Python/numpy data, so it is cheap to hand to data-loading workers.
     """
 
-    def __init__(self, img_dir, ann_file, *, skip_empty=False):
+    def __init__(self, img_dir: str, ann_file: str, *, skip_empty: bool = False) -> None:
         self.img_dir = img_dir
         self.ann_file = ann_file
         data = read_coco_json(ann_file)
@@ -249,19 +251,19 @@ class CocoDataset:
             if self.stats[kind]:
                 logger.warning("%s: %d %s", os.path.basename(self.ann_file), self.stats[kind], text)
 
-    def image_info(self, image_id):
+    def image_info(self, image_id: int) -> Dict[str, Any]:
         """{'file_name', 'height', 'width'} of an image, as the annotation file gives them."""
         return self._infos[image_id]
 
-    def image_path(self, image_id):
+    def image_path(self, image_id: int) -> str:
         return os.path.join(self.img_dir, self._infos[image_id]["file_name"])
 
-    def targets(self, image_id):
+    def targets(self, image_id: int) -> Tuple[np.ndarray, np.ndarray]:
         """Cleaned targets: boxes (N,4) float32 x1,y1,x2,y2, labels (N,) int32 (copies)."""
         boxes, labels = self._targets[image_id]
         return boxes.copy(), labels.copy()
 
-    def load_image(self, image_id):
+    def load_image(self, image_id: int) -> np.ndarray:
         """(H,W,3) uint8 RGB; DatasetError if unreadable or its size differs from the annotation
         (boxes would then be in another frame)."""
         path = self.image_path(image_id)

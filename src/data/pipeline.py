@@ -16,14 +16,15 @@ import multiprocessing
 import os
 import re
 import typing
+from typing import Any, Callable, List, Optional, Sequence, Tuple
 
 import mindspore.dataset as ds
 import numpy as np
 
 from .coco import CocoDataset, DatasetError
-from src.geometry import PadBucketError, box_area, pad_shape_for, resolve_pad_buckets, window_pad_shape
+from src.geometry import EvalGeometry, PadBucketError, box_area, pad_shape_for, resolve_pad_buckets, window_pad_shape
 
-from .transforms import IMAGENET_PIXELS, preprocess_image
+from .transforms import IMAGENET_PIXELS, PixelFormat, TrainTransform, preprocess_image
 
 logger = logging.getLogger("fcos")
 
@@ -33,7 +34,7 @@ PAD_IMAGE_ID = -1  # image_ids entry of an evaluation batch slot whose outputs a
 GENERATED_ID = -2  # image id of a training sample that a GeneratedSamples plug-in makes
 
 
-def loader_error(err):
+def loader_error(err: BaseException) -> Optional[DatasetError]:
     """The DatasetError a batch source raised in a loading worker -> a one-line DatasetError, or
     None when ``err`` is something else. MindSpore hands such errors on as a RuntimeError whose
     message carries the worker's traceback as text, the original error on its last such line."""
@@ -41,7 +42,7 @@ def loader_error(err):
     return DatasetError(found[-1].strip()) if found else None
 
 
-def present_images(coco, image_ids, purpose):
+def present_images(coco: CocoDataset, image_ids: Sequence[int], purpose: str) -> List[int]:
     """The ids of ``image_ids`` whose file exists; the others are counted in one warning."""
     exists = {i: os.path.isfile(coco.image_path(i)) for i in image_ids}
     missing = [i for i in image_ids if not exists[i]]
@@ -51,7 +52,8 @@ def present_images(coco, image_ids, purpose):
     return [i for i in image_ids if exists[i]]
 
 
-def pad_targets(boxes, labels, max_gt_boxes):
+def pad_targets(boxes: np.ndarray, labels: np.ndarray,
+                max_gt_boxes: int) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Pad to max_gt_boxes rows -> (boxes (M,4) float32, labels (M,) int32, mask (M,) bool).
 
     With more than M boxes the M largest (by area) are kept, in their original order.
@@ -68,7 +70,8 @@ def pad_targets(boxes, labels, max_gt_boxes):
     return out_boxes, out_labels, mask
 
 
-def group_by_bucket(coco, image_ids, pad_shape, buckets=None):
+def group_by_bucket(coco: CocoDataset, image_ids: Sequence[int], pad_shape: Callable[[Tuple[int, int]], Sequence[int]],
+                    buckets: Optional[Sequence[Sequence[int]]] = None) -> Tuple[List[tuple], List[List[int]]]:
     """Image ids -> (buckets, one list of ids per bucket), from the sizes in the annotation file
     (no pixels read).
 
@@ -90,13 +93,14 @@ def group_by_bucket(coco, image_ids, pad_shape, buckets=None):
     return buckets, members
 
 
-def used_pad_shapes(buckets, batches):
+def used_pad_shapes(buckets: Sequence[tuple], batches: Sequence[tuple]) -> List[tuple]:
     """The (h, w) buckets that ``batches`` (tuples whose first item is a bucket index) use, in
     bucket order."""
     return [buckets[b] for b in sorted({batch[0] for batch in batches})]
 
 
-def plan_train_epoch(members, batch_size, seed, epoch, rank=0, group_size=1, shuffle=True):
+def plan_train_epoch(members: Sequence[Sequence[int]], batch_size: int, seed: int, epoch: int, rank: int = 0,
+                     group_size: int = 1, shuffle: bool = True) -> List[Tuple[int, List[int]]]:
     """The batches rank ``rank`` trains on in ``epoch`` -> list of (bucket, [image ids]).
 
     Every rank draws the same plan from seed + epoch: each bucket's images are shuffled and cut
@@ -123,7 +127,7 @@ class FailedImages:
     """Images whose file failed to decode, flagged in shared memory so that every loading worker
     skips them and the main process can count them (``len``) and name them (``paths``)."""
 
-    def __init__(self, coco, image_ids):
+    def __init__(self, coco: CocoDataset, image_ids: Sequence[int]) -> None:
         self._coco = coco
         self._ids = list(image_ids)
         self._index = {image_id: i for i, image_id in enumerate(self._ids)}
@@ -132,7 +136,7 @@ class FailedImages:
     def __contains__(self, image_id):
         return bool(self._flags[self._index[image_id]])
 
-    def mark(self, image_id, error):
+    def mark(self, image_id: int, error: Any) -> None:
         """Flag an image; the first process to flag it logs the error."""
         with self._flags.get_lock():
             first = not self._flags[self._index[image_id]]
@@ -143,7 +147,7 @@ class FailedImages:
     def __len__(self):
         return sum(self._flags[:])
 
-    def paths(self):
+    def paths(self) -> List[str]:
         return [self._coco.image_path(i) for i, flag in zip(self._ids, self._flags[:]) if flag]
 
 
@@ -157,7 +161,7 @@ class EpochSampler(ds.Sampler):
     not at all when the epoch sequence must match a previous run.
     """
 
-    def __init__(self, num_batches, start_epoch=0):
+    def __init__(self, num_batches: int, start_epoch: int = 0) -> None:
         self.num_batches = num_batches
         self.epoch = start_epoch
         super().__init__()
@@ -173,7 +177,7 @@ class EpochSampler(ds.Sampler):
         return self.num_batches
 
 
-def window_samples(coco, image_ids, window):
+def window_samples(coco: CocoDataset, image_ids: Sequence[int], window: int) -> List[Tuple[int, int]]:
     """Training samples of window mode: image id i appears max(1, round(h_i * w_i / window^2))
     times -> list of (image_id, copy), so that each epoch cuts about as many windows from an
     image as it would have tiles; large images are seen in proportion to their area."""
@@ -196,7 +200,7 @@ class GeneratedSamples(typing.Protocol):
         """One sample -> (image (H, W, 3) uint8 RGB, boxes (K, 4) float32, labels (K,) int32)."""
 
 
-def generated_samples(num_real, generated):
+def generated_samples(num_real: int, generated: Optional[GeneratedSamples]) -> List[Tuple[int, int]]:
     """-> [(GENERATED_ID, k)]: the generated samples of an epoch next to num_real real ones."""
     return [(GENERATED_ID, k) for k in range(generated.count(num_real) if generated else 0)]
 
@@ -211,8 +215,10 @@ class TrainBatches:
     GENERATED_ID come from the ``generated`` plug-in, a new one every epoch.
     """
 
-    def __init__(self, coco, samples, members, buckets, transform, *, batch_size, max_gt_boxes,
-                 seed, rank, group_size, shuffle, failed, generated=None):
+    def __init__(self, coco: CocoDataset, samples: List[Tuple[int, int]], members: Sequence[Sequence[int]],
+                 buckets: Sequence[Tuple[int, int]], transform: TrainTransform, *, batch_size: int, max_gt_boxes: int,
+                 seed: int, rank: int, group_size: int, shuffle: bool, failed: FailedImages,
+                 generated: Optional[GeneratedSamples] = None) -> None:
         self.coco = coco
         self.generated = generated
         self.samples = samples
@@ -232,7 +238,7 @@ class TrainBatches:
         return plan_train_epoch(self.members, batch_size, self.seed, epoch, rank, group_size,
                                 shuffle)
 
-    def plan(self, epoch):
+    def plan(self, epoch: int) -> List[Tuple[int, List[int]]]:
         """This rank's batches of ``epoch``: list of (bucket, [image ids])."""
         return [(bucket, [self.samples[i][0] for i in indices])
                 for bucket, indices in self._sample_plan(epoch)]
@@ -298,7 +304,9 @@ class EvalBatches:
     ``failed``), left as zeros.
     """
 
-    def __init__(self, coco, batches, buckets, geometry, pixels, failed):
+    def __init__(self, coco: CocoDataset, batches: Sequence[Tuple[int, List[int], List[bool]]],
+                 buckets: Sequence[Tuple[int, int]], geometry: EvalGeometry, pixels: PixelFormat,
+                 failed: FailedImages) -> None:
         self.coco = coco
         self.batches = batches
         self.buckets = buckets
@@ -335,7 +343,8 @@ class EvalBatches:
         return preprocess_image(image, self.geometry, pad_hw, self.pixels)
 
 
-def plan_eval_batches(members, batch_size, rank=0, group_size=1):
+def plan_eval_batches(members: Sequence[Sequence[int]], batch_size: int, rank: int = 0,
+                      group_size: int = 1) -> List[Tuple[int, List[int], List[bool]]]:
     """Evaluation batches of rank ``rank`` -> list of (bucket, [image ids], [is real]).
 
     Each bucket's last batch is filled up with repeats of its last image; ranks take batches
@@ -400,9 +409,11 @@ def _min_sizes(min_size):
     return [int(min_size)] if np.isscalar(min_size) else [int(s) for s in min_size]
 
 
-def create_train_dataset(img_dir, ann_file, transform, *, batch_size, pad_buckets, max_gt_boxes,
-                         skip_empty_images, num_parallel_workers, seed, rank=0, group_size=1, shuffle=True,
-                         size_divisor=32, start_epoch=0, generated=None):
+def create_train_dataset(img_dir: str, ann_file: str, transform: TrainTransform, *, batch_size: int,
+                         pad_buckets: Sequence[Sequence[int]], max_gt_boxes: int, skip_empty_images: bool,
+                         num_parallel_workers: int, seed: int, rank: int = 0, group_size: int = 1, shuffle: bool = True,
+                         size_divisor: int = 32, start_epoch: int = 0, generated: Optional[GeneratedSamples] = None
+                         ) -> Tuple[ds.GeneratorDataset, TrainDataInfo]:
     """Training dataset -> (dataset, info).
 
     ``transform`` (TrainTransform) augments every sample; its sizes choose the pad buckets.
@@ -457,8 +468,9 @@ def create_train_dataset(img_dir, ann_file, transform, *, batch_size, pad_bucket
     return dataset, info
 
 
-def create_eval_dataset(img_dir, ann_file, *, batch_size, geometry, num_parallel_workers, rank=0, group_size=1,
-                        pixels=IMAGENET_PIXELS):
+def create_eval_dataset(img_dir: str, ann_file: str, *, batch_size: int, geometry: EvalGeometry,
+                        num_parallel_workers: int, rank: int = 0, group_size: int = 1,
+                        pixels: PixelFormat = IMAGENET_PIXELS) -> Tuple[ds.GeneratorDataset, EvalDataInfo]:
     """Evaluation dataset -> (dataset, info).
 
     Every image of the annotation file is kept (with or without boxes), resized and padded as

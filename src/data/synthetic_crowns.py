@@ -8,6 +8,8 @@ fixed is what sites share: a crown is a compact, roughly round, textured blob th
 shadow, 16-70 px across (the DeepForest ground resolution of 10 cm). Training mixes such stands
 with real windows (``synthetic_crowns``, docs/quickstart_experiments.md for what they bought).
 """
+from typing import Tuple
+
 import cv2
 import numpy as np
 
@@ -84,7 +86,7 @@ def _outline(rng, cx, cy, radius):
     return np.round(np.stack([xs, ys], 1)).astype(np.int32)
 
 
-def overlap_of_smaller(box, others):
+def overlap_of_smaller(box: np.ndarray, others: np.ndarray) -> np.ndarray:
     """Intersection of box (4,) with each of others (K,4) over the smaller of the two areas."""
     if not len(others):
         return np.zeros(0)
@@ -134,7 +136,7 @@ def _paint_crown(rng, image, polygon, cx, cy, radius, colour, sun):
     region[mask > 0] = patch[mask > 0]
 
 
-def make_stand(rng, size):
+def make_stand(rng: np.random.Generator, size: int) -> Tuple[np.ndarray, np.ndarray]:
     """One procedural stand -> (image (size,size,3) uint8 RGB, boxes (K,4) float32 x1,y1,x2,y2):
     the tight bounds of every crown, clipped to the image (crowns under 4 px left out)."""
     sun_angle = rng.uniform(0, 2 * np.pi)
@@ -168,7 +170,7 @@ class CrownStands:
     procedural stands of ``size`` pixels that make ``fraction`` (in [0, 1)) of an epoch's samples,
     labelled 0 (one-class data), a new one every epoch."""
 
-    def __init__(self, fraction: float, size: int):
+    def __init__(self, fraction: float, size: int) -> None:
         if not 0.0 <= fraction < 1.0:
             raise ValueError(f"the synthetic fraction must be in [0, 1), got {fraction}")
         self.fraction = fraction
@@ -178,7 +180,7 @@ class CrownStands:
         """Generated samples an epoch next to num_real real ones."""
         return round(num_real * self.fraction / (1.0 - self.fraction))
 
-    def make(self, rng: np.random.Generator):
+    def make(self, rng: np.random.Generator) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
         """-> (image (size, size, 3) uint8 RGB, boxes (K, 4) float32, labels (K,) int32)."""
         image, boxes = make_stand(rng, self.size)
         return image, boxes, np.zeros(len(boxes), np.int32)

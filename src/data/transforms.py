@@ -11,13 +11,16 @@ so that augmentation is reproducible from a seed.
 exported graph, prediction); ``TrainTransform`` is the training one built on the same pieces.
 """
 import dataclasses
-from typing import NamedTuple, Tuple
+from typing import TYPE_CHECKING, NamedTuple, Sequence, Tuple
 
 import cv2
 import numpy as np
 from PIL import Image
 
 from src.geometry import EvalGeometry, box_area, clip_boxes, hflip_boxes, keep_ratio_size, rot90_boxes
+
+if TYPE_CHECKING:
+    from src.config import Config
 
 IMAGENET_MEAN = np.array([0.485, 0.456, 0.406], np.float32)
 IMAGENET_STD = np.array([0.229, 0.224, 0.225], np.float32)
@@ -40,7 +43,7 @@ class PixelFormat:
             raise ValueError(f"pixel mean and std need 3 values each, std > 0: {list(self.mean)}, {list(self.std)}")
 
     @classmethod
-    def from_config(cls, cfg) -> "PixelFormat":
+    def from_config(cls, cfg: "Config") -> "PixelFormat":
         """The configuration's channel_order, pixel_mean and pixel_std."""
         return cls(cfg.channel_order, tuple(cfg.pixel_mean), tuple(cfg.pixel_std))
 
@@ -71,7 +74,7 @@ class ImageMeta(NamedTuple):
     resized_hw: tuple
 
 
-def resize_image(image, size_hw, rule="torchvision"):
+def resize_image(image: np.ndarray, size_hw: Sequence[int], rule: str = "torchvision") -> np.ndarray:
     """Bilinear resize of (H,W,3) to size_hw (h, w), on the 0..255 scale.
 
     rule "torchvision": in float32, as torchvision resizes its float tensor (on the parity
@@ -87,7 +90,8 @@ def resize_image(image, size_hw, rule="torchvision"):
     return cv2.resize(image.astype(np.float32), (size_hw[1], size_hw[0]), interpolation=cv2.INTER_LINEAR)
 
 
-def resize(image, boxes, size_hw, rule="torchvision"):
+def resize(image: np.ndarray, boxes: np.ndarray, size_hw: Sequence[int],
+           rule: str = "torchvision") -> Tuple[np.ndarray, np.ndarray]:
     """Resize a sample to size_hw (h, w) (resize_image's rule); boxes scale per axis."""
     h, w = image.shape[:2]
     scale = np.array([size_hw[1] / w, size_hw[0] / h] * 2)
@@ -96,12 +100,12 @@ def resize(image, boxes, size_hw, rule="torchvision"):
     return resize_image(image, size_hw, rule), scaled.astype(np.float32)
 
 
-def hflip(image, boxes):
+def hflip(image: np.ndarray, boxes: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
     """Mirror an (H, W, C) image and its boxes left-right (hflip_boxes)."""
     return np.ascontiguousarray(image[:, ::-1]), hflip_boxes(boxes, image.shape[1])
 
 
-def vflip(image, boxes):
+def vflip(image: np.ndarray, boxes: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
     """Mirror top-bottom: coordinate y goes to h-y."""
     h = image.shape[0]
     flipped = boxes.copy()
@@ -110,13 +114,13 @@ def vflip(image, boxes):
     return np.ascontiguousarray(image[::-1]), flipped
 
 
-def rot90(image, boxes, turns):
+def rot90(image: np.ndarray, boxes: np.ndarray, turns: int) -> Tuple[np.ndarray, np.ndarray]:
     """Turn an (H, W, C) image and its boxes counter-clockwise by turns x 90 degrees (rot90_boxes)."""
     boxes = rot90_boxes(boxes, turns, image.shape[:2])
     return np.ascontiguousarray(np.rot90(image, turns % 4)), boxes.astype(np.float32).reshape(-1, 4)
 
 
-def color_jitter(image, strength, rng):
+def color_jitter(image: np.ndarray, strength: float, rng: np.random.Generator) -> np.ndarray:
     """Brightness, contrast and saturation, each by a factor in [1-strength, 1+strength], in a
     random order; strength 0 returns the image unchanged."""
     if strength <= 0:
@@ -137,7 +141,7 @@ def color_jitter(image, strength, rng):
     return np.round(out).astype(np.uint8)
 
 
-def hue_shift(image, fraction, rng):
+def hue_shift(image: np.ndarray, fraction: float, rng: np.random.Generator) -> np.ndarray:
     """Turn every pixel's hue by one angle drawn from U(-fraction, fraction) of the colour circle
     (torchvision's ColorJitter hue); fraction 0 returns the image unchanged. Aerial sites differ
     in the hue of their canopy and ground more than a brightness/contrast/saturation jitter
@@ -150,7 +154,7 @@ def hue_shift(image, fraction, rng):
     return np.round(np.clip(rgb * 255.0, 0.0, 255.0)).astype(np.uint8)
 
 
-def invert_lightness(image):
+def invert_lightness(image: np.ndarray) -> np.ndarray:
     """Turn CIE L* into 100 - L*, keeping a* and b* (hue and chroma): what was brighter than its
     surroundings becomes darker, colours stay. (H,W,3) uint8 RGB -> the same; colours that leave
     the RGB gamut are clipped. Tree crowns are brighter than a shadowed understory on one site
@@ -161,7 +165,7 @@ def invert_lightness(image):
     return np.round(np.clip(rgb * 255.0, 0.0, 255.0)).astype(np.uint8)
 
 
-def random_conv(image, rng, kernel_sizes=(1, 3, 5)):
+def random_conv(image: np.ndarray, rng: np.random.Generator, kernel_sizes: Sequence[int] = (1, 3, 5)) -> np.ndarray:
     """RandConv (Xu et al., ICLR 2021): filter the image with a random 3->3 channel convolution
     (k x k, k drawn from kernel_sizes, weights ~ N(0, 1/(3 k^2))), give each output channel the
     mean and standard deviation of the input channel, and blend with the image by a factor drawn
@@ -191,7 +195,8 @@ def _keep_visible(moved, unclipped_area, width, height, min_visible):
     return clipped, keep
 
 
-def random_crop(image, boxes, labels, rng, min_scale, min_visible=0.5, max_tries=10):
+def random_crop(image: np.ndarray, boxes: np.ndarray, labels: np.ndarray, rng: np.random.Generator, min_scale: float,
+                min_visible: float = 0.5, max_tries: int = 10) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Crop a window of the image's aspect ratio, sides scaled by s ~ U(min_scale, 1).
 
     Boxes are clipped to the window; those with under ``min_visible`` of their area inside are
@@ -212,7 +217,8 @@ def random_crop(image, boxes, labels, rng, min_scale, min_visible=0.5, max_tries
     return image, boxes, labels
 
 
-def random_window(image, boxes, labels, rng, size, scale_range, min_visible=0.5):
+def random_window(image: np.ndarray, boxes: np.ndarray, labels: np.ndarray, rng: np.random.Generator, size: int,
+                  scale_range: Sequence[float], min_visible: float = 0.5) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Cut a window at a random place and zoom s ~ U(scale_range) so that it is size x size
     (smaller where the image is smaller than size / s).
 
@@ -267,7 +273,8 @@ def _visible_part(quad, width, height, min_visible):
     return [*part.min(axis=0), *part.max(axis=0)]
 
 
-def rotate(image, boxes, labels, degrees, min_visible=0.5):
+def rotate(image: np.ndarray, boxes: np.ndarray, labels: np.ndarray, degrees: float,
+           min_visible: float = 0.5) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Rotate counter-clockwise by ``degrees`` about the image centre, keeping the canvas size.
 
     Each box becomes the bounding box of the part of its rotated rectangle inside the canvas;
@@ -291,7 +298,7 @@ def rotate(image, boxes, labels, degrees, min_visible=0.5):
     return rotated, kept, labels[keep]
 
 
-def normalize_and_pad(image, pad_hw, pixels=IMAGENET_PIXELS):
+def normalize_and_pad(image: np.ndarray, pad_hw: Sequence[int], pixels: PixelFormat = IMAGENET_PIXELS) -> np.ndarray:
     """(H,W,3) RGB on the 0..255 scale (uint8 or float32) -> (3,pad_h,pad_w) float32:
     (x - mean) / std in the channel order of ``pixels`` (PixelFormat), zero-padded at the bottom
     and right."""
@@ -309,7 +316,8 @@ def normalize_and_pad(image, pad_hw, pixels=IMAGENET_PIXELS):
     return out
 
 
-def preprocess_image(image, geometry: EvalGeometry, pad_hw, pixels=IMAGENET_PIXELS):
+def preprocess_image(image: np.ndarray, geometry: EvalGeometry, pad_hw: Sequence[int],
+                     pixels: PixelFormat = IMAGENET_PIXELS) -> Tuple[np.ndarray, ImageMeta]:
     """Inference preprocessing: keep-ratio resize (geometry's sizes and rule), normalise, zero-pad.
 
     image (H,W,3) uint8 RGB -> (chw (3,pad_h,pad_w) float32, ImageMeta). If the keep-ratio size
@@ -346,10 +354,12 @@ class TrainTransform:
         resize_rule: keep_ratio_size's and resize_image's rule; pixels: the PixelFormat.
     """
 
-    def __init__(self, min_sizes, max_size, *, flip_prob=0.5, vflip_prob=0.0, rot90_prob=0.0,
-                 color_jitter=0.0, hue_jitter=0.0, invert_lightness_prob=0.0, random_conv_prob=0.0,
-                 crop_prob=0.0, crop_min_scale=0.6, rotate_degrees=0.0, window=0, window_scale=(1.0, 1.0),
-                 resize_rule="torchvision", pixels=IMAGENET_PIXELS):
+    def __init__(self, min_sizes: Sequence[int], max_size: int, *, flip_prob: float = 0.5, vflip_prob: float = 0.0,
+                 rot90_prob: float = 0.0, color_jitter: float = 0.0, hue_jitter: float = 0.0,
+                 invert_lightness_prob: float = 0.0, random_conv_prob: float = 0.0, crop_prob: float = 0.0,
+                 crop_min_scale: float = 0.6, rotate_degrees: float = 0.0, window: int = 0,
+                 window_scale: Sequence[float] = (1.0, 1.0), resize_rule: str = "torchvision",
+                 pixels: PixelFormat = IMAGENET_PIXELS) -> None:
         if not min_sizes or min(min_sizes) <= 0 or max_size <= 0:
             raise ValueError(f"min_size {min_sizes} and max_size {max_size} must be positive")
         if not 0.0 < crop_min_scale <= 1.0:

@@ -19,6 +19,7 @@ Readers raise ValueError naming the file; entry points turn it into a one-line C
 import glob
 import json
 import os
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -36,7 +37,7 @@ PREPROCESS_INFO_KEYS = ("input_hw", "num_images", "num_skipped", "images")
 IMAGE_ENTRY_KEYS = ("name", "image_id", "orig_hw", "resized_hw")
 
 
-def check_export_shape(height, width, batch_size):
+def check_export_shape(height: int, width: int, batch_size: int) -> None:
     """ValueError naming the key unless H, W are positive multiples of 32 and the batch positive."""
     for key, value in (("export_height", height), ("export_width", width)):
         if value <= 0 or value % SIZE_MULTIPLE:
@@ -60,8 +61,8 @@ def _read_json(path, keys, what):
 
 # ---- export info: <file_name>.json next to the model ----
 
-def export_info(model_file, file_format, ckpt_file, input_shape, num_candidates, preprocess, postprocess,
-                model):
+def export_info(model_file: str, file_format: str, ckpt_file: str, input_shape: Sequence[int], num_candidates: int,
+                preprocess: Dict[str, Any], postprocess: Dict[str, Any], model: Dict[str, Any]) -> Dict[str, Any]:
     """The export info dict.
 
     Args:
@@ -83,43 +84,43 @@ def export_info(model_file, file_format, ckpt_file, input_shape, num_candidates,
     }
 
 
-def write_export_info(path, info):
+def write_export_info(path: str, info: Dict[str, Any]) -> None:
     write_json_atomic(path, info)
 
 
-def read_export_info(path):
+def read_export_info(path: str) -> Dict[str, Any]:
     """export.py's <file_name>.json -> dict; ValueError naming the file when it is not one."""
     return _read_json(path, EXPORT_INFO_KEYS, "an export.py .json file")
 
 
-def export_candidates(info):
+def export_candidates(info: Dict[str, Any]) -> int:
     """K, the candidates per image of the export's outputs."""
     return info["outputs"][1]["shape"][1]
 
 
 # ---- preprocessed inputs: <data>/images/<name>.bin and <data>/preprocess_info.json ----
 
-def bin_names(count):
+def bin_names(count: int) -> List[str]:
     """Names of ``count`` input bins: equal-width zero-padded indices, so sorted == numbered."""
     width = max(6, len(str(count - 1)))
     return [f"{i:0{width}d}" for i in range(count)]
 
 
-def input_bin_path(data_dir, name):
+def input_bin_path(data_dir: str, name: str) -> str:
     return os.path.join(data_dir, IMAGES_DIR, f"{name}.bin")
 
 
-def write_input_bin(data_dir, name, chw):
+def write_input_bin(data_dir: str, name: str, chw: np.ndarray) -> None:
     """One preprocessed (3, H, W) float32 image."""
     chw.astype(np.float32, copy=False).tofile(input_bin_path(data_dir, name))
 
 
-def read_input_bin(path, chw):
+def read_input_bin(path: str, chw: Sequence[int]) -> np.ndarray:
     """One preprocessed image of shape chw (3, H, W) back as float32."""
     return np.fromfile(path, np.float32).reshape(chw)
 
 
-def list_input_bins(input_dir, image_bytes):
+def list_input_bins(input_dir: str, image_bytes: int) -> List[str]:
     """Sorted *.bin paths of input_dir; ValueError when there is none or one has the wrong size."""
     paths = sorted(glob.glob(os.path.join(input_dir, "*.bin")))
     if not paths:
@@ -131,18 +132,18 @@ def list_input_bins(input_dir, image_bytes):
     return paths
 
 
-def write_preprocess_info(data_dir, info):
+def write_preprocess_info(data_dir: str, info: Dict[str, Any]) -> None:
     write_json_atomic(os.path.join(data_dir, INFO_FILE), info)
 
 
-def remove_preprocess_info(data_dir):
+def remove_preprocess_info(data_dir: str) -> None:
     """Remove <data>/preprocess_info.json if there (before its bins are replaced)."""
     path = os.path.join(data_dir, INFO_FILE)
     if os.path.exists(path):
         os.remove(path)
 
 
-def read_preprocess_info(path):
+def read_preprocess_info(path: str) -> Dict[str, Any]:
     """preprocess.py's preprocess_info.json -> dict; ValueError naming the file when it is not one."""
     info = _read_json(path, PREPROCESS_INFO_KEYS, "a preprocess.py preprocess_info.json")
     for entry in info["images"]:
@@ -154,18 +155,18 @@ def read_preprocess_info(path):
 
 # ---- results: <result>/<name>_<i>.bin and <result>/infer_time.json ----
 
-def result_path(result_dir, name, index):
+def result_path(result_dir: str, name: str, index: int) -> str:
     """Path of output ``index`` (0 boxes, 1 scores, 2 labels) of input bin ``name``."""
     return os.path.join(result_dir, f"{name}_{index}.bin")
 
 
-def write_result(result_dir, name, outputs):
+def write_result(result_dir: str, name: str, outputs: Sequence[np.ndarray]) -> None:
     """One image's outputs (boxes (K, 4), scores (K,), labels (K,)) in the contract's dtypes."""
     for index, (output, dtype) in enumerate(zip(outputs, OUTPUT_DTYPES)):
         np.ascontiguousarray(output, dtype=dtype).tofile(result_path(result_dir, name, index))
 
 
-def read_result(result_dir, name, num_candidates):
+def read_result(result_dir: str, name: str, num_candidates: int) -> Tuple[np.ndarray, ...]:
     """One image's outputs -> boxes (K, 4) float32, scores (K,) float32, labels (K,) int32.
 
     Raises ValueError naming the file when it is missing or not K candidates long.
@@ -183,7 +184,7 @@ def read_result(result_dir, name, num_candidates):
     return tuple(arrays)
 
 
-def write_infer_time(result_dir, images, batch_size, seconds):
+def write_infer_time(result_dir: str, images: int, batch_size: int, seconds: float) -> Dict[str, Any]:
     """infer_time.json: the mean model time per image and per batch call."""
     batches = ceil_div(images, batch_size)
     timing = {"images": images, "batch_size": batch_size, "mean_ms_per_image": 1000.0 * seconds / images,
@@ -192,7 +193,7 @@ def write_infer_time(result_dir, images, batch_size, seconds):
     return timing
 
 
-def read_infer_time(result_dir):
+def read_infer_time(result_dir: str) -> Optional[Dict[str, Any]]:
     """infer_time.json of a result folder -> dict, or None when the runner wrote none."""
     path = os.path.join(result_dir, TIME_FILE)
     if not os.path.isfile(path):

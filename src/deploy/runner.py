@@ -7,6 +7,7 @@ of src/deploy/contract.py (the same one ascend310_infer/ follows in C++).
 import argparse
 import os
 import time
+from typing import Any, Dict, Optional, Sequence, Tuple
 
 import src  # noqa: F401  (sets the oneDNN ISA before mindspore loads)
 import mindspore as ms
@@ -19,7 +20,7 @@ from src.utils.context import init_context
 _MINDIR_FLOAT32 = 1  # TensorProto.DataType FLOAT in mind_ir.proto
 
 
-def mindir_input_shape(mindir_path):
+def mindir_input_shape(mindir_path: str) -> Tuple[int, ...]:
     """(B, 3, H, W) of the single float32 input of a MindIR file (what Model::GetInputs gives in C++)."""
     from mindspore.train.mind_ir_pb2 import ModelProto  # the protobuf schema of MindIR files
 
@@ -33,7 +34,7 @@ def mindir_input_shape(mindir_path):
     return tuple(int(d) for d in inputs[0].dims)
 
 
-def check_outputs(outputs, mindir_path):
+def check_outputs(outputs: Any, mindir_path: str) -> None:
     """ValueError unless the graph returned FCOSInference's three outputs with their dtypes (the C++
     program writes raw bytes, so a dtype change would silently break postprocess.py)."""
     dtypes = tuple(out.asnumpy().dtype for out in outputs) if isinstance(outputs, (tuple, list)) else ()
@@ -42,7 +43,7 @@ def check_outputs(outputs, mindir_path):
                          f"got {[str(d) for d in dtypes] or type(outputs).__name__}")
 
 
-def run_mindir(mindir_path, input_dir, result_dir):
+def run_mindir(mindir_path: str, input_dir: str, result_dir: str) -> Dict[str, Any]:
     """Run a MindIR over the input bins and write the result bins (see src/deploy/contract.py).
 
     Returns {'images', 'batch_size', 'mean_ms_per_image', 'mean_ms_per_batch'}; the time is the
@@ -70,7 +71,7 @@ def run_mindir(mindir_path, input_dir, result_dir):
     return write_infer_time(result_dir, len(paths), batch, elapsed)
 
 
-def main(argv=None):
+def main(argv: Optional[Sequence[str]] = None) -> None:
     parser = argparse.ArgumentParser(description="Run an exported FCOS MindIR over preprocessed .bin inputs.")
     parser.add_argument("--mindir_path", required=True, help="exported .mindir file")
     parser.add_argument("--input_path", required=True, help="folder of input .bin files (preprocess.py's images/)")

@@ -8,7 +8,7 @@ import glob
 import logging
 import os
 import re
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple, Union
 
 import mindspore as ms
 import numpy as np
@@ -22,7 +22,8 @@ logger = logging.getLogger("fcos")
 META_PREFIX = "meta_"
 
 
-def save_checkpoint_atomic(cell_or_params, path: str, meta: Optional[Dict[str, int]] = None) -> str:
+def save_checkpoint_atomic(cell_or_params: Union[ms.nn.Cell, list], path: str,
+                           meta: Optional[Dict[str, int]] = None) -> str:
     """ms.save_checkpoint to ``path`` (the name as given, .ckpt or not) via a temporary file and
     os.replace (atomic on POSIX)."""
     append = {META_PREFIX + key: value for key, value in (meta or {}).items()}
@@ -119,7 +120,7 @@ def read_training_checkpoint(path: str) -> "TrainingCheckpoint":
     return TrainingCheckpoint(path, params, meta)
 
 
-def load_weights(network, path: str, strict_prefixes: Sequence[str] = ()) -> None:
+def load_weights(network: ms.nn.Cell, path: str, strict_prefixes: Sequence[str] = ()) -> None:
     """Load the network's parameters from ``path`` (extra entries such as optimiser momenta are
     ignored; see fitting_params for the checks: a missing parameter starting with one of
     ``strict_prefixes`` raises ValueError, others keep their initial values)."""
@@ -136,7 +137,7 @@ class CheckpointKeeper:
 
     PATTERN = re.compile(r"^fcos-(\d+)_(\d+)(?:-(\d+))?\.ckpt$")
 
-    def __init__(self, folder: str, keep: int = 5):
+    def __init__(self, folder: str, keep: int = 5) -> None:
         self.folder = folder
         self.keep = max(int(keep), 1)
         self.written = []  # this run's checkpoints, oldest first
@@ -156,7 +157,7 @@ class CheckpointKeeper:
             n += 1
         return path
 
-    def save(self, cell, epoch: int, step_in_epoch: int, global_step: int, global_batch: int) -> str:
+    def save(self, cell: ms.nn.Cell, epoch: int, step_in_epoch: int, global_step: int, global_batch: int) -> str:
         """Save, then remove this run's checkpoints beyond the newest ``keep`` -> the path saved."""
         path = self._free_path(epoch, global_step)
         save_checkpoint_atomic(cell, path, {"epoch": epoch, "step_in_epoch": step_in_epoch,
@@ -195,7 +196,7 @@ def newest_checkpoint(folder: str) -> Optional[str]:
 BEST_AP_KEY = "best_ap_ppm"
 
 
-def save_best(network, path: str, ap: float, meta: Dict[str, int]) -> str:
+def save_best(network: ms.nn.Cell, path: str, ap: float, meta: Dict[str, int]) -> str:
     """Write the network to path (best.ckpt) with its AP recorded (read_best_ap reads it back)."""
     return save_checkpoint_atomic(network, path, {**meta, BEST_AP_KEY: int(round(ap * 1e6))})
 

@@ -32,11 +32,12 @@ import os
 import shutil
 import sys
 import time
+from typing import Any, Dict, Optional, Sequence, Tuple
 
 import mindspore as ms
 import numpy as np
 
-from src.config import schema
+from src.config import Config, schema
 from src.ops.backend import backend_of
 
 logger = logging.getLogger("fcos")
@@ -49,7 +50,7 @@ RANK_DIR = "rank_0"
 _state = {"used": False}
 
 
-def graph_config(cfg):
+def graph_config(cfg: Config) -> Dict[str, Any]:
     """The configuration values that can reach a graph: every schema key but the run_only group
     (paths, logging and checkpoint cadence), so entry-point flags and config_path stay out too."""
     run_only = set(schema().group("run_only"))
@@ -60,24 +61,24 @@ class PlannedGraph:
     """One graph to compile: ``cell`` in train (``training=True``) or eval mode on inputs of the
     given (shape, NumPy dtype) signature."""
 
-    def __init__(self, cell, inputs, training):
+    def __init__(self, cell: ms.nn.Cell, inputs: Sequence[Tuple[Sequence[int], Any]], training: bool) -> None:
         self.cell = cell
         self.inputs = [(tuple(int(d) for d in shape), np.dtype(dtype)) for shape, dtype in inputs]
         self.training = training
 
-    def describe(self):
+    def describe(self) -> Dict[str, Any]:
         """JSON-able identity: cell class, mode, parameters (name, shape, dtype) and inputs."""
         params = [(p.name, list(p.shape), str(p.dtype)) for p in self.cell.get_parameters()]
         return {"cell": type(self.cell).__name__, "training": self.training, "params": params,
                 "backend": backend_of(self.cell),
                 "inputs": [(list(shape), dtype.name) for shape, dtype in self.inputs]}
 
-    def compile(self):
+    def compile(self) -> None:
         self.cell.set_train(self.training)
         self.cell.compile(*(ms.Tensor(np.zeros(shape, dtype)) for shape, dtype in self.inputs))
 
 
-def source_digest():
+def source_digest() -> str:
     """sha256 over this package's Python files and the entry script."""
     files = sorted(glob.glob(os.path.join(PACKAGE_DIR, "**", "*.py"), recursive=True))
     main = getattr(sys.modules.get("__main__"), "__file__", None)
@@ -91,7 +92,7 @@ def source_digest():
     return digest.hexdigest()
 
 
-def plan_digest(cfg, graphs):
+def plan_digest(cfg: Config, graphs: Sequence[PlannedGraph]) -> str:
     """Name of the cache folder for this configuration and sequence of graphs (16 hex digits)."""
     identity = {"source": source_digest(), "mindspore": ms.__version__,
                 "config": graph_config(cfg),
@@ -133,7 +134,7 @@ def _compile_cached(graphs, folder):
     return hit
 
 
-def precompile(graphs, cfg, cache_root=None):
+def precompile(graphs: Sequence[PlannedGraph], cfg: Config, cache_root: Optional[str] = None) -> str:
     """Compile ``graphs`` (PlannedGraph list) now; with ``cache_root`` load them from, or store
     them in, <cache_root>/<plan_digest>. No-op in PYNATIVE mode. Returns "loaded", "stored",
     "compiled" or "skipped"."""

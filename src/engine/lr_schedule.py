@@ -1,16 +1,18 @@
 """Learning-rate schedules as per-step arrays (the optimiser indexes them by its global step)."""
 import math
+from typing import Sequence
 
 import numpy as np
 
 
-def scaled_lr(base_lr, base_batch, global_batch):
+def scaled_lr(base_lr: float, base_batch: int, global_batch: int) -> float:
     """Linear scaling rule: base_lr is the rate for base_batch images per step."""
     return base_lr * global_batch / base_batch
 
 
-def build_lr_schedule(lr, steps_per_epoch, epochs, schedule="step", lr_steps=(8, 11), gamma=0.1,
-                      warmup_iters=500, warmup_ratio=1.0 / 3):
+def build_lr_schedule(lr: float, steps_per_epoch: int, epochs: int, schedule: str = "step",
+                      lr_steps: Sequence[int] = (8, 11), gamma: float = 0.1, warmup_iters: int = 500,
+                      warmup_ratio: float = 1.0 / 3) -> np.ndarray:
     """Return float32 (epochs*steps_per_epoch,) learning rates.
 
     step: lr * gamma**(number of lr_steps epochs passed); cosine: half cosine from lr to 0.

@@ -1,10 +1,13 @@
 """The compiled training step: forward + loss, backward, gradient reduction, clipping, a guard
 against non-finite values, and the optimiser update - one graph per input shape."""
+from typing import Any, Callable, Iterable, List, Optional, Sequence, Tuple
+
 import mindspore as ms
+import numpy as np
 from mindspore import ParameterTuple, nn, ops
 
 
-def squared_global_norm(grads):
+def squared_global_norm(grads: Sequence[ms.Tensor]) -> ms.Tensor:
     """Sum of the squares of every gradient -> float32 scalar; not finite when any gradient holds
     a NaN or an infinity (or when the sum overflows float32).
 
@@ -15,7 +18,7 @@ def squared_global_norm(grads):
     return ops.addn([ops.matmul(g, g.reshape(-1, 1)).reshape(()) for g in flat])
 
 
-def clip_by_global_norm(grads, max_norm, squared_norm):
+def clip_by_global_norm(grads: Sequence[ms.Tensor], max_norm: float, squared_norm: ms.Tensor) -> Tuple[ms.Tensor, ...]:
     """Scale all gradients by min(1, max_norm / global L2 norm). Written out because
     ops.clip_by_global_norm returns shape (1,) for 0-d parameters (the head's scales)."""
     factor = ops.minimum(max_norm / (ops.sqrt(squared_norm) + 1e-6), 1.0)
@@ -25,7 +28,7 @@ def clip_by_global_norm(grads, max_norm, squared_norm):
 class FCOSWithLoss(nn.Cell):
     """Network + FCOSLoss: (images, gt_boxes, gt_labels, gt_mask) -> (total, cls, reg, ctr)."""
 
-    def __init__(self, network, loss_fn):
+    def __init__(self, network: nn.Cell, loss_fn: nn.Cell) -> None:
         # No prefix, so parameter names in training checkpoints equal the bare network's.
         super().__init__(auto_prefix=False)
         self.network = network
@@ -50,8 +53,9 @@ class TrainStep(nn.Cell):
     function.
     """
 
-    def __init__(self, net_with_loss, optimizer, grad_clip_norm=0.0, distributed=False, loss_scaler=None,
-                 squared_norm=None):
+    def __init__(self, net_with_loss: nn.Cell, optimizer: nn.Optimizer, grad_clip_norm: float = 0.0,
+                 distributed: bool = False, loss_scaler: Optional[ms.amp.LossScaler] = None,
+                 squared_norm: Optional[Callable[..., Any]] = None) -> None:
         super().__init__(auto_prefix=False)
         self.squared_norm = squared_norm if squared_norm is not None else squared_global_norm
         self.net_with_loss = net_with_loss
@@ -66,7 +70,7 @@ class TrainStep(nn.Cell):
             for param in (cell.moving_mean, cell.moving_variance))
 
     @property
-    def network(self):
+    def network(self) -> nn.Cell:
         """The FCOS network being trained (what checkpoints of the model alone hold)."""
         return self.net_with_loss.network
 
@@ -98,7 +102,8 @@ class TrainStep(nn.Cell):
         return total, loss_cls, loss_reg, loss_ctr, finite
 
 
-def split_decay_params(params, decay_norm_bias=False):
+def split_decay_params(params: Iterable[ms.Parameter],
+                       decay_norm_bias: bool = False) -> Tuple[List[ms.Parameter], List[ms.Parameter]]:
     """Split trainable parameters into (with weight decay, without): biases, norm scales/shifts
     and the head's per-level scales get no decay unless decay_norm_bias."""
     decay, no_decay = [], []
@@ -110,7 +115,8 @@ def split_decay_params(params, decay_norm_bias=False):
     return decay, no_decay
 
 
-def build_optimizer(params, lr_schedule, momentum, weight_decay, decay_norm_bias=False):
+def build_optimizer(params: Iterable[ms.Parameter], lr_schedule: np.ndarray, momentum: float, weight_decay: float,
+                    decay_norm_bias: bool = False) -> nn.Momentum:
     """SGD with momentum; lr_schedule is a per-step float32 array indexed by the global step."""
     decay, no_decay = split_decay_params(params, decay_norm_bias)
     groups = [{"params": decay, "weight_decay": weight_decay}]

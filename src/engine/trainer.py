@@ -5,10 +5,12 @@ import math
 import os
 import signal
 import time
+from typing import Any, Callable, Dict, Iterable, Optional
 
 import mindspore as ms
+import numpy as np
 
-from src.engine.checkpoint import CheckpointKeeper, fitting_params, read_best_ap, save_best
+from src.engine.checkpoint import CheckpointKeeper, TrainingCheckpoint, fitting_params, read_best_ap, save_best
 from src.utils.progress import Progress
 
 logger = logging.getLogger("fcos")
@@ -31,9 +33,11 @@ class Trainer:
     ``save_checkpoints`` is False (data-parallel ranks other than 0).
     """
 
-    def __init__(self, train_step, *, steps_per_epoch, epochs, global_batch, lr_schedule,
-                 output_dir, save_checkpoints=True, log_interval=20, save_ckpt_epochs=1, save_ckpt_steps=0,
-                 keep_ckpt_max=5, max_bad_steps=10, eval_interval=0, evaluate=None):
+    def __init__(self, train_step: ms.nn.Cell, *, steps_per_epoch: int, epochs: int, global_batch: int,
+                 lr_schedule: np.ndarray, output_dir: str, save_checkpoints: bool = True, log_interval: int = 20,
+                 save_ckpt_epochs: int = 1, save_ckpt_steps: int = 0, keep_ckpt_max: int = 5, max_bad_steps: int = 10,
+                 eval_interval: int = 0,
+                 evaluate: Optional[Callable[[], Optional[Dict[str, float]]]] = None) -> None:
         self.train_step = train_step
         self.steps_per_epoch = steps_per_epoch
         self.epochs = epochs
@@ -58,7 +62,7 @@ class Trainer:
         self._stop_signal = None
 
     # ---- state ----
-    def resume_from(self, checkpoint):
+    def resume_from(self, checkpoint: TrainingCheckpoint) -> None:
         """Restore weights, optimiser state and the schedule position from a TrainingCheckpoint
         (src.engine.checkpoint.read_training_checkpoint); ValueError if it does not fit.
 
@@ -89,7 +93,7 @@ class Trainer:
         logger.info("resumed from %s at epoch %d, step %d of the epoch, global step %d",
                     checkpoint.path, self.epoch + 1, self.step_in_epoch, self.global_step)
 
-    def save(self):
+    def save(self) -> Optional[str]:
         if not self.save_checkpoints:
             return None
         epoch, step_in_epoch = self.epoch, self.step_in_epoch
@@ -100,7 +104,7 @@ class Trainer:
         return path
 
     # ---- loop ----
-    def run(self, make_dataset):
+    def run(self, make_dataset: Callable[[int, int], Iterable[Any]]) -> bool:
         """Train to the end; False when stopped by SIGINT/SIGTERM (after saving a checkpoint).
 
         make_dataset(epoch, start_batch) -> an iterable of (images, gt_boxes, gt_labels, gt_mask)

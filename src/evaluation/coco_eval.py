@@ -5,8 +5,10 @@ import logging
 import math
 import os
 import time
+from typing import Any, Dict, List, Optional, Sequence
 
 import numpy as np
+from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
 try:  # same statistics as pycocotools, computed in C++ (about 10x faster evaluate + accumulate)
@@ -27,7 +29,7 @@ STAT_KEYS = ("AP", "AP50", "AP75", "APs", "APm", "APl", "AR1", "AR10", "AR100", 
 UNSCORABLE = ("malformed", "nonfinite", "degenerate", "outside")
 
 
-def load_coco(ann_file):
+def load_coco(ann_file: str) -> COCO:
     """Ground truth for scoring -> a pycocotools COCO; DatasetError names an unusable file.
 
     Annotations that no detection can match - bbox missing, NaN/inf, empty or entirely outside
@@ -55,7 +57,7 @@ def load_coco(ann_file):
     return coco_index(data, ann_file)
 
 
-def check_category_count(num_categories, class_num, ann_file):
+def check_category_count(num_categories: int, class_num: int, ann_file: str) -> None:
     """The one policy of train.py, eval.py and postprocess.py: an annotation file with more
     categories than the model has classes is a ConfigError; with fewer, the labels beyond them
     have no category (nothing to learn, and to_coco_results leaves their detections out): a
@@ -68,7 +70,8 @@ def check_category_count(num_categories, class_num, ann_file):
                        "never scored)", ann_file, num_categories, class_num, num_categories, class_num - 1)
 
 
-def to_coco_results(image_id, boxes, scores, labels, label_to_cat_id, plus_one=False):
+def to_coco_results(image_id: int, boxes: np.ndarray, scores: np.ndarray, labels: np.ndarray,
+                    label_to_cat_id: Sequence[int], plus_one: bool = False) -> List[Dict[str, Any]]:
     """Detections of one image -> COCO results entries.
 
     boxes (N,4) x1,y1,x2,y2 in original image pixels; scores (N,); labels (N,) contiguous
@@ -95,7 +98,7 @@ def to_coco_results(image_id, boxes, scores, labels, label_to_cat_id, plus_one=F
 BACKENDS = ("faster_coco_eval", "pycocotools")
 
 
-def default_backend():
+def default_backend() -> str:
     """faster_coco_eval when it is installed, else pycocotools."""
     return BACKENDS[0] if faster_coco_eval is not None else BACKENDS[1]
 
@@ -113,7 +116,8 @@ def _evaluator(coco_gt, results, backend):
     return COCOeval(coco_gt, coco_dt, "bbox")
 
 
-def coco_evaluate(coco_gt, results, output_dir=None, image_ids=None, backend=None):
+def coco_evaluate(coco_gt: COCO, results: Sequence[Dict[str, Any]], output_dir: Optional[str] = None,
+                  image_ids: Optional[Sequence[int]] = None, backend: Optional[str] = None) -> Dict[str, float]:
     """Score ``results`` (COCO results entries) against ``coco_gt`` (a COCO object).
 
     Prints the standard 12-line table and returns {key: float} for STAT_KEYS. With

@@ -4,17 +4,25 @@ Shared by eval.py and evaluation during training.
 """
 import logging
 import time
+from typing import TYPE_CHECKING, Any, Dict, List, Optional, Sequence, Tuple, Union
 
-from src.data.pipeline import PAD_IMAGE_ID
+from src.data.pipeline import PAD_IMAGE_ID, EvalDataInfo
 from src.evaluation.coco_eval import coco_evaluate, load_coco, to_coco_results
 from src.utils.progress import Progress
 from src.inference.select import postprocess_batch
 from src.inference.tta import IDENTITY, view_candidates
 
+if TYPE_CHECKING:
+    import mindspore.dataset as ds
+
+    from src.inference.runtime import MindSporeRuntime, OnnxRuntime
+
 logger = logging.getLogger("fcos")
 
 
-def detect_dataset(runtime, dataset, num_batches, batch_size, selection, label_to_cat_id, views=IDENTITY):
+def detect_dataset(runtime: "Union[MindSporeRuntime, OnnxRuntime]", dataset: "ds.Dataset", num_batches: int,
+                   batch_size: int, selection: Dict[str, Any], label_to_cat_id: Sequence[int],
+                   views: Sequence[Tuple[int, bool]] = IDENTITY) -> Tuple[List[Dict[str, Any]], List[int]]:
     """-> (COCO results list, ids of the images run). ``runtime``: src.inference.runtime (images ->
     candidates); ``selection``: select_detections kwargs; ``views``: the test-time views
     (src.inference.tta)."""
@@ -39,7 +47,9 @@ def detect_dataset(runtime, dataset, num_batches, batch_size, selection, label_t
     return results, image_ids
 
 
-def evaluate(runtime, dataset, info, ann_file, selection, output_dir=None, batch_size=1, views=IDENTITY):
+def evaluate(runtime: "Union[MindSporeRuntime, OnnxRuntime]", dataset: "ds.Dataset", info: EvalDataInfo,
+             ann_file: str, selection: Dict[str, Any], output_dir: Optional[str] = None, batch_size: int = 1,
+             views: Sequence[Tuple[int, bool]] = IDENTITY) -> Optional[Dict[str, float]]:
     """Detect every image of ``dataset`` with ``runtime`` (src.inference.runtime) on ``views``
     (src.inference.tta) and return the COCO metrics dict (see coco_eval), scored over the images
     actually run (``info`` from create_eval_dataset counts those skipped); None, with an error

@@ -9,8 +9,12 @@ top-k first and thresholding afterwards keeps the same set. The FCOS authors' co
 sigmoid(cls) before centreness and then takes the top-k of the score among those candidates:
 with class_threshold the decoder does that in the graph, and candidates that fail it get score -1.
 """
+from typing import Optional
+
 import mindspore as ms
 from mindspore import nn, ops
+
+from src.model.points import PointCoder
 
 
 class FCOSDecoder(nn.Cell):
@@ -33,7 +37,8 @@ class FCOSDecoder(nn.Cell):
         K = num_candidates(H, W, C).
     """
 
-    def __init__(self, coder, add_centerness=True, max_detection_boxes_num=1000, class_threshold=None):
+    def __init__(self, coder: PointCoder, add_centerness: bool = True, max_detection_boxes_num: int = 1000,
+                 class_threshold: Optional[float] = None) -> None:
         super().__init__()
         self.coder = coder
         self.add_centerness = add_centerness
@@ -44,7 +49,7 @@ class FCOSDecoder(nn.Cell):
         """Candidates kept on a level of level_points locations: at most max_detection_boxes_num."""
         return min(self.max_detection_boxes_num, level_points * num_classes)
 
-    def num_candidates(self, image_h, image_w, num_classes):
+    def num_candidates(self, image_h: int, image_w: int, num_classes: int) -> int:
         """K, the candidates per image at a padded input of image_h x image_w."""
         return sum(self.level_candidates(h * w, num_classes) for h, w in self.coder.level_sizes(image_h, image_w))
 

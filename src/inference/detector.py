@@ -9,7 +9,7 @@ class FCOSInference(nn.Cell):
     NumPy part (threshold, clip, NMS) is src.inference.select.select_detections.
     """
 
-    def __init__(self, network, decoder):
+    def __init__(self, network: nn.Cell, decoder: nn.Cell) -> None:
         # No prefix, so parameter names equal the bare network's (checkpoints load either way).
         super().__init__(auto_prefix=False)
         self.network = network

@@ -6,7 +6,7 @@ from src.utils.io import atomic_path
 EXTENSIONS = {"MINDIR": ".mindir", "AIR": ".air", "ONNX": ".onnx"}
 
 
-def export_model(infer_cell, inputs, path, file_format):
+def export_model(infer_cell: ms.nn.Cell, inputs: ms.Tensor, path: str, file_format: str) -> None:
     """Export infer_cell at the shape of inputs to path; a failure never leaves half a model.
 
     ONNX gets named inputs and outputs (images -> boxes, scores, labels), as onnxruntime users

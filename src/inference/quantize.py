@@ -22,7 +22,7 @@ import logging
 import os
 import tempfile
 import time
-from typing import Callable, Iterator
+from typing import Any, Callable, Dict, Iterator, Optional
 
 import numpy as np
 
@@ -48,14 +48,14 @@ class Calibration:
     batches: Callable[[tuple], Iterator[np.ndarray]]
 
 
-def model_digest(model) -> str:
+def model_digest(model: Any) -> str:
     """A digest of an onnx ModelProto's computation - operators, attributes, wiring, input shapes and
     weights - that ignores names: MindSpore numbers the names of every export anew, so two exports of
     the same weights and graph differ in their bytes but not here."""
     h = hashlib.sha256()
     ids = {}
 
-    def wire(name):
+    def wire(name: str) -> None:
         h.update(str(ids.setdefault(name, len(ids)) if name else -1).encode())
 
     initializers = {init.name: init for init in model.graph.initializer}
@@ -89,7 +89,7 @@ def _digest(float_model: str, calibration: Calibration) -> str:
     return h.hexdigest()[:16]
 
 
-def float_conv_nodes(model) -> list:
+def float_conv_nodes(model: Any) -> list:
     """Names of the Conv nodes of an onnx ModelProto that stay float (FLOAT_CONVS; the optimiser may
     have renamed a weight it fused with the level's scale, e.g. ConvMulFusion_W_head.bbox_reg.weight)."""
     return [node.name for node in model.graph.node
@@ -108,10 +108,10 @@ def quantize(float_model: str, out_path: str, calibration: Calibration, shape: t
                           f"package (pip install -r requirements.txt): {err}") from None
 
     class Reader(CalibrationDataReader):
-        def __init__(self):
+        def __init__(self) -> None:
             self.batches = iter(calibration.batches(shape))
 
-        def get_next(self):
+        def get_next(self) -> Optional[Dict[str, np.ndarray]]:
             batch = next(self.batches, None)
             return None if batch is None else {"images": np.ascontiguousarray(batch, np.float32)}
 

@@ -10,9 +10,10 @@ import logging
 import os
 import tempfile
 import time
+from typing import Any, Optional, Sequence, Tuple, Union
 
 import numpy as np
-from mindspore import Tensor
+from mindspore import Tensor, nn
 
 from src.inference.export import export_model
 from src.inference.quantize import Calibration, quantized_model
@@ -27,10 +28,10 @@ class MindSporeRuntime:
 
     name = "mindspore"
 
-    def __init__(self, infer_cell):
+    def __init__(self, infer_cell: nn.Cell) -> None:
         self.infer_cell = infer_cell
 
-    def __call__(self, images):
+    def __call__(self, images: np.ndarray) -> Tuple[np.ndarray, ...]:
         return tuple(x.asnumpy() for x in self.infer_cell(Tensor(images)))
 
 
@@ -45,7 +46,7 @@ class OnnxRuntime:
 
     name = "onnxruntime"
 
-    def __init__(self, infer_cell, threads=0):
+    def __init__(self, infer_cell: nn.Cell, threads: int = 0) -> None:
         try:
             import onnxruntime
         except ImportError:
@@ -56,7 +57,7 @@ class OnnxRuntime:
         self._folder = tempfile.TemporaryDirectory(prefix="fcos_onnx_")
         self._sessions = {}
 
-    def prepare(self, shape):
+    def prepare(self, shape: Sequence[int]) -> Any:
         """Export and load the model for input shape (B, 3, H, W) unless done already."""
         shape = tuple(int(d) for d in shape)
         if shape in self._sessions:
@@ -73,15 +74,15 @@ class OnnxRuntime:
                     self._ort.__version__, "x".join(map(str, shape)), time.perf_counter() - start)
         return session
 
-    def model_for(self, float_model, shape):
+    def model_for(self, float_model: str, shape: Tuple[int, ...]) -> str:
         """The model file a session runs for the float export at float_model: that file."""
         return float_model
 
-    def __call__(self, images):
+    def __call__(self, images: np.ndarray) -> Tuple[np.ndarray, ...]:
         images = np.ascontiguousarray(images, np.float32)
         return tuple(self.prepare(images.shape).run(None, {"images": images}))
 
-    def close(self):
+    def close(self) -> None:
         """Remove the exported files."""
         self._sessions.clear()
         self._folder.cleanup()
@@ -93,18 +94,19 @@ class OnnxInt8Runtime(OnnxRuntime):
 
     name = "onnxruntime_int8"
 
-    def __init__(self, infer_cell, calibration: Calibration, cache_dir, threads=0):
+    def __init__(self, infer_cell: nn.Cell, calibration: Calibration, cache_dir: str, threads: int = 0) -> None:
         super().__init__(infer_cell, threads)
         # unstacked, the head's output convolutions keep their weights' names in ONNX (what stays float)
         infer_cell.network.head.set_stacking(False)
         self.calibration = calibration
         self.cache_dir = cache_dir
 
-    def model_for(self, float_model, shape):
+    def model_for(self, float_model: str, shape: Tuple[int, ...]) -> str:
         return quantized_model(float_model, self.calibration, shape, self.cache_dir)
 
 
-def make_runtime(name, infer_cell, threads=0, calibration=None, cache_dir=None):
+def make_runtime(name: str, infer_cell: nn.Cell, threads: int = 0, calibration: Optional[Calibration] = None,
+                 cache_dir: Optional[str] = None) -> Union[MindSporeRuntime, OnnxRuntime]:
     """The runtime called ``name`` (one of RUNTIMES) running infer_cell; onnxruntime_int8 needs the
     calibration (src.inference.quantize.Calibration) and the folder of its cached models."""
     if name == "onnxruntime":

@@ -3,12 +3,15 @@ score threshold, clip to the image, class-aware NMS (or, for the candidates of s
 the image, src.inference.tta, their fusion), the best detections_per_img; then boxes can be
 rescaled to the original image. eval.py, predict.py and postprocess.py all end here.
 """
+from typing import Dict, List, Optional, Sequence, Tuple
+
 import numpy as np
 
 from src.geometry import clip_boxes, iou_one_to_many, rescale_boxes
 
 
-def batched_nms(boxes, scores, labels, iou_threshold, max_keep=None, plus_one=False):
+def batched_nms(boxes: np.ndarray, scores: np.ndarray, labels: np.ndarray, iou_threshold: float,
+                max_keep: Optional[int] = None, plus_one: bool = False) -> np.ndarray:
     """Class-aware greedy NMS, equal to torchvision.ops.batched_nms (with plus_one, box sides
     x2 - x1 + 1: maskrcnn-benchmark's ml_nms, the FCOS authors').
 
@@ -34,7 +37,8 @@ def batched_nms(boxes, scores, labels, iou_threshold, max_keep=None, plus_one=Fa
     return np.asarray(keep, dtype=np.int64)
 
 
-def fuse_views(boxes, scores, labels, view_ids, num_views, iou_threshold, max_keep=None):
+def fuse_views(boxes: np.ndarray, scores: np.ndarray, labels: np.ndarray, view_ids: np.ndarray, num_views: int,
+               iou_threshold: float, max_keep: Optional[int] = None) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Class-aware fusion of the candidates of several views of one image (test-time
     augmentation), a greedy form of weighted boxes fusion (Solovyev et al., 2021).
 
@@ -71,8 +75,10 @@ def fuse_views(boxes, scores, labels, view_ids, num_views, iou_threshold, max_ke
             np.asarray(fused_scores, scores.dtype)[order], np.asarray(fused_labels, labels.dtype)[order])
 
 
-def select_detections(boxes, scores, labels, image_size, score_threshold, nms_iou_threshold,
-                      detections_per_img, original_size=None, view_ids=None, num_views=1, plus_one=False):
+def select_detections(boxes: np.ndarray, scores: np.ndarray, labels: np.ndarray, image_size: Sequence[int],
+                      score_threshold: float, nms_iou_threshold: float, detections_per_img: int,
+                      original_size: Optional[Sequence[int]] = None, view_ids: Optional[np.ndarray] = None,
+                      num_views: int = 1, plus_one: bool = False) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Final detections of one image from its decoder candidates.
 
     Args:
@@ -108,8 +114,10 @@ def select_detections(boxes, scores, labels, image_size, score_threshold, nms_io
     return boxes, scores, labels
 
 
-def postprocess_batch(boxes, scores, labels, image_sizes, score_threshold, nms_iou_threshold,
-                      detections_per_img, original_sizes=None, view_ids=None, num_views=1, plus_one=False):
+def postprocess_batch(boxes: np.ndarray, scores: np.ndarray, labels: np.ndarray, image_sizes: np.ndarray,
+                      score_threshold: float, nms_iou_threshold: float, detections_per_img: int,
+                      original_sizes: Optional[np.ndarray] = None, view_ids: Optional[np.ndarray] = None,
+                      num_views: int = 1, plus_one: bool = False) -> List[Dict[str, np.ndarray]]:
     """select_detections on every image of a decoder batch (and rescale when sizes are given).
 
     Args:

@@ -6,6 +6,8 @@ degrees counter-clockwise (np.rot90). Each image's own region (its resized size,
 is transformed and placed at the top-left of the padded input, as preprocessing places an image, so
 the network sees every view exactly as it would see such a photo.
 """
+from typing import Callable, Iterable, List, Sequence, Tuple, Union
+
 import numpy as np
 
 from src.geometry import hflip_boxes, rot90_boxes
@@ -22,7 +24,7 @@ VIEW_SETS = {
 }
 
 
-def transform_image(image, view):
+def transform_image(image: np.ndarray, view: Tuple[int, bool]) -> np.ndarray:
     """(C, h, w) -> the view of it: (C, h, w) for an even number of turns, else (C, w, h)."""
     turns, hflip = view
     if hflip:
@@ -30,7 +32,7 @@ def transform_image(image, view):
     return np.ascontiguousarray(np.rot90(image, turns, axes=(1, 2)))
 
 
-def transform_boxes(boxes, view, image_size):
+def transform_boxes(boxes: np.ndarray, view: Tuple[int, bool], image_size: Sequence[int]) -> np.ndarray:
     """(N, 4) x1, y1, x2, y2 boxes of an image of size (h, w) -> where they lie in transform_image's
     view of it."""
     turns, hflip = view
@@ -39,7 +41,7 @@ def transform_boxes(boxes, view, image_size):
     return rot90_boxes(boxes, turns, image_size)
 
 
-def invert_boxes(boxes, view, image_size):
+def invert_boxes(boxes: np.ndarray, view: Tuple[int, bool], image_size: Sequence[int]) -> np.ndarray:
     """(N, 4) boxes in the view of an image of size (h, w) -> the same boxes in the image (the
     inverse of transform_boxes)."""
     turns, hflip = view
@@ -48,7 +50,8 @@ def invert_boxes(boxes, view, image_size):
     return hflip_boxes(boxes, image_size[1]) if hflip else boxes
 
 
-def view_batch(images, image_sizes, view):
+def view_batch(images: np.ndarray, image_sizes: Union[np.ndarray, Sequence[Sequence[int]]],
+               view: Tuple[int, bool]) -> np.ndarray:
     """(B, C, H, W) padded batch -> the batch of every image's view, each at the top-left of a
     zero (B, C, H, W) input, or (B, C, W, H) for an odd number of turns."""
     batch, channels, height, width = images.shape
@@ -60,7 +63,9 @@ def view_batch(images, image_sizes, view):
     return out
 
 
-def view_candidates(runtime, images, image_sizes, views=IDENTITY):
+def view_candidates(runtime: Callable[[np.ndarray], Tuple[np.ndarray, ...]], images: np.ndarray,
+                    image_sizes: Union[np.ndarray, Sequence[Sequence[int]]],
+                    views: Sequence[Tuple[int, bool]] = IDENTITY) -> Tuple[np.ndarray, ...]:
     """Decoder candidates of every view of a batch, in each image's own frame.
 
     Args:
@@ -85,7 +90,7 @@ def view_candidates(runtime, images, image_sizes, views=IDENTITY):
             np.concatenate(all_labels, axis=1), np.concatenate(view_ids))
 
 
-def view_pad_shapes(pad_shapes, views):
+def view_pad_shapes(pad_shapes: Iterable[Sequence[int]], views: Iterable[Tuple[int, bool]]) -> List[Tuple[int, ...]]:
     """The (H, W) inputs that the views of batches padded to pad_shapes run at: every shape, and
     its transpose where a view turns the image by 90 degrees."""
     shapes = list(dict.fromkeys(tuple(shape) for shape in pad_shapes))

@@ -1,8 +1,10 @@
 """The launchers' arguments, their configuration and paths: every check before anything starts;
 a problem is a LaunchError (one line, with the usage lines when an argument is wrong)."""
 import os
+from typing import TYPE_CHECKING, Dict, List, Mapping, Optional, Sequence, Tuple
 
-
+if TYPE_CHECKING:
+    from src.config import Config
 
 REPO_DIR = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 DEFAULT_CONFIG = os.path.join(REPO_DIR, "default_config.yaml")
@@ -49,19 +51,19 @@ USAGE = {
 class LaunchError(Exception):
     """A problem to report in one line; ``usage`` adds the usage lines (a wrong or missing argument)."""
 
-    def __init__(self, message, usage=False):
+    def __init__(self, message: str, usage: bool = False) -> None:
         super().__init__(message)
         self.usage = usage
 
 
-def usage_error(message):
+def usage_error(message: str) -> LaunchError:
     return LaunchError(message, usage=True)
 
 
 
 # ---------------------------------------------------------------- arguments and configuration
 
-def split_args(args, launcher_options):
+def split_args(args: Sequence[str], launcher_options: Sequence[str]) -> Tuple[List[str], Dict[str, str], List[str]]:
     """args -> (positionals, {launcher option: value}, [training --key=value flags]).
 
     Positionals come first; every later argument is --key=value. Options named in
@@ -83,7 +85,7 @@ def split_args(args, launcher_options):
     return positionals, options, flags
 
 
-def assign_optional(values, names):
+def assign_optional(values: Sequence[str], names: Sequence[str]) -> Dict[str, str]:
     """Optional positionals -> {name: value}: one ending in .yaml/.yml is CONFIG_PATH wherever it
     stands, the others fill ``names`` (which ends with CONFIG_PATH) in order."""
     named = {}
@@ -100,7 +102,7 @@ def assign_optional(values, names):
     return named
 
 
-def absolute(path, base):
+def absolute(path: str, base: str) -> str:
     """Absolute form of path (~ expanded), relative ones against base; '' stays ''."""
     if not path:
         return path
@@ -108,14 +110,15 @@ def absolute(path, base):
     return os.path.normpath(path if os.path.isabs(path) else os.path.join(base, path))
 
 
-def option(options, name, env_name, default=None):
+def option(options: Mapping[str, str], name: str, env_name: Optional[str],
+           default: Optional[str] = None) -> Optional[str]:
     """A launcher option from the command line, else the environment, else default."""
     if name in options:
         return options[name]
     return os.environ.get(env_name, default) if env_name else default
 
 
-def integer(name, text, minimum):
+def integer(name: str, text: object, minimum: int) -> int:
     try:
         value = int(str(text).strip())
     except ValueError:
@@ -125,7 +128,7 @@ def integer(name, text, minimum):
     return value
 
 
-def load_run_config(config_path, flags):
+def load_run_config(config_path: str, flags: Sequence[str]) -> "Config":
     """The configuration train.py/eval.py will see (default_config.yaml + config_path + flags);
     its problems (unknown key, wrong type or choice) as LaunchError."""
     from src.config import ConfigError, load_config
@@ -136,28 +139,29 @@ def load_run_config(config_path, flags):
         raise usage_error(str(err)) from None
 
 
-def resolved_paths(cfg, flags, cwd):
+def resolved_paths(cfg: "Config", flags: Sequence[str], cwd: str) -> Dict[str, str]:
     """{path key: absolute path} as a rank must get it: given as a flag -> relative to the caller's
     folder; from the configuration -> relative to the repository root."""
     given = {arg[2:].split("=", 1)[0] for arg in flags}
     return {key: absolute(cfg[key], cwd if key in given else REPO_DIR) for key in PATH_KEYS}
 
 
-def without_path_flags(flags):
+def without_path_flags(flags: Sequence[str]) -> List[str]:
     return [arg for arg in flags if arg[2:].split("=", 1)[0] not in PATH_KEYS]
 
 
-def need_file(name, path, source=""):
+def need_file(name: str, path: str, source: str = "") -> None:
     if not os.path.isfile(path):
         raise usage_error(f"{name}{source} is not a file: {path}")
 
 
-def need_dir(name, path, source=""):
+def need_dir(name: str, path: str, source: str = "") -> None:
     if not os.path.isdir(path):
         raise usage_error(f"{name}{source} is not a folder: {path}")
 
 
-def pick_path(named, name, key, cfg_paths, config_path, cwd, kind):
+def pick_path(named: Mapping[str, str], name: str, key: str, cfg_paths: Mapping[str, str], config_path: str, cwd: str,
+              kind: str) -> str:
     """The path of argument ``name`` (relative to cwd) or, when not given, configuration key
     ``key``; checked to be a file ('file') or folder ('dir')."""
     if name in named:
@@ -170,7 +174,7 @@ def pick_path(named, name, key, cfg_paths, config_path, cwd, kind):
     return path
 
 
-def refuse_duplicates(named, flags, names):
+def refuse_duplicates(named: Mapping[str, str], flags: Sequence[str], names: Mapping[str, str]) -> None:
     """An argument given both as a positional (named) and as a --key=value flag is a mistake."""
     given = {arg[2:].split("=", 1)[0] for arg in flags}
     for name, key in names.items():
@@ -178,7 +182,8 @@ def refuse_duplicates(named, flags, names):
             raise usage_error(f"{name} and --{key} both given: give one")
 
 
-def run_config(named, flags, default_config, cwd):
+def run_config(named: Dict[str, str], flags: List[str], default_config: str,
+               cwd: str) -> Tuple[str, "Config", Dict[str, str]]:
     """CONFIG_PATH (an argument, --config_path=, or default_config) checked and loaded with the
     flags -> (config path, Config, its path keys resolved to absolute paths)."""
     take_config_flag(named, flags)
@@ -188,7 +193,7 @@ def run_config(named, flags, default_config, cwd):
     return config_path, cfg, resolved_paths(cfg, flags, cwd)
 
 
-def take_config_flag(named, flags):
+def take_config_flag(named: Dict[str, str], flags: List[str]) -> None:
     """--config_path=PATH among the extra flags counts as the CONFIG_PATH argument."""
     for arg in list(flags):
         if arg.startswith("--config_path="):
@@ -196,7 +201,8 @@ def take_config_flag(named, flags):
             flags.remove(arg)
 
 
-def pretrained_flags(named, cfg, cfg_paths, config_path, cwd):
+def pretrained_flags(named: Mapping[str, str], cfg: "Config", cfg_paths: Mapping[str, str], config_path: str,
+                     cwd: str) -> Tuple[List[str], Optional[str]]:
     """--pretrained/--pretrained_backbone for the PRETRAINED_BACKBONE argument (a .ckpt or
     'none') or, when not given, the configuration's."""
     value = named.get("PRETRAINED_BACKBONE")
@@ -206,7 +212,8 @@ def pretrained_flags(named, cfg, cfg_paths, config_path, cwd):
     return ["--pretrained=True", f"--pretrained_backbone={path}"], path
 
 
-def batch_flags(options, flags, cfg, world_size):
+def batch_flags(options: Mapping[str, str], flags: Sequence[str], cfg: "Config",
+                world_size: int) -> Tuple[List[str], int, int]:
     """--batch_size for --global_batch / GLOBAL_BATCH (which world_size devices must split)
     -> (flags, per-device batch, global batch)."""
     text = option(options, "global_batch", "GLOBAL_BATCH", "")
@@ -222,7 +229,7 @@ def batch_flags(options, flags, cfg, world_size):
     return [f"--batch_size={per_device}"], per_device, global_batch
 
 
-def schedule_line(cfg, per_device, world_size):
+def schedule_line(cfg: "Config", per_device: int, world_size: int) -> str:
     """What the device count does to the schedule, in one line."""
     from src.engine.lr_schedule import scaled_lr
 

@@ -34,13 +34,14 @@ import shlex
 import shutil
 import subprocess
 import sys
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 from src.launch.arguments import DEFAULT_CONFIG, DEFAULT_MASTER_PORT, EVAL_PY, LaunchError, PATH_KEYS, RANK_TABLE_CONFIG, REPO_DIR, TRAIN_PY, USAGE, absolute, assign_optional, batch_flags, integer, load_run_config, need_dir, need_file, option, pick_path, pretrained_flags, refuse_duplicates, resolved_paths, run_config, schedule_line, split_args, take_config_flag, usage_error, without_path_flags
 from src.launch.processes import Interrupted, check_seconds_option, cpu_list, plan_ranks, start_ranks, write_env_log
 from src.launch.rank_table import read_rank_table, select_server
 
 
-def run_rank_table(args, out=print):
+def run_rank_table(args: Sequence[str], out: Callable[[str], Any] = print) -> int:
     positionals, options, flags = split_args(args, ("server_id", "global_batch", "dry_run", "wait"))
     if not positionals:
         raise usage_error("RANK_TABLE_FILE is required")
@@ -99,7 +100,7 @@ def run_rank_table(args, out=print):
 
 # ---------------------------------------------------------------- msrun
 
-def msrun_plan(args, cwd=None):
+def msrun_plan(args: Sequence[str], cwd: Optional[str] = None) -> Tuple[List[str], List[str], str, bool]:
     """-> (msrun command, lines to print) for run_distribute_train_msrun.sh."""
     positionals, options, flags = split_args(
         args, ("node_num", "node_rank", "master_addr", "master_port", "global_batch", "dry_run"))
@@ -165,7 +166,7 @@ def msrun_plan(args, cwd=None):
     return command, lines, output_dir, dry
 
 
-def run_msrun(args, out=print):
+def run_msrun(args: Sequence[str], out: Callable[[str], Any] = print) -> int:
     command, lines, output_dir, dry = msrun_plan(args)
     for line in lines:
         out(line)
@@ -184,7 +185,7 @@ def run_msrun(args, out=print):
 
 # ---------------------------------------------------------------- eval
 
-def eval_plan(args, cwd=None):
+def eval_plan(args: Sequence[str], cwd: Optional[str] = None) -> Tuple[List[str], Dict[str, str], str, str]:
     """-> (eval.py command, environment additions, output folder) for run_eval.sh."""
     positionals, _, flags = split_args(args, ())
     if len(positionals) < 3:
@@ -216,7 +217,7 @@ def eval_plan(args, cwd=None):
     return command, {"DEVICE_ID": device_id}, output_dir, target
 
 
-def run_eval(args, out=print):
+def run_eval(args: Sequence[str], out: Callable[[str], Any] = print) -> int:
     command, env_add, output_dir, target = eval_plan(args)
     os.makedirs(output_dir, exist_ok=True)
     env = dict(os.environ, **env_add)
@@ -236,7 +237,7 @@ def run_eval(args, out=print):
 COMMANDS = {"rank_table": run_rank_table, "msrun": run_msrun, "eval": run_eval}
 
 
-def main(argv=None):
+def main(argv: Optional[Sequence[str]] = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] not in COMMANDS:
         print(f"usage: python -m src.launch {{{','.join(COMMANDS)}}} ARGS...")

@@ -5,12 +5,16 @@ import os
 import signal
 import subprocess
 import time
+from typing import TYPE_CHECKING, Any, Callable, Dict, Iterable, List, Mapping, Sequence, Tuple
 
 from src.launch.arguments import DEFAULT_CHECK_SECONDS, LaunchError
 from src.utils.io import pid_alive
 
+if TYPE_CHECKING:
+    from src.launch.rank_table import Server
 
-def cpu_shares(cpus, count):
+
+def cpu_shares(cpus: Iterable[int], count: int) -> List[List[int]]:
     """Split the CPUs this process may use among count ranks -> [[cpu, ...]] (disjoint while
     there are at least as many CPUs as ranks, else one CPU each, in turn)."""
     cpus = sorted(cpus)
@@ -22,7 +26,7 @@ def cpu_shares(cpus, count):
     return [cpus[i * per:(i + 1) * per] for i in range(count)]
 
 
-def cpu_list(cpus):
+def cpu_list(cpus: Iterable[int]) -> str:
     """[0,1,2,5] -> '0-2,5' (taskset's notation)."""
     parts, start = [], None
     cpus = sorted(cpus)
@@ -35,7 +39,7 @@ def cpu_list(cpus):
     return ",".join(parts)
 
 
-def plan_ranks(servers, server, cpus):
+def plan_ranks(servers: Sequence["Server"], server: "Server", cpus: Iterable[int]) -> List[Dict[str, Any]]:
     """The processes to start on ``server`` -> [{rank_id, device_id, cpus, env}], env being what the
     launcher adds to each rank's environment."""
     rank_size = sum(len(s.devices) for s in servers)
@@ -58,7 +62,7 @@ SECRET_WORDS = ("TOKEN", "SECRET", "PASSWORD", "PASSWD", "KEY", "CREDENTIAL", "A
 REDACTED = "<redacted>"
 
 
-def write_env_log(path, env):
+def write_env_log(path: str, env: Mapping[str, str]) -> None:
     """Write the variables of env that matter for a rerun (ENV_LOG_PREFIXES) to path, readable by
     its owner only (0600); a value whose name looks like a secret (SECRET_WORDS) is replaced."""
     kept = {k: v for k, v in env.items() if k.startswith(ENV_LOG_PREFIXES)}
@@ -86,7 +90,7 @@ def _runs_in(pid, folder):
         return True  # no /proc: alive is all we know
 
 
-def refuse_running(rank_dir):
+def refuse_running(rank_dir: str) -> None:
     """LaunchError when rank_dir holds a rank that is still running."""
     try:
         with open(os.path.join(rank_dir, PID_FILE), encoding="utf-8") as f:
@@ -98,7 +102,7 @@ def refuse_running(rank_dir):
                           "output_dir")
 
 
-def claim_rank_dir(rank_dir):
+def claim_rank_dir(rank_dir: str) -> None:
     """Make rank_dir for a new launch. An existing one is kept under <rank_dir>.<its time> (never
     deleted); LaunchError when the rank it holds is still running."""
     if os.path.exists(rank_dir):
@@ -143,7 +147,7 @@ def _stop(procs, sig=signal.SIGKILL, grace=10.0):
 class Interrupted(Exception):
     """SIGINT or SIGTERM reached the launcher while it watched its ranks."""
 
-    def __init__(self, signum):
+    def __init__(self, signum: int) -> None:
         super().__init__(signal.Signals(signum).name)
         self.signum = signum
 
@@ -152,7 +156,8 @@ def _raise_interrupted(signum, _frame):
     raise Interrupted(signum)
 
 
-def start_ranks(plans, command, work_dir, base_env, check_seconds, out=print, wait=False):
+def start_ranks(plans: Sequence[Dict[str, Any]], command: Sequence[str], work_dir: str, base_env: Mapping[str, str],
+                check_seconds: float, out: Callable[[str], Any] = print, wait: bool = False) -> Tuple[List[int], int]:
     """Start one process per plan in <work_dir>/train_parallel<RANK_ID> (log.txt, env.log), bound
     to its CPUs, in its own session, and watch them for check_seconds (or until all have ended);
     with wait, until all have ended. -> ([pid], how many ended). A rank that cannot be started or
@@ -210,7 +215,7 @@ def start_ranks(plans, command, work_dir, base_env, check_seconds, out=print, wa
             signal.signal(sig, handler)
 
 
-def check_seconds_option():
+def check_seconds_option() -> float:
     """LAUNCH_CHECK_SECONDS as a number >= 0; LaunchError in one line otherwise."""
     text = os.environ.get("LAUNCH_CHECK_SECONDS", "").strip()
     if not text:

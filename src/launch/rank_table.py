@@ -3,6 +3,7 @@ import ipaddress
 import json
 import socket
 import subprocess
+from typing import Iterable, List, Optional, Set, Tuple, Union
 
 from src.launch.arguments import LaunchError
 
@@ -12,13 +13,13 @@ from src.launch.arguments import LaunchError
 class Server:
     """One entry of a rank table's server_list: its server_id and [(device_id, rank_id)]."""
 
-    def __init__(self, index, server_id, devices):
+    def __init__(self, index: int, server_id: str, devices: List[Tuple[int, int]]) -> None:
         self.index = index
         self.server_id = server_id
         self.devices = devices
 
     @property
-    def rank_ids(self):
+    def rank_ids(self) -> List[int]:
         return [rank for _, rank in self.devices]
 
 
@@ -35,7 +36,7 @@ def _table_int(value, what, path):
     return number
 
 
-def read_rank_table(path):
+def read_rank_table(path: str) -> List[Server]:
     """An hccl_tools rank table -> [Server]; LaunchError (one line) for anything unusable."""
     try:
         with open(path, encoding="utf-8") as f:
@@ -80,7 +81,7 @@ def read_rank_table(path):
     return servers
 
 
-def local_addresses():
+def local_addresses() -> Set[str]:
     """IP addresses of this machine: `ip -j addr` when available, else the host name's."""
     found = set()
     try:
@@ -107,7 +108,8 @@ def _same_address(a, b):
         return a == b
 
 
-def select_server(servers, server_id=None, addresses=None):
+def select_server(servers: List[Server], server_id: Optional[Union[int, str]] = None,
+                  addresses: Optional[Iterable[str]] = None) -> Tuple[Server, str]:
     """-> (Server, how it was found). server_id: a position in server_list or a server_id of the
     table; without it the only server, else the server whose server_id is an address of this
     machine (addresses: default local_addresses())."""

@@ -8,6 +8,7 @@ layer1.0.conv1, layer2.0.downsample.0, ...) with MindSpore's BatchNorm leaf name
 tools/convert_weights.py maps torchvision checkpoints by renaming leaves only.
 """
 import functools
+from typing import Callable, List, Tuple
 
 from mindspore import nn, ops
 from mindspore.common.initializer import HeNormal
@@ -27,7 +28,8 @@ class BasicBlock(nn.Cell):
 
     expansion = 1
 
-    def __init__(self, in_channels, planes, stride, norm, groups=1, width_per_group=64, stride_in_1x1=False):
+    def __init__(self, in_channels: int, planes: int, stride: int, norm: Callable[[int], nn.Cell], groups: int = 1,
+                 width_per_group: int = 64, stride_in_1x1: bool = False) -> None:
         super().__init__()
         if groups != 1 or width_per_group != 64:
             raise ValueError("BasicBlock supports only groups=1 and width_per_group=64")
@@ -55,7 +57,8 @@ class Bottleneck(nn.Cell):
 
     expansion = 4
 
-    def __init__(self, in_channels, planes, stride, norm, groups=1, width_per_group=64, stride_in_1x1=False):
+    def __init__(self, in_channels: int, planes: int, stride: int, norm: Callable[[int], nn.Cell], groups: int = 1,
+                 width_per_group: int = 64, stride_in_1x1: bool = False) -> None:
         super().__init__()
         width = int(planes * (width_per_group / 64.0)) * groups
         out_channels = planes * self.expansion
@@ -108,7 +111,7 @@ class StemMaxPool(nn.Cell):
     concatenation ~7 ms, and pad_mode='pad' (MaxPoolWithArgmax) does not export to ONNX.
     """
 
-    def __init__(self):
+    def __init__(self) -> None:
         super().__init__()
         self.pool = nn.MaxPool2d(kernel_size=3, stride=2, pad_mode="valid")
 
@@ -134,8 +137,8 @@ class ResNet(nn.Cell):
     frozen_bn_eps: epsilon of the frozen BatchNorms (1e-5 torchvision; 0 maskrcnn-benchmark's).
     """
 
-    def __init__(self, name="resnet50", freeze_bn=True, freeze_stage_1=True, norm="BN", stride_in_1x1=False,
-                 frozen_bn_eps=1e-5):
+    def __init__(self, name: str = "resnet50", freeze_bn: bool = True, freeze_stage_1: bool = True, norm: str = "BN",
+                 stride_in_1x1: bool = False, frozen_bn_eps: float = 1e-5) -> None:
         super().__init__()
         if name not in ARCHITECTURES:
             raise ValueError(f"unknown backbone '{name}'; choose one of {sorted(ARCHITECTURES)}")
@@ -168,7 +171,7 @@ class ResNet(nn.Cell):
                 for param in cell.get_parameters():
                     param.requires_grad = False
 
-    def frozen_norm_pairs(self):
+    def frozen_norm_pairs(self) -> List[Tuple[nn.Cell, FrozenBatchNorm2d]]:
         """-> [(conv, FrozenBatchNorm2d applied right after it)]: the stem's, each block's convN/bnN
         and each downsample's; empty unless freeze_bn. What a convolution can fold in."""
         pairs = []
@@ -181,7 +184,7 @@ class ResNet(nn.Cell):
                     pairs.append((children[f"conv{name[2:]}"], child))
         return [(conv, norm) for conv, norm in pairs if isinstance(norm, FrozenBatchNorm2d)]
 
-    def norm_relu_pairs(self):
+    def norm_relu_pairs(self) -> List[Tuple[nn.Cell, nn.Cell]]:
         """-> [(bnN, the ReLU reluN that takes only its output)]: the stem's and each block's, not the
         ReLUs after a residual sum. What a normalisation can apply itself."""
         pairs = []

@@ -1,4 +1,6 @@
 """FCOS = ResNet backbone + FPN + shared head (Tian et al. 2019)."""
+from typing import Sequence, Tuple
+
 import mindspore as ms
 from mindspore import nn
 
@@ -22,11 +24,12 @@ class FCOS(nn.Cell):
     level sit and how boxes are coded relative to them) is the one the loss and the decoder use.
     """
 
-    def __init__(self, backbone="resnet50", class_num=80, fpn_out_channels=256, use_p5=True,
-                 use_GN_head=True, num_head_convs=4, prior=0.01, add_centerness=True, cnt_on_reg=True,
-                 norm_reg_targets=True, freeze_bn=True, freeze_stage_1=True, strides=DEFAULT_STRIDES,
-                 point_offset=0.0, point_strides="torchvision", backbone_norm="BN", stride_in_1x1=False,
-                 frozen_bn_eps=1e-5):
+    def __init__(self, backbone: str = "resnet50", class_num: int = 80, fpn_out_channels: int = 256,
+                 use_p5: bool = True, use_GN_head: bool = True, num_head_convs: int = 4, prior: float = 0.01,
+                 add_centerness: bool = True, cnt_on_reg: bool = True, norm_reg_targets: bool = True,
+                 freeze_bn: bool = True, freeze_stage_1: bool = True, strides: Sequence[int] = DEFAULT_STRIDES,
+                 point_offset: float = 0.0, point_strides: str = "torchvision", backbone_norm: str = "BN",
+                 stride_in_1x1: bool = False, frozen_bn_eps: float = 1e-5) -> None:
         super().__init__()
         strides = tuple(strides)
         if strides != DEFAULT_STRIDES[:len(strides)] or len(strides) < 3:
@@ -45,7 +48,7 @@ class FCOS(nn.Cell):
         (in channels-last storage where build_model chose it, src/ops/backend.py)."""
         return self.fpn(self.backbone(images))
 
-    def layout_edges(self):
+    def layout_edges(self) -> Tuple[Tuple[nn.Cell, ...], Tuple[nn.Cell, ...]]:
         """-> (the convolutions reading the network's input, those writing its outputs): where
         channels-last storage between the layers (src/ops/backend.py) starts and ends."""
         return (self.backbone.conv1,), self.head.output_convs()
@@ -53,7 +56,7 @@ class FCOS(nn.Cell):
     def construct(self, images):
         return self.head(self.features(images))
 
-    def mixed_precision(self, amp_level):
+    def mixed_precision(self, amp_level: str) -> nn.Cell:
         """This network under MindSpore's auto mixed precision amp_level (O2/O3) -> the cell to train.
 
         Head convs run unstacked: with O2/O3 MindSpore 2.10 turns parameters read outside their

@@ -1,5 +1,7 @@
 """Feature pyramid: C3, C4, C5 -> P3..P5 (+ P6, P7 by strided convs), as torchvision's FPN
 with LastLevelP6P7."""
+from typing import Sequence
+
 from mindspore import nn, ops
 from mindspore.common.initializer import HeUniform
 
@@ -19,7 +21,7 @@ class FPN(nn.Cell):
     relu(P6). num_levels is 3, 4 or 5 (P3-P5, P3-P6, P3-P7).
     """
 
-    def __init__(self, in_channels, out_channels, use_p5=True, num_levels=5):
+    def __init__(self, in_channels: Sequence[int], out_channels: int, use_p5: bool = True, num_levels: int = 5) -> None:
         super().__init__()
         if num_levels not in (3, 4, 5):
             raise ValueError(f"FPN: num_levels must be 3, 4 or 5 (P3..P7), got {num_levels}")

@@ -1,6 +1,7 @@
 """The FCOS head, shared by all pyramid levels: classification and regression towers, the
 class logits, the l,t,r,b regression with a learnable scale per level, and centreness."""
 import math
+from typing import Sequence, Tuple
 
 import mindspore as ms
 from mindspore import Parameter, Tensor, nn, ops
@@ -43,7 +44,7 @@ class StackedConv(nn.Cell):
     so names and checkpoints do not change.
     """
 
-    def __init__(self, convs, norms=()):
+    def __init__(self, convs: Sequence[nn.Conv2d], norms: Sequence[GroupNorm] = ()) -> None:
         super().__init__()
         self.out_channels = tuple(conv.out_channels for conv in convs)
         self.conv = ops.Conv2D(sum(self.out_channels), (3, 3), pad_mode="pad", pad=(1, 1, 1, 1))  # tuples: ONNX
@@ -86,7 +87,7 @@ def _flatten(x):
 class Scale(nn.Cell):
     """A learnable scalar multiplier (one per level for the regression), initialised to 1."""
 
-    def __init__(self):
+    def __init__(self) -> None:
         super().__init__()
         self.scale = Parameter(Tensor(1.0, ms.float32), name="scale")
 
@@ -102,8 +103,9 @@ class FCOSHead(nn.Cell):
     Without add_centerness the centerness output is zeros and the branch has no parameters.
     """
 
-    def __init__(self, in_channels, num_classes, num_levels=5, num_convs=4, use_gn=True, prior=0.01,
-                 add_centerness=True, cnt_on_reg=True, norm_reg_targets=True):
+    def __init__(self, in_channels: int, num_classes: int, num_levels: int = 5, num_convs: int = 4,
+                 use_gn: bool = True, prior: float = 0.01, add_centerness: bool = True, cnt_on_reg: bool = True,
+                 norm_reg_targets: bool = True) -> None:
         super().__init__()
         self.cls_tower = _tower(in_channels, num_convs, use_gn)
         self.reg_tower = _tower(in_channels, num_convs, use_gn)
@@ -124,7 +126,7 @@ class FCOSHead(nn.Cell):
         self.box_outputs = StackedConv(self._box_convs()) if add_centerness and cnt_on_reg else None
         self.set_stacking(True)
 
-    def set_stacking(self, enabled):
+    def set_stacking(self, enabled: bool) -> None:
         """Stack convs that share an input (default) or not. Mixed precision (amp O2/O3) needs
         them unstacked: MindSpore then converts parameters that are read outside their own cell
         to float16 for good (observed with 2.10), and the float32 optimiser refuses them."""
@@ -136,7 +138,7 @@ class FCOSHead(nn.Cell):
         convs = (self.cls_tower[0], self.reg_tower[0])
         return convs, ((self.cls_tower[1], self.reg_tower[1]) if self.cells_per_layer == 3 else ())
 
-    def output_convs(self):
+    def output_convs(self) -> Tuple[nn.Conv2d, ...]:
         """-> the convolutions whose outputs leave the head (class logits, boxes, centerness)."""
         return (self.cls_logits, self.bbox_reg) + ((self.centerness,) if self.add_centerness else ())
 

@@ -4,10 +4,13 @@ Each loss is a sum divided by the number of positive points of the batch (at lea
 torchvision's FCOSHead.compute_loss. Everything is masked arithmetic on fixed shapes, so the
 Cell compiles once per input size in GRAPH_MODE and behaves the same in PYNATIVE_MODE.
 """
+from typing import Sequence
+
 import mindspore as ms
 from mindspore import nn, ops
 from mindspore.communication import get_group_size
 
+from src.model.points import PointCoder
 from src.model.targets import assign_targets
 
 
@@ -100,8 +103,9 @@ class FCOSLoss(nn.Cell):
         loss_total, loss_cls, loss_reg, loss_ctr: float32 scalars.
     """
 
-    def __init__(self, coder, limit_range, center_sampling_radius=1.5, focal_alpha=0.25, focal_gamma=2.0,
-                 reg_loss="giou", centerness_weighted_reg=False, add_centerness=True, distributed=False):
+    def __init__(self, coder: PointCoder, limit_range: Sequence[Sequence[float]], center_sampling_radius: float = 1.5,
+                 focal_alpha: float = 0.25, focal_gamma: float = 2.0, reg_loss: str = "giou",
+                 centerness_weighted_reg: bool = False, add_centerness: bool = True, distributed: bool = False) -> None:
         super().__init__()
         if reg_loss not in ("giou", "iou"):
             raise ValueError(f"reg_loss must be 'giou' or 'iou', got {reg_loss!r}")

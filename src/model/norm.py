@@ -19,7 +19,7 @@ class ChannelAffine(nn.Cell):
     peaked at 3.6 GB with it; see docs/performance.md). The constants get zero gradients.
     """
 
-    def __init__(self, eps):
+    def __init__(self, eps: float) -> None:
         super().__init__()
         # MindSpore's BatchNorm wants eps in (0, 1]; 1e-30 is lost next to any variance above 1e-23
         self.normalize = ops.BatchNorm(is_training=False, epsilon=max(float(eps), 1e-30))
@@ -47,7 +47,7 @@ class FrozenBatchNorm2d(nn.Cell):
     Input and output (B, C, H, W).
     """
 
-    def __init__(self, num_features, eps=1e-5):
+    def __init__(self, num_features: int, eps: float = 1e-5) -> None:
         super().__init__()
         self.eps = eps
         self.gamma = Parameter(Tensor(np.ones(num_features, np.float32)), name="gamma", requires_grad=False)
@@ -86,7 +86,7 @@ class GroupNormFunction(nn.Cell):
     through nn.GroupNorm-style ops, 16 ms here.
     """
 
-    def __init__(self, num_groups, eps):
+    def __init__(self, num_groups: int, eps: float) -> None:
         super().__init__()
         self.num_groups = num_groups
         self.eps = eps
@@ -170,7 +170,7 @@ class GroupNorm(nn.Cell):
     Input and output (B, C, H, W).
     """
 
-    def __init__(self, num_groups, num_channels, eps=1e-5):
+    def __init__(self, num_groups: int, num_channels: int, eps: float = 1e-5) -> None:
         super().__init__()
         if num_channels % num_groups:
             raise ValueError(f"GroupNorm: {num_channels} channels do not split into {num_groups} groups")
@@ -182,7 +182,7 @@ class GroupNorm(nn.Cell):
         return self.function(x, self.gamma, self.beta)
 
 
-def backbone_norm(num_features, kind, eps=1e-5):
+def backbone_norm(num_features: int, kind: str, eps: float = 1e-5) -> nn.Cell:
     """A backbone normalisation layer: kind "frozen_BN" (FrozenBatchNorm2d with epsilon eps), "BN"
     (nn.BatchNorm2d with torch's momentum 0.1) or "GN" (GroupNorm, 32 groups)."""
     if kind == "frozen_BN":

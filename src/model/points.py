@@ -18,6 +18,8 @@ Every method is MindSpore ops on Python ints, so it runs inside a Cell's constru
 (the image size comes from a static tensor shape: points are constants of each compiled shape)
 and in PYNATIVE_MODE.
 """
+from typing import Sequence
+
 import mindspore as ms
 from mindspore import ops
 
@@ -37,7 +39,8 @@ class PointCoder:
         point_strides (str): "torchvision" or "nominal", see the module docstring.
     """
 
-    def __init__(self, strides, point_offset=0.0, norm_reg_targets=True, point_strides="torchvision"):
+    def __init__(self, strides: Sequence[int], point_offset: float = 0.0, norm_reg_targets: bool = True,
+                 point_strides: str = "torchvision") -> None:
         if point_strides not in POINT_STRIDES:
             raise ValueError(f"point_strides must be one of {POINT_STRIDES}, got {point_strides!r}")
         self.strides = tuple(int(s) for s in strides)

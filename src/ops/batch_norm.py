@@ -22,7 +22,8 @@ class NativeBatchNorm2d(nn.BatchNorm2d):
     only the backward op reads, and the new running mean and variance, (C,) each, assigned here.
     """
 
-    def __init__(self, num_features, eps=1e-5, momentum=0.9, relu=False, channels_last=False):
+    def __init__(self, num_features: int, eps: float = 1e-5, momentum: float = 0.9, relu: bool = False,
+                 channels_last: bool = False) -> None:
         super().__init__(num_features, eps=eps, momentum=momentum)
         self.relu = relu
         self.channels_last = channels_last

@@ -18,6 +18,7 @@ import subprocess
 import sys
 import sysconfig
 import time
+from typing import Optional, Sequence
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 SOURCES = ("onednn_conv.cc", "group_norm.cc", "batch_norm.cc", "global_norm.cc", "pooling.cc", "upsample.cc")
@@ -30,12 +31,12 @@ class OpsUnavailable(RuntimeError):
     """The custom ops cannot be built or loaded here (no compiler, no headers, no libdnnl)."""
 
 
-def cache_root():
+def cache_root() -> str:
     """FCOS_OPS_CACHE, else ~/.cache/fcos_mindspore/ops."""
     return os.environ.get("FCOS_OPS_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "fcos_mindspore", "ops")
 
 
-def onednn_include():
+def onednn_include() -> str:
     """The folder holding oneapi/dnnl/dnnl.hpp (ONEDNN_INCLUDE, else the environment's include folders)."""
     candidates = [os.environ.get("ONEDNN_INCLUDE", ""), os.path.join(sys.prefix, "include"),
                   os.path.join(sysconfig.get_paths()["data"], "include"), os.path.join(sys.base_prefix, "include")]
@@ -46,7 +47,7 @@ def onednn_include():
                          'or set ONEDNN_INCLUDE')
 
 
-def mindspore_libdnnl():
+def mindspore_libdnnl() -> str:
     """The libdnnl.so.3 inside the installed mindspore package."""
     import mindspore
 
@@ -70,7 +71,7 @@ def _compiler_version(compiler):
     return done.stdout.splitlines()[0] if done.returncode == 0 and done.stdout else compiler
 
 
-def check_trusted(path):
+def check_trusted(path: str) -> None:
     """OpsUnavailable (one line) unless path is owned by this user (or root) and writable by no one
     else, nor is its folder: a library loaded into the process runs as this user, so a cache that
     another user can write to could plant code."""
@@ -104,7 +105,7 @@ def _build_lock(folder):
         os.close(fd)
 
 
-def build(sources=SOURCES, library_name=LIBRARY_NAME, headers=HEADERS):
+def build(sources: Sequence[str] = SOURCES, library_name: str = LIBRARY_NAME, headers: Sequence[str] = HEADERS) -> str:
     """Compile src/ops/<sources> into <cache>/<digest>/<library_name> unless there -> its path.
 
     The digest covers the sources, the headers, oneDNN's version, libdnnl, the compiler's version
@@ -155,7 +156,7 @@ def build(sources=SOURCES, library_name=LIBRARY_NAME, headers=HEADERS):
     return target
 
 
-def library():
+def library() -> str:
     """Path of the built custom-op library (built once per process, cached on disk)."""
     global _LIBRARY
     if _LIBRARY is None:
@@ -163,7 +164,7 @@ def library():
     return _LIBRARY
 
 
-def loaded_library():
+def loaded_library() -> Optional[str]:
     """The library's path when this process has built or loaded it, else None (compiled graphs
     name it: the compile cache keys on it)."""
     return _LIBRARY

@@ -6,10 +6,13 @@ either way; only construct differs. The kernels are src/ops/onednn_conv.cc, buil
 of src/__init__.py is lifted (src/ops/backend.py does that when a run selects these convolutions);
 under the cap they run AVX2 kernels, same results.
 """
+from typing import Any, List, Optional, Sequence, Tuple
+
 import numpy as np
 from mindspore import Tensor, nn, ops
 from mindspore.ops.auto_generate import ReluGrad
 
+from src.model.norm import FrozenBatchNorm2d
 from src.ops.build import library
 
 
@@ -17,7 +20,7 @@ def _pair(value):
     return tuple(value) if isinstance(value, (tuple, list)) else (value, value)
 
 
-def conv_attributes(cell):
+def conv_attributes(cell: nn.Conv2d) -> Tuple[Tuple[int, ...], Tuple[int, int], Tuple[int, ...], int]:
     """nn.Conv2d -> (stride, padding (h, w), dilation, groups) for the kernels; ValueError for the
     padding they do not take (asymmetric pad, 'same')."""
     pad = cell.padding if isinstance(cell.padding, (tuple, list)) else (cell.padding,) * 4
@@ -45,7 +48,8 @@ class OneDNNConv2d(nn.Conv2d):
     the gradients dx and dy take the same storage.
     """
 
-    def __init__(self, *args, folded_norm=None, relu=False, x_channels_last=False, y_channels_last=False, **kwargs):
+    def __init__(self, *args: Any, folded_norm: Optional[FrozenBatchNorm2d] = None, relu: bool = False,
+                 x_channels_last: bool = False, y_channels_last: bool = False, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.layout = (int(x_channels_last), int(y_channels_last))
         if relu and folded_norm is None:
@@ -73,10 +77,10 @@ class OneDNNConv2d(nn.Conv2d):
         stride, padding, dilation, _ = conv_attributes(self)
         kernel = self.kernel_size
 
-        def out_size(size, k, s, p, d):
+        def out_size(size: int, k: int, s: int, p: int, d: int) -> int:
             return (size + 2 * p - d * (k - 1) - 1) // s + 1
 
-        def forward_shape(x, w, *rest):
+        def forward_shape(x: Sequence[int], w: Sequence[int], *rest: Sequence[int]) -> List[int]:
             return [x[0], w[0], out_size(x[2], kernel[0], stride[0], padding[0], dilation[0]),
                     out_size(x[3], kernel[1], stride[1], padding[1], dilation[1])]
 

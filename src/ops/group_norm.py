@@ -6,6 +6,8 @@ network whose convolutions run on the custom ops; GroupNorm's Parameters and che
 not change. Two kernels a call (forward, backward) instead of about 30 MatMul, BatchNorm and
 element-wise kernels (docs/performance.md).
 """
+from typing import List, Sequence
+
 import numpy as np
 from mindspore import Tensor, nn, ops
 
@@ -20,7 +22,7 @@ class NativeGroupNormFunction(nn.Cell):
     which only the backward op reads.
     """
 
-    def __init__(self, num_groups, eps, channels_last=False):
+    def __init__(self, num_groups: int, eps: float, channels_last: bool = False) -> None:
         super().__init__()
         self.num_groups = num_groups
         self.eps = eps
@@ -34,7 +36,7 @@ class NativeGroupNormFunction(nn.Cell):
             dx, dgamma, dbeta = backward(x, gamma, out[1], out[2], dout[0], attrs)
             return dx, dgamma, dbeta, zeros_like(attrs)
 
-        def stats_shape(x):
+        def stats_shape(x: Sequence[int]) -> List[int]:
             return [x[0], num_groups]
 
         self.forward = ops.Custom(f"{so}:FcosGroupNormForward",

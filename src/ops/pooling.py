@@ -13,7 +13,7 @@ class NativeStemMaxPool(nn.Cell):
     padding -inf; its gradient goes to the window's first maximum (row-major). channels_last: x
     and y in channels-last storage (src/ops/backend.py)."""
 
-    def __init__(self, channels_last=False):
+    def __init__(self, channels_last: bool = False) -> None:
         super().__init__()
         so = library()
         suffix = "ChannelsLast" if channels_last else ""

@@ -13,7 +13,7 @@ class NativeUpsampleAdd(nn.Cell):
     (H, W), source index floor(dst * h / H). channels_last: the three tensors in channels-last
     storage (src/ops/backend.py)."""
 
-    def __init__(self, channels_last=False):
+    def __init__(self, channels_last: bool = False) -> None:
         super().__init__()
         so = library()
         suffix = "ChannelsLast" if channels_last else ""

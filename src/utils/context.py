@@ -1,6 +1,7 @@
 """MindSpore context and distributed setup shared by every entry point."""
 import logging
 import os
+from typing import Optional, Tuple
 
 import mindspore as ms
 
@@ -8,7 +9,8 @@ from src.utils.logs import env_int, launched_distributed
 
 logger = logging.getLogger("fcos")
 
-def init_context(device_target, mode="GRAPH", device_id=0, distributed=None):
+def init_context(device_target: str, mode: str = "GRAPH", device_id: int = 0,
+                 distributed: Optional[bool] = None) -> Tuple[int, int]:
     """Set device and execution mode; initialise collectives for multi-process runs.
 
     Returns (rank, group_size). ``distributed=None`` detects a multi-process launch from the

@@ -6,7 +6,7 @@ import glob
 import json
 import os
 import re
-from typing import Iterator, List, Optional
+from typing import Any, Iterator, List, Optional
 
 TEMP_MARK = ".tmp"  # <root>.tmp<pid><ext>: the temporary name atomic_path uses
 _TEMP_PATTERN = re.compile(r"\.tmp(\d+)(\.[^.]*)?(\.tmp)?$")
@@ -51,7 +51,7 @@ def atomic_path(path: str, suffix: Optional[str] = None) -> Iterator[str]:
             os.remove(tmp)
 
 
-def write_json_atomic(path: str, obj) -> None:
+def write_json_atomic(path: str, obj: Any) -> None:
     """Write obj as JSON to path through atomic_path."""
     with atomic_path(path) as tmp, open(tmp, "w", encoding="utf-8") as f:
         json.dump(obj, f)

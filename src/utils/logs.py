@@ -3,6 +3,7 @@ and the launchers import no MindSpore)."""
 import logging
 import os
 import sys
+from typing import Optional
 
 from src.config import ConfigError
 
@@ -24,12 +25,12 @@ def env_int(name: str, default: int, minimum: int = 0, maximum: int = 1 << 20) -
     return value
 
 
-def launched_distributed():
+def launched_distributed() -> bool:
     """True when a launcher (rank table script, msrun, mpirun) started more than one process."""
     return any(env_int(var, 1, minimum=1) > 1 for var in _LAUNCHER_VARS)
 
 
-def setup_logging(output_dir=None, rank=0, name="train"):
+def setup_logging(output_dir: Optional[str] = None, rank: int = 0, name: str = "train") -> logging.Logger:
     """Log to stdout and, when output_dir is given, to <output_dir>/<name>[_rank<r>].log; lines of
     a multi-process run carry "[rank r]" (msrun shows all workers' output in one console)."""
     handlers = [logging.StreamHandler(sys.stdout)]

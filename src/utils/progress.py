@@ -1,9 +1,10 @@
 """Progress reporting for long loops: rates, ETA, and a one-line bar when a terminal is attached."""
 import sys
 import time
+from typing import Optional, TextIO
 
 
-def format_seconds(seconds):
+def format_seconds(seconds: float) -> str:
     seconds = int(max(seconds, 0))
     hours, rem = divmod(seconds, 3600)
     return f"{hours}:{rem // 60:02d}:{rem % 60:02d}"
@@ -12,7 +13,7 @@ def format_seconds(seconds):
 class Progress:
     """Tracks steps done out of ``total``; ``rate`` excludes the first ``warmup`` steps (compilation)."""
 
-    def __init__(self, total, items_per_step=1, warmup=1, stream=None):
+    def __init__(self, total: int, items_per_step: int = 1, warmup: int = 1, stream: Optional[TextIO] = None) -> None:
         self.total = total
         self.items_per_step = items_per_step
         self.warmup = warmup
@@ -23,7 +24,7 @@ class Progress:
         self._warm_done = 0
         self._last = self._t0
 
-    def step(self, n=1):
+    def step(self, n: int = 1) -> float:
         """Record n finished steps; returns the seconds the last call took."""
         now = time.perf_counter()
         elapsed, self._last = now - self._last, now
@@ -32,18 +33,18 @@ class Progress:
             self._t_warm, self._warm_done = now, self.done
         return elapsed
 
-    def seconds_per_step(self):
+    def seconds_per_step(self) -> float:
         if self._t_warm is None or self.done <= self._warm_done:
             return (self._last - self._t0) / max(self.done, 1)
         return (self._last - self._t_warm) / (self.done - self._warm_done)
 
-    def items_per_second(self):
+    def items_per_second(self) -> float:
         return self.items_per_step / max(self.seconds_per_step(), 1e-9)
 
-    def eta(self):
+    def eta(self) -> str:
         return format_seconds(self.seconds_per_step() * (self.total - self.done))
 
-    def bar(self, prefix=""):
+    def bar(self, prefix: str = "") -> None:
         """Redraw a one-line bar when the stream is a terminal (logs stay clean otherwise)."""
         if not getattr(self.stream, "isatty", lambda: False)():
             return

@@ -4,6 +4,7 @@
     save_image("out.png", draw_detections(image_rgb, boxes, scores, labels, class_names))
 """
 import colorsys
+from typing import Optional, Sequence, Tuple
 
 import cv2
 import numpy as np
@@ -13,19 +14,20 @@ from src.utils.io import atomic_path
 _GOLDEN_RATIO = 0.618033988749895
 
 
-def label_colour(label):
+def label_colour(label: int) -> Tuple[int, ...]:
     """A distinct, saturated RGB colour per label (hues spread by the golden ratio)."""
     hue = (int(label) * _GOLDEN_RATIO) % 1.0
     return tuple(int(round(255 * c)) for c in colorsys.hsv_to_rgb(hue, 0.85, 0.95))
 
 
-def caption(label, score, class_names=None):
+def caption(label: int, score: float, class_names: Optional[Sequence[str]] = None) -> str:
     """'<name> 0.87'; the name is the label index when no (or too short a) class list is given."""
     name = class_names[label] if class_names is not None and 0 <= label < len(class_names) else str(label)
     return f"{name} {score:.2f}"
 
 
-def draw_detections(image, boxes, scores, labels, class_names=None):
+def draw_detections(image: np.ndarray, boxes: np.ndarray, scores: np.ndarray, labels: np.ndarray,
+                    class_names: Optional[Sequence[str]] = None) -> np.ndarray:
     """Copy of ``image`` with every detection drawn, the lowest score first so the best are on top.
 
     Args:
@@ -55,7 +57,7 @@ def draw_detections(image, boxes, scores, labels, class_names=None):
     return canvas
 
 
-def save_image(path, image):
+def save_image(path: str, image: np.ndarray) -> None:
     """Write an (H, W, 3) uint8 RGB image (format from the extension) via a temporary file."""
     with atomic_path(path) as tmp:
         if not cv2.imwrite(tmp, cv2.cvtColor(image, cv2.COLOR_RGB2BGR)):
