@@ -14,7 +14,8 @@ import numpy as np
 import pytest
 from mindspore import Tensor
 
-from src.builder import build_loss, build_model
+from conftest import pycocotools_stats
+from src.builder import build_inference, build_loss, build_model, load_network
 from src.engine.checkpoint import load_checkpoint_file, load_weights, split_meta
 from src.engine.train_step import FCOSWithLoss, TrainStep, build_optimizer
 from src.engine.trainer import Trainer, TrainingStopped
@@ -240,9 +241,6 @@ def test_a_mixed_precision_run_trains_evaluates_and_exports(tmp_path):
     """train.py --amp_level=O3 (float16 everywhere but GroupNorm) writes a float32 checkpoint under
     the float network's names (not the mixed-precision wrapper's, not float16), which eval.py and
     export.py load strictly; the exported MindIR computes what the float network on it computes."""
-    from src.builder import build_inference, load_network
-    from conftest import pycocotools_stats
-
     ann = make_synthetic_coco(str(tmp_path / "set"), 4, 64, 64, seed=1)
     images = str(tmp_path / "set" / "images")
     flags = [*MODEL_ARGS, "--amp_level=O3"]
