@@ -1,4 +1,5 @@
 """Test setup: CPU-friendly MindSpore settings and paths to the real fixtures."""
+import contextlib
 import importlib.util
 import os
 import sys
@@ -45,15 +46,26 @@ def _reset_fcos_logger():
     log.setLevel(logging.NOTSET)
 
 
+@contextlib.contextmanager
+def execution_mode(mode):
+    """MindSpore's execution mode set to ``mode`` (ms.GRAPH_MODE / ms.PYNATIVE_MODE) for the block."""
+    import mindspore as ms
+
+    previous = ms.get_context("mode")
+    ms.set_context(mode=mode)
+    try:
+        yield
+    finally:
+        ms.set_context(mode=previous)
+
+
 @pytest.fixture(params=["graph", "pynative"])
 def mode(request):
     """Run the test in GRAPH_MODE and in PYNATIVE_MODE (which must agree)."""
     import mindspore as ms
 
-    previous = ms.get_context("mode")
-    ms.set_context(mode=ms.GRAPH_MODE if request.param == "graph" else ms.PYNATIVE_MODE)
-    yield request.param
-    ms.set_context(mode=previous)
+    with execution_mode(ms.GRAPH_MODE if request.param == "graph" else ms.PYNATIVE_MODE):
+        yield request.param
 
 
 @pytest.fixture(scope="session")
@@ -120,7 +132,6 @@ def pytest_collection_modifyitems(session, config, items):
 def pycocotools_stats(ann_file, detections):
     """{AP, AP50, ...} of COCO ``detections`` scored by pycocotools itself over every image of
     ``ann_file``: an independent reference for what eval_result.json reports."""
-    import contextlib
     import io
 
     from pycocotools.coco import COCO

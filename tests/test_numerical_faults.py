@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 from mindspore import Tensor
 
-from conftest import pycocotools_stats
+from conftest import execution_mode, pycocotools_stats
 from src.builder import build_inference, build_loss, build_model, load_network
 from src.engine.checkpoint import load_checkpoint_file, load_weights, split_meta
 from src.engine.train_step import FCOSWithLoss, TrainStep, build_optimizer
@@ -204,12 +204,8 @@ def _first_step(level):
     ms.set_seed(0)
     step, _ = build_train_step(cfg, build_model(cfg), steps_per_epoch=STEPS, group_size=1)
     before = _state(step)
-    previous = ms.get_context("mode")
-    ms.set_context(mode=ms.PYNATIVE_MODE)
-    try:
+    with execution_mode(ms.PYNATIVE_MODE):
         *losses, finite = step(*_batch())
-    finally:
-        ms.set_context(mode=previous)
     assert bool(finite.asnumpy())
     after = _state(step)
     return [float(x.asnumpy()) for x in losses], {name: after[name] - before[name] for name in before

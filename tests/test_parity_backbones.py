@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from mindspore import Tensor
 
-from conftest import ROOT
+from conftest import ROOT, execution_mode
 from src.model.backbone import ResNet
 from tools.convert_weights import infer_backbone, torchvision_to_mindspore
 
@@ -47,12 +47,8 @@ def test_backbone_computes_torchvisions_c3_to_c5(fixture, name):
     assert set(values) == ours
     ms.load_param_into_net(network, {k: ms.Parameter(Tensor(v), name=k) for k, v in values.items()})
     network.set_train(False)
-    previous = ms.get_context("mode")
-    ms.set_context(mode=ms.PYNATIVE_MODE)  # one forward: no graph to compile for 100+ layers
-    try:
+    with execution_mode(ms.PYNATIVE_MODE):  # one forward: no graph to compile for 100+ layers
         outputs = [x.asnumpy() for x in network(Tensor(arrays["input"]))]
-    finally:
-        ms.set_context(mode=previous)
     for level, got in zip(("c3", "c4", "c5"), outputs):
         want = arrays[f"{name}:{level}"]
         assert got.shape == want.shape, level
